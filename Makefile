@@ -1,0 +1,54 @@
+# tortie — every target works as root on a fresh Debian machine; `make test` and
+# `make demo` install what they need first (deps is idempotent and quick when done).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-plugins \
+                iperf3 conntrack iputils-ping tcpdump procps psmisc
+# the commands those packages provide; apt runs only when one is missing
+APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
+PYTEST_ARGS ?=
+
+.PHONY: deps test unit integration bench demo demo-down cni-binary image clean
+
+deps: $(VENV)/.installed
+	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	[ -x /usr/lib/cni/host-local ] || missing="$$missing host-local"; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing apt packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@command -v python3 >/dev/null || (apt-get update -qq && apt-get install -y -qq python3 python3-venv)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "deps: installing the python packages into $(VENV)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/unit tests/integration
+
+unit: deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/unit
+
+bench: deps cni-binary
+	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+demo: deps cni-binary
+	$(PY) deploy/demo.py up
+
+demo-down:
+	@if [ -x $(PY) ]; then $(PY) deploy/demo.py down; else python3 deploy/demo.py down; fi
+
+cni-binary: deps dist/tortie
+
+dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh
+	bash deploy/build-cni.sh
+
+image:
+	bash deploy/build-image.sh
+
+clean:
+	rm -rf build dist *.spec $(VENV)

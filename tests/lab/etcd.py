@@ -1,0 +1,81 @@
+"""A real etcd server on a free loopback port with its own data dir, for tests and the demo."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """`with Etcd() as e:` starts etcd (client port e.port) and removes its data afterwards.
+    stop()/start() keep the data dir, so a test can take etcd away and bring it back."""
+
+    def __init__(self, data_dir: str | None = None, port: int | None = None):
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="tortie-etcd-")
+        self.port = port or free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(self.data_dir, "etcd.log")
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> "Etcd":
+        if shutil.which("etcd") is None:
+            raise RuntimeError("etcd is not installed (apt package etcd-server; run `make deps`)")
+        url = f"http://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "lab", "--data-dir", os.path.join(self.data_dir, "data"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"lab={peer}", "--log-level", "warn"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"etcd did not become healthy in {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Etcd":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

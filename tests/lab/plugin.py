@@ -1,0 +1,56 @@
+"""pytest fixtures for the netns lab.
+
+- `lab_prefix`: this test session's unique prefix; every namespace made carries it.
+- `make_lab(n, two_subnets=False)`: builds a Lab; torn down after the test, pass or fail.
+- `etcd`: a real etcd on a free loopback port, fresh per test.
+Tests that need root are marked `root`; without root they skip with that reason.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .etcd import Etcd
+from .netns import Lab, delete_namespaces, new_prefix
+from .tools import is_root, missing_tools
+
+_SESSION_PREFIX = new_prefix()
+_counter = iter(range(1, 1_000_000))
+
+
+def pytest_collection_modifyitems(config, items):
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root for network namespaces")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab_prefix():
+    yield _SESSION_PREFIX
+    # Safety net: whatever a crashed fixture left behind under this run's prefix.
+    delete_namespaces(_SESSION_PREFIX)
+
+
+@pytest.fixture
+def make_lab(lab_prefix):
+    labs: list[Lab] = []
+
+    def factory(n_nodes: int = 3, two_subnets: bool = False) -> Lab:
+        missing = missing_tools(["ip", "ss", "ping"])
+        if missing:
+            pytest.fail("lab tools missing: " + ", ".join(missing))
+        lab = Lab(prefix=f"{lab_prefix}-{next(_counter)}")
+        labs.append(lab)
+        return lab.build(n_nodes, two_subnets=two_subnets)
+
+    yield factory
+    for lab in labs:
+        lab.teardown()
+
+
+@pytest.fixture
+def etcd():
+    with Etcd() as e:
+        yield e
