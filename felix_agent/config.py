@@ -1,0 +1,182 @@
+"""Agent configuration: defaults < optional file (YAML or JSON) < TORTIE_* environment < flags.
+
+Every key is one field of AgentConfig; its metadata is the --help text.  A bad key or value
+anywhere exits with a message that names the key and where it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str = _f("", "this node's name in the datastore (default: the hostname)")
+    datastore: str = _f("etcd", "where the cluster state lives", ("etcd", "kubernetes"))
+    etcd_endpoints: str = _f("127.0.0.1:2379", "etcd client endpoint host:port (etcd datastore)")
+    etcd_prefix: str = _f("/tortie", "key prefix of every tortie object in etcd")
+    kubeconfig: str = _f("", "kubeconfig path (kubernetes datastore; empty: in-cluster config)")
+    socket_path: str = _f("/var/run/tortie/agent.sock", "Unix socket the CNI binary talks to")
+    state_dir: str = _f("/var/lib/tortie", "persistent state (IPAM allocations)")
+    run_dir: str = _f("/var/run/tortie", "runtime files (bird.conf, bird control socket)")
+    iptables_backend: str = _f("auto", "iptables backend; auto picks the one holding the node's rules",
+                               ("auto", "nft", "legacy"))
+    wl_to_host_action: str = _f("ACCEPT", "what happens to pod traffic to the host after egress policy",
+                                ("ACCEPT", "DROP"))
+    resync_interval: float = _f(10.0, "seconds between full reconciles that repair drift")
+    http_host: str = _f("127.0.0.1", "address of the /livez, /readyz and /metrics server")
+    http_port: int = _f(9099, "port of the /livez, /readyz and /metrics server (0: off)")
+    log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
+    node_ip: str = _f("", "this node's IPv4 address with prefix (default: the uplink's address)")
+    uplink: str = _f("", "the node's uplink interface (default: the interface of the default route)")
+    as_number: int = _f(0, "this node's BGP AS number (0: the cluster default 64512)")
+    bird: bool = _f(True, "run BIRD for pools in bgp/ipip mode")
+    bird_bin: str = _f("bird", "the bird daemon executable")
+    birdc_bin: str = _f("birdc", "the birdc client executable")
+    mtu: int = _f(1500, "pod interface MTU when the CNI config gives none")
+    default_pool: str = _f("", "create this IPv4 pool (CIDR) if the datastore has no pool (etcd mode)")
+    default_pool_mode: str = _f("bgp", "routing mode of the default pool", ("bgp", "direct", "vxlan", "ipip"))
+    register_node: bool = _f(True, "publish this node's address, AS and VTEP on its Node record (etcd mode)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.resync_interval <= 0:
+            raise ConfigError(f"resync_interval: must be > 0, got {self.resync_interval}")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port: {self.http_port} is not a port")
+        if not 68 <= self.mtu <= 65535:
+            raise ConfigError(f"mtu: {self.mtu} is out of range 68-65535")
+        if self.node_ip:
+            try:
+                ipaddress.IPv4Interface(self.node_ip)
+            except ValueError:
+                raise ConfigError(f"node_ip: {self.node_ip!r} is not an IPv4 address/prefix") from None
+        if self.default_pool:
+            try:
+                ipaddress.IPv4Network(self.default_pool)
+            except ValueError:
+                raise ConfigError(f"default_pool: {self.default_pool!r} is not an IPv4 CIDR") from None
+        host, _, port = self.etcd_endpoints.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is not host:port")
+
+    @property
+    def etcd_host(self) -> str:
+        return self.etcd_endpoints.rpartition(":")[0]
+
+    @property
+    def etcd_port(self) -> int:
+        return int(self.etcd_endpoints.rpartition(":")[2])
+
+    @property
+    def name(self) -> str:
+        return self.node_name or socket.gethostname()
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    f = FIELDS[key]
+    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} ({source}): {value!r} is not a boolean")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} ({source}): {value!r} is not a {kind.__name__}") from None
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    import yaml  # the agent has PyYAML; JSON is YAML too
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must be a mapping of keys to values")
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in FIELDS:
+            raise ConfigError(f"{k} (config file {path}): unknown key; known keys: {', '.join(FIELDS)}")
+        out[key] = _coerce(key, v, f"config file {path}")
+    return out
+
+
+def load_env(environ: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for name, value in environ.items():
+        if not name.startswith("TORTIE_") or name == "TORTIE_CONFIG" or name == "TORTIE_PYTHON":
+            continue
+        key = name[len("TORTIE_"):].lower()
+        if key not in FIELDS:
+            raise ConfigError(f"{name} (environment): unknown key; known keys: "
+                              + ", ".join("TORTIE_" + k.upper() for k in FIELDS))
+        out[key] = _coerce(key, value, f"environment {name}")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tortie-agent",
+        description="The tortie node agent. Every option can also come from the environment "
+                    "(TORTIE_<OPTION>, e.g. TORTIE_NODE_NAME) or from a YAML/JSON file given with "
+                    "--config or TORTIE_CONFIG (keys as below, with underscores). "
+                    "Precedence: flags > environment > file > defaults.")
+    ap.add_argument("--config", help="YAML or JSON config file")
+    for f in dataclasses.fields(AgentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + f" (default: {f.default!r})"
+        if f.metadata.get("choices"):
+            help_text += f"; one of {', '.join(f.metadata['choices'])}"
+        ap.add_argument(flag, dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+    return ap
+
+
+def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> AgentConfig:
+    environ = dict(os.environ if environ is None else environ)
+    args = parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    path = args.config or environ.get("TORTIE_CONFIG")
+    if path:
+        values.update(load_file(path))
+    values.update(load_env(environ))
+    for key in FIELDS:
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = _coerce(key, v, f"flag --{key.replace('_', '-')}")
+    try:
+        return AgentConfig(**values)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - all keys are checked above
+        raise ConfigError(str(e)) from None

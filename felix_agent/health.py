@@ -1,0 +1,67 @@
+"""/livez, /readyz and /metrics over HTTP, served from a daemon thread.
+
+Liveness: the agent's loop has ticked recently.  Readiness: the datastore is in sync AND
+the dataplane has been programmed since (the agent sets both flags).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .metrics import REGISTRY
+
+
+@dataclass
+class Health:
+    in_sync: bool = False
+    programmed: bool = False
+    last_tick: float = field(default_factory=time.monotonic)
+    liveness_timeout: float = 60.0
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return time.monotonic() - self.last_tick < self.liveness_timeout
+
+    @property
+    def ready(self) -> bool:
+        return self.in_sync and self.programmed
+
+    def report(self) -> dict:
+        return {"live": self.live, "ready": self.ready, "in_sync": self.in_sync,
+                "programmed": self.programmed, "reasons": dict(self.reasons)}
+
+
+def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+            elif path in ("/livez", "/readyz"):
+                ok = health.live if path == "/livez" else health.ready
+                body = (json.dumps(health.report()) + "\n").encode()
+                ctype, code = "application/json", 200 if ok else 503
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # probes every few seconds would flood the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="health-http", daemon=True).start()
+    return server

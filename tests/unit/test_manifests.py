@@ -1,0 +1,118 @@
+"""The install manifests, parsed into the kubernetes client's own models, and the rules a
+DaemonSet-delivered CNI must follow."""
+import json
+import os
+
+import pytest
+import yaml
+from kubernetes import client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS = {
+    ("v1", "Namespace"): "V1Namespace",
+    ("v1", "ServiceAccount"): "V1ServiceAccount",
+    ("v1", "ConfigMap"): "V1ConfigMap",
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
+    ("apps/v1", "DaemonSet"): "V1DaemonSet",
+}
+
+
+def load(name):
+    with open(os.path.join(ROOT, "manifests", name)) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    api = client.ApiClient()
+    out = {}
+    for d in docs:
+        model = MODELS[(d["apiVersion"], d["kind"])]
+        # The client's own deserializer: unknown or mistyped fields fail here.
+        obj = api._ApiClient__deserialize(d, model)
+        assert api.sanitize_for_serialization(obj)["metadata"]["name"] == d["metadata"]["name"]
+        out[(d["kind"], d["metadata"]["name"])] = obj
+    return out
+
+
+@pytest.fixture(scope="module")
+def objs():
+    return load("tortie.yaml")
+
+
+def ds(objs):
+    return objs[("DaemonSet", "tortie-node")]
+
+
+def test_every_kind_present(objs):
+    kinds = {k for k, _ in objs}
+    assert kinds == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
+
+
+def test_rbac_is_read_only_and_minimal(objs):
+    role = objs[("ClusterRole", "tortie-agent")]
+    granted = {}
+    for r in role.rules:
+        for g in r.api_groups:
+            for res in r.resources:
+                granted[(g, res)] = set(r.verbs)
+    assert granted == {
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "namespaces"): {"get", "list", "watch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch"},
+    }
+    binding = objs[("ClusterRoleBinding", "tortie-agent")]
+    assert binding.role_ref.name == "tortie-agent"
+    assert binding.subjects[0].name == ds(objs).spec.template.spec.service_account_name
+
+
+def test_daemonset_shape(objs):
+    spec = ds(objs).spec
+    pod = spec.template.spec
+    assert pod.host_network is True
+    assert spec.update_strategy.type == "RollingUpdate"
+    assert any(t.operator == "Exists" and not t.key and not t.effect for t in pod.tolerations)
+    agent = pod.containers[0]
+    assert agent.security_context.privileged
+    assert agent.liveness_probe.http_get.path == "/livez"
+    assert agent.readiness_probe.http_get.path == "/readyz"
+    assert agent.resources.requests["cpu"] and agent.resources.requests["memory"]
+    env = {e.name: e for e in agent.env}
+    assert env["TORTIE_NODE_NAME"].value_from.field_ref.field_path == "spec.nodeName"
+
+
+def test_host_mounts(objs):
+    pod = ds(objs).spec.template.spec
+    vols = {v.name: v.host_path.path for v in pod.volumes if v.host_path}
+    mounts = {m.mount_path: m for m in pod.containers[0].volume_mounts}
+    for path in ("/lib/modules", "/var/run/netns", "/run/xtables.lock", "/var/lib/tortie",
+                 "/var/run/tortie", "/opt/cni/bin", "/etc/cni/net.d"):
+        assert path in mounts, path
+        assert vols[mounts[path].name] == path
+    assert mounts["/var/run/netns"].mount_propagation == "HostToContainer"
+    assert mounts["/lib/modules"].read_only
+
+
+def test_init_container_installs_cni(objs):
+    pod = ds(objs).spec.template.spec
+    init = pod.init_containers[0]
+    assert init.command == ["/opt/tortie/install-cni.sh"]
+    mounts = {m.mount_path for m in init.volume_mounts}
+    assert {"/host/opt/cni/bin", "/host/etc/cni/net.d"} <= mounts
+
+
+def test_configmap_holds_valid_agent_config_and_conflist(objs, tmp_path):
+    from felix_agent import config
+
+    cm = objs[("ConfigMap", "tortie-config")]
+    f = tmp_path / "agent.yaml"
+    f.write_text(cm.data["agent.yaml"])
+    c = config.load(["--config", str(f)], environ={})
+    assert c.datastore == "kubernetes"
+    conflist = json.loads(cm.data["10-tortie.conflist"])
+    assert conflist["plugins"][0]["type"] == "tortie"
+    assert conflist["plugins"][0]["ipam"]["type"] == "tortie"
+
+
+def test_uninstall_manifest_parses():
+    objs = load("uninstall.yaml")
+    pod = objs[("DaemonSet", "tortie-uninstall")].spec.template.spec
+    assert pod.init_containers[0].command == ["/opt/tortie/uninstall-node.sh"]
