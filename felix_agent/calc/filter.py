@@ -1,0 +1,153 @@
+"""The whole policy calculation for one node: cluster model -> desired chains and ipsets.
+
+    dataplane_state(cluster, config) -> DesiredState   (routes left empty: calc/routes.py)
+
+filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl-dispatch,
+                                    then the configured workload-to-host action
+         FORWARD -> cali-FORWARD -> cali-from-wl-dispatch -> cali-fw-<iface> -> cali-po-<id>
+                                 -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-pi-<id>
+         OUTPUT  -> cali-OUTPUT  (empty: the node may always reach its own pods)
+nat:     see calc/nat.py
+Only this node's wired endpoints get endpoint chains; the ipsets hold pods of every node.
+Policy chains exist once per policy that selects at least one local endpoint.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from felix_agent.calc.cluster import Cluster
+from felix_agent.calc.desired import DesiredState, Hook
+from felix_agent.calc.dispatch import dispatch_chains
+from felix_agent.calc.endpoints import endpoint_chains
+from felix_agent.calc.ipsets import SetSpec, desired_ipset
+from felix_agent.calc.names import (
+    FILTER_FORWARD,
+    FILTER_INPUT,
+    FILTER_OUTPUT,
+    FROM_WL_DISPATCH,
+    NAT_OUTPUT,
+    NAT_POSTROUTING,
+    NAT_PREROUTING,
+    TO_WL_DISPATCH,
+    WL_IFACE_WILDCARD,
+    WL_TO_HOST,
+)
+from felix_agent.calc.nat import nat_chains, pool_sets
+from felix_agent.calc.policy import policy_chains
+from felix_agent.calc.selectors import PeerSelector, SelectorIndex
+from felix_agent.model import Endpoint
+
+WL_TO_HOST_ACTIONS = ("ACCEPT", "DROP")
+# cali + 1..11 characters: the kernel's 15-character limit; Calico's are cali + 11 hex.
+WL_IFACE_RE = re.compile(r"^cali[A-Za-z0-9_.-]{1,11}$")
+
+HOOKS = (
+    Hook("filter", "INPUT", FILTER_INPUT),
+    Hook("filter", "FORWARD", FILTER_FORWARD),
+    Hook("filter", "OUTPUT", FILTER_OUTPUT),
+    Hook("nat", "PREROUTING", NAT_PREROUTING),
+    Hook("nat", "OUTPUT", NAT_OUTPUT),
+    Hook("nat", "POSTROUTING", NAT_POSTROUTING),
+)
+
+CT_ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED"
+CT_INVALID = "-m conntrack --ctstate INVALID"
+
+
+@dataclass(frozen=True)
+class CalcConfig:
+    node_name: str
+    # What happens to a workload's traffic to the node itself once its egress policy
+    # allowed it: ACCEPT (default; DNS or metrics on the host keep working) or DROP.
+    wl_to_host_action: str = "ACCEPT"
+
+    def __post_init__(self) -> None:
+        if not self.node_name:
+            raise ValueError("CalcConfig.node_name must not be empty")
+        if self.wl_to_host_action not in WL_TO_HOST_ACTIONS:
+            raise ValueError(f"wl_to_host_action must be one of {', '.join(WL_TO_HOST_ACTIONS)}, "
+                             f"not {self.wl_to_host_action!r}")
+
+
+def static_filter_chains(config: CalcConfig) -> dict[str, tuple[str, ...]]:
+    wl = WL_IFACE_WILDCARD
+    return {
+        FILTER_FORWARD: (
+            f"{CT_ESTABLISHED} -j ACCEPT",  # replies, and the rest of allowed connections
+            f"{CT_INVALID} -j DROP",
+            f"-i {wl} -j {FROM_WL_DISPATCH}",  # egress of the sender (drops or returns)
+            f"-o {wl} -j {TO_WL_DISPATCH}",  # ingress of the receiver (drops or returns)
+            f"-i {wl} -j ACCEPT",  # both that apply passed
+            f"-o {wl} -j ACCEPT",
+        ),
+        # Only workload traffic is our business on INPUT; the host's own firewall stays theirs.
+        FILTER_INPUT: (
+            f"-i {wl} {CT_ESTABLISHED} -j ACCEPT",
+            f"-i {wl} {CT_INVALID} -j DROP",
+            f"-i {wl} -g {WL_TO_HOST}",
+        ),
+        WL_TO_HOST: (
+            f"-j {FROM_WL_DISPATCH}",  # anti-spoofing and the pod's egress policy
+            f"-j {config.wl_to_host_action}",
+        ),
+        # Host -> local pod goes through OUTPUT, never FORWARD: kubelet probes and other
+        # node traffic are always allowed (Kubernetes' rule), so nothing to add here.
+        FILTER_OUTPUT: (),
+    }
+
+
+def local_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, errors: list[str]) -> list[Endpoint]:
+    """This node's endpoints that a CNI ADD wired (they have an interface).  A bad or
+    duplicate interface name is reported and that endpoint left out (its traffic is then
+    dropped by the dispatch chains rather than let through unchecked)."""
+    out: list[Endpoint] = []
+    seen: dict[str, str] = {}
+    for ep in endpoints:
+        if ep.node != node_name or not ep.iface:
+            continue
+        if not WL_IFACE_RE.match(ep.iface):
+            errors.append(f"endpoint {ep.key}: interface {ep.iface!r} is not cali + 1-11 of [A-Za-z0-9_.-]; skipped")
+            continue
+        if ep.iface in seen:
+            errors.append(f"endpoint {ep.key}: interface {ep.iface} is already used by {seen[ep.iface]}; skipped")
+            continue
+        seen[ep.iface] = ep.key
+        out.append(ep)
+    return out
+
+
+def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | None = None) -> DesiredState:
+    """Desired chains, hooks and ipsets of node `config.node_name`.  Problems in the data
+    (skipped rules, bad annotations...) are appended to `errors` when given."""
+    errs: list[str] = errors if errors is not None else []
+    errs.extend(cluster.problems())
+    endpoints = cluster.endpoints()
+    local = local_endpoints(endpoints, config.node_name, errs)
+    everyone = SelectorIndex(endpoints, cluster.namespaces)
+    here = SelectorIndex(local, cluster.namespaces)
+
+    filt = static_filter_chains(config)
+    sets: dict[SetSpec, None] = {}
+    ingress_of: dict[str, list[str]] = {}
+    egress_of: dict[str, list[str]] = {}
+    for policy in sorted(cluster.policies.values(), key=lambda p: p.key):
+        selected = here.select(PeerSelector.of_policy(policy))
+        if not selected:
+            continue
+        rendered = policy_chains(policy)
+        errs.extend(rendered.errors)
+        filt.update(rendered.chains)
+        sets.update(dict.fromkeys(rendered.sets))
+        for ptype, by_ep in (("Ingress", ingress_of), ("Egress", egress_of)):
+            if ptype in policy.policy_types:
+                for ep in selected:
+                    by_ep.setdefault(ep.key, []).append(policy.id)
+    for ep in local:
+        filt.update(endpoint_chains(ep, ingress_of.get(ep.key, ()), egress_of.get(ep.key, ())))
+    filt.update(dispatch_chains(local))
+
+    ipsets = {spec.name: desired_ipset(spec, everyone) for spec in sets}
+    ipsets.update(pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
+    nat = nat_chains(local, cluster.pools.values(), errs)
+    return DesiredState(chains={"filter": filt, "nat": nat}, hooks=HOOKS, ipsets=ipsets)

@@ -1,0 +1,117 @@
+"""The ipsets policy rules match on: what each set means, its name, its members.
+
+A set is named by a hash of what it means (never of who uses it), so every rule of every
+policy that means the same pods shares one set, and a label change moves members in and
+out of sets while the chains that name them stay byte-for-byte the same.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterable, Union
+
+from felix_agent.calc.desired import IpSet
+from felix_agent.calc.names import (
+    IPSET_NAME_MAX,
+    NAMED_PORT_SET_PREFIX,
+    NETS_SET_PREFIX,
+    SELECTOR_SET_PREFIX,
+)
+from felix_agent.calc.selectors import PeerSelector, SelectorIndex, ipv4_addresses
+
+HASH_CHARS = 22  # 132 bits of sha256: collisions are not a practical concern
+
+
+def hashed_name(prefix: str, meaning: str) -> str:
+    digest = hashlib.sha256(meaning.encode()).digest()
+    # urlsafe base64 uses only [A-Za-z0-9_-]: valid in ipset and iptables names.
+    name = prefix + base64.urlsafe_b64encode(digest).decode()[:HASH_CHARS]
+    assert len(name) <= IPSET_NAME_MAX, name
+    return name
+
+
+@dataclass(frozen=True)
+class SelectorSet:
+    """hash:net of the IPv4 addresses of the pods a selector picks."""
+
+    sel: PeerSelector
+
+    @cached_property  # hashing is the costly part of a set; names are asked often
+    def name(self) -> str:
+        return hashed_name(SELECTOR_SET_PREFIX, self.sel.canonical())
+
+    type = "hash:net"
+
+
+@dataclass(frozen=True)
+class NamedPortSet:
+    """hash:ip,port of "ip,proto:port" for every selected pod whose container declares
+    port `port_name` with `protocol` (each pod resolves the name to its own number)."""
+
+    sel: PeerSelector
+    port_name: str
+    protocol: str  # "TCP" | "UDP" | "SCTP"
+
+    @cached_property
+    def name(self) -> str:
+        return hashed_name(NAMED_PORT_SET_PREFIX,
+                           f"{self.sel.canonical()}; port={self.port_name}/{self.protocol}")
+
+    type = "hash:ip,port"
+
+
+@dataclass(frozen=True)
+class NetSet:
+    """hash:net of fixed CIDRs (an ipBlock's `except` list)."""
+
+    cidrs: tuple[str, ...]  # normalised and sorted, see net_members
+
+    @cached_property
+    def name(self) -> str:
+        return hashed_name(NETS_SET_PREFIX, ",".join(self.cidrs))
+
+    type = "hash:net"
+
+
+SetSpec = Union[SelectorSet, NamedPortSet, NetSet]
+
+
+def net_members(cidrs: Iterable[str]) -> tuple[str, ...]:
+    """CIDRs as `ipset save` lists them in a hash:net: host bits cleared, /32 written as a
+    plain address, and /0 (which hash:net refuses) as its two /1 halves.  Raises
+    ValueError on a malformed or non-IPv4 CIDR."""
+    out = set()
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version != 4:
+            raise ValueError(f"{cidr!r} is not an IPv4 CIDR")
+        nets = list(net.subnets(new_prefix=1)) if net.prefixlen == 0 else [net]
+        for n in nets:
+            out.add(str(n.network_address) if n.prefixlen == 32 else str(n))
+    return tuple(sorted(out, key=lambda s: ipaddress.ip_network(s)))
+
+
+def named_port_members(spec: NamedPortSet, index: SelectorIndex) -> frozenset[str]:
+    proto = spec.protocol.lower()
+    out = set()
+    for ep in index.select(spec.sel):
+        for p in ep.ports:
+            if p.name == spec.port_name and p.protocol == spec.protocol:
+                for ip in ipv4_addresses(ep.ips):
+                    out.add(f"{ip},{proto}:{p.port}")
+    return frozenset(out)
+
+
+def set_members(spec: SetSpec, index: SelectorIndex) -> frozenset[str]:
+    if isinstance(spec, SelectorSet):
+        return index.members(spec.sel)
+    if isinstance(spec, NamedPortSet):
+        return named_port_members(spec, index)
+    return frozenset(spec.cidrs)
+
+
+def desired_ipset(spec: SetSpec, index: SelectorIndex) -> IpSet:
+    return IpSet(name=spec.name, members=set_members(spec, index), type=spec.type)

@@ -1,0 +1,65 @@
+"""Names and marks of the iptables/ipset layout (Calico's on-host conventions).
+
+Every chain the calc produces starts with "cali-" and fits iptables' 28-character limit;
+every ipset starts with "cali40" (4 = IPv4, 0 = layout version) and fits ipset's 31.
+"""
+from __future__ import annotations
+
+CHAIN_NAME_MAX = 28
+IPSET_NAME_MAX = 31
+
+# Host side of every workload veth; also the `-i cali+` / `-o cali+` wildcard.
+WL_IFACE_PREFIX = "cali"
+WL_IFACE_WILDCARD = WL_IFACE_PREFIX + "+"
+
+# Policy chains set this bit when a rule allows the packet and endpoint chains test it.
+# 0x10000 is Calico's default accept bit; kube-proxy uses 0x4000/0x8000, so no clash.
+ACCEPT_MARK = 0x10000
+SET_ACCEPT_MARK = f"-j MARK --set-xmark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}"
+CLEAR_ACCEPT_MARK = f"-j MARK --set-xmark 0x0/{ACCEPT_MARK:#x}"
+IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}"
+RETURN_IF_ACCEPTED = IF_ACCEPTED + " -j RETURN"
+
+# --- filter table ------------------------------------------------------------------------
+FILTER_INPUT = "cali-INPUT"
+FILTER_FORWARD = "cali-FORWARD"
+FILTER_OUTPUT = "cali-OUTPUT"
+WL_TO_HOST = "cali-wl-to-host"
+FROM_WL_DISPATCH = "cali-from-wl-dispatch"
+TO_WL_DISPATCH = "cali-to-wl-dispatch"
+
+# --- nat table ---------------------------------------------------------------------------
+NAT_PREROUTING = "cali-PREROUTING"
+NAT_OUTPUT = "cali-OUTPUT"
+NAT_POSTROUTING = "cali-POSTROUTING"
+FIP_DNAT = "cali-fip-dnat"
+FIP_SNAT = "cali-fip-snat"
+NAT_OUTGOING = "cali-nat-outgoing"
+
+# --- ipsets ------------------------------------------------------------------------------
+SELECTOR_SET_PREFIX = "cali40s:"  # hash:net, pod IPs a selector picks
+NAMED_PORT_SET_PREFIX = "cali40n:"  # hash:ip,port, "ip,proto:port" of a named port
+NETS_SET_PREFIX = "cali40e:"  # hash:net, the `except` CIDRs of an ipBlock
+ALL_POOLS_SET = "cali40all-ipam-pools"
+MASQ_POOLS_SET = "cali40masq-ipam-pools"
+ALL_HOSTS_SET = "cali40all-hosts-net"
+
+
+def to_wl_chain(iface: str) -> str:
+    """Ingress of the workload behind `iface` (traffic going *to* it)."""
+    return "cali-tw-" + iface
+
+
+def from_wl_chain(iface: str) -> str:
+    """Egress of the workload behind `iface` (traffic coming *from* it)."""
+    return "cali-fw-" + iface
+
+
+def policy_chain(policy_id: str, direction: str) -> str:
+    """cali-pi-<id> for ingress rules, cali-po-<id> for egress rules."""
+    return ("cali-pi-" if direction == "ingress" else "cali-po-") + policy_id
+
+
+def dispatch_subchain(base: str, key: str) -> str:
+    """A slice of a dispatch chain holding the interfaces that start with cali<key>."""
+    return f"{base}-{key}"

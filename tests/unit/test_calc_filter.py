@@ -1,0 +1,161 @@
+"""dataplane_state: the filter layout, endpoint chains, dispatch and growth."""
+import pytest
+
+from felix_agent.calc.desired import Hook
+from felix_agent.calc.filter import CalcConfig
+from felix_agent.calc.names import CLEAR_ACCEPT_MARK, RETURN_IF_ACCEPTED
+from felix_agent.model import NetworkPolicy, PolicyPort, WorkloadEndpoint
+from tests.unit.test_calc_fixtures import (
+    cluster_of, egress, from_pods, iface_of, ingress, pod, rule_, sel, state,
+)
+
+WEB_IF = iface_of("ns", "web")
+
+
+def web_cluster(*extra):
+    return cluster_of(pod("ns", "web", "10.0.0.1", labels={"app": "web"}),
+                      pod("ns", "cli", "10.0.0.2", labels={"app": "cli"}),
+                      pod("ns", "far", "10.0.1.1", node="n2", labels={"app": "web"}), *extra)
+
+
+def test_hooks_and_static_chains():
+    st = state(web_cluster())
+    assert set(st.hooks) == {
+        Hook("filter", "INPUT", "cali-INPUT"), Hook("filter", "FORWARD", "cali-FORWARD"),
+        Hook("filter", "OUTPUT", "cali-OUTPUT"), Hook("nat", "PREROUTING", "cali-PREROUTING"),
+        Hook("nat", "OUTPUT", "cali-OUTPUT"), Hook("nat", "POSTROUTING", "cali-POSTROUTING")}
+    f = st.chains["filter"]
+    assert f["cali-FORWARD"][:2] == ("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                                     "-m conntrack --ctstate INVALID -j DROP")
+    assert "-i cali+ -j cali-from-wl-dispatch" in f["cali-FORWARD"]
+    assert "-o cali+ -j cali-to-wl-dispatch" in f["cali-FORWARD"]
+    assert f["cali-INPUT"][-1] == "-i cali+ -g cali-wl-to-host"
+    assert f["cali-wl-to-host"] == ("-j cali-from-wl-dispatch", "-j ACCEPT")
+    assert f["cali-OUTPUT"] == ()  # the node reaches its own pods unhindered
+    assert st.routes == frozenset()
+
+
+@pytest.mark.parametrize("action", ["ACCEPT", "DROP"])
+def test_wl_to_host_action(action):
+    st = state(web_cluster(), wl_to_host_action=action)
+    assert st.chains["filter"]["cali-wl-to-host"][-1] == f"-j {action}"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"node_name": "n1", "wl_to_host_action": "RETURN"}, "wl_to_host_action"),
+    ({"node_name": ""}, "node_name"),
+])
+def test_bad_config_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        CalcConfig(**kw)
+
+
+def test_anti_spoof_dispatch():
+    multi = WorkloadEndpoint("ns", "multi", "n1", "c", "calimulti", ("10.0.0.7", "10.0.0.8", "fd00::7"))
+    st = state(web_cluster(multi))
+    f = st.chains["filter"]
+    cli_if = iface_of("ns", "cli")
+    assert f["cali-from-wl-dispatch"] == tuple(sorted([
+        f"-s 10.0.0.1/32 -i {WEB_IF} -g cali-fw-{WEB_IF}",
+        f"-s 10.0.0.2/32 -i {cli_if} -g cali-fw-{cli_if}",
+        "-s 10.0.0.7/32 -i calimulti -g cali-fw-calimulti",
+        "-s 10.0.0.8/32 -i calimulti -g cali-fw-calimulti",
+    ], key=lambda r: r.split()[3])) + ("-j DROP",)  # anything else from cali+ dropped
+    assert f["cali-to-wl-dispatch"][-1] == "-j DROP"
+    assert f"-o {WEB_IF} -g cali-tw-{WEB_IF}" in f["cali-to-wl-dispatch"]
+    # the remote pod has no chains here
+    assert not any(iface_of("ns", "far") in name for name in f)
+
+
+def test_no_policy_means_allow():
+    f = state(web_cluster()).chains["filter"]
+    assert f[f"cali-tw-{WEB_IF}"] == () and f[f"cali-fw-{WEB_IF}"] == ()
+    assert not any(name.startswith(("cali-pi-", "cali-po-")) for name in f)
+
+
+def test_policies_are_a_union_in_key_order_then_drop():
+    a = ingress("ns", "a", sel(app="web"), rule_(from_pods(sel(app="cli"))))
+    b = ingress("ns", "b", sel(), rule_(ports=(PolicyPort("TCP", 80),)))
+    e = egress("ns", "e", sel(app="web"))  # default deny egress for web
+    f = state(web_cluster(a, b, e)).chains["filter"]
+    assert f[f"cali-tw-{WEB_IF}"] == (CLEAR_ACCEPT_MARK, f"-j cali-pi-{a.id}", RETURN_IF_ACCEPTED,
+                                      f"-j cali-pi-{b.id}", RETURN_IF_ACCEPTED, "-j DROP")
+    assert f[f"cali-fw-{WEB_IF}"] == (CLEAR_ACCEPT_MARK, f"-j cali-po-{e.id}", RETURN_IF_ACCEPTED, "-j DROP")
+    assert f[f"cali-po-{e.id}"] == ()  # no rules: nothing accepted, the endpoint chain drops
+    cli_if = iface_of("ns", "cli")
+    assert f[f"cali-tw-{cli_if}"] == (CLEAR_ACCEPT_MARK, f"-j cali-pi-{b.id}", RETURN_IF_ACCEPTED, "-j DROP")
+    assert f[f"cali-fw-{cli_if}"] == ()
+
+
+def test_policy_chains_only_for_policies_selecting_local_endpoints():
+    remote_only = ingress("other", "x", sel(), rule_())
+    f = state(web_cluster(remote_only, pod("other", "p", "10.0.5.5", node="n2"))).chains["filter"]
+    assert f"cali-pi-{remote_only.id}" not in f
+
+
+def test_chains_grow_with_policies_and_endpoints_not_with_pairs():
+    """N local pods x M policies all selecting all of them: O(N + M) rules, not O(N*M)."""
+    def count(n_pods, n_pols):
+        recs = [pod("ns", f"p{i}", f"10.0.{i // 250}.{i % 250 + 1}", labels={"app": "x"}) for i in range(n_pods)]
+        pols = [ingress("ns", f"pol{j}", sel(), rule_(from_pods(sel(app=f"peer{j}")), ports=(PolicyPort("TCP", 80 + j),)))
+                for j in range(n_pols)]
+        st = state(cluster_of(*recs, *pols))
+        f = st.chains["filter"]
+        policy_rules = sum(len(r) for name, r in f.items() if name.startswith("cali-pi-"))
+        total = sum(len(r) for r in f.values())
+        return total, policy_rules, len(st.ipsets)
+
+    base, pol_base, _ = count(10, 10)
+    more_pods, pol_pods, _ = count(20, 10)
+    more_pols, pol_pols, sets = count(10, 20)
+    assert pol_pods == pol_base == 2 * 10  # one mark+return per policy rule, shared
+    assert pol_pols == 2 * 20
+    # each extra pod costs its own chains' rules (about 2 per policy + dispatch), not per pair
+    per_pod = (more_pods - base) / 10
+    per_pol = (more_pols - base) / 10
+    assert per_pod <= 2 * 10 + 4
+    assert per_pol <= 2 + 2 * 10  # its chain + one jump/return per endpoint
+    assert sets == 20 + 3  # one peer set per policy, plus the three pool/host sets
+
+
+def test_dispatch_is_split_with_many_endpoints():
+    recs = [pod("ns", f"p{i}", f"10.0.{i // 250}.{i % 250 + 1}") for i in range(200)]
+    f = state(cluster_of(*recs)).chains["filter"]
+    top = f["cali-from-wl-dispatch"]
+    subs = [n for n in f if n.startswith("cali-from-wl-dispatch-")]
+    assert len(subs) == 16 and len(top) == 17 and top[-1] == "-j DROP"
+    assert all(f[s][-1] == "-j DROP" for s in subs)
+    assert sum(len(f[s]) - 1 for s in subs) == 200  # every endpoint exactly once
+    for rule in top[:-1]:
+        key = rule.split()[1][len("cali"):-1]
+        assert rule == f"-i cali{key}+ -g cali-from-wl-dispatch-{key}"
+        assert all(f" -i cali{key}" in r for r in f[f"cali-from-wl-dispatch-{key}"][:-1])
+    assert len([n for n in f if n.startswith("cali-to-wl-dispatch-")]) == 16
+
+
+def test_names_fit_iptables_limits():
+    recs = [pod("n" * 63, "p" * 253, "10.0.0.1")]
+    pol = NetworkPolicy("n" * 63, "q" * 253, sel(), policy_types=("Ingress", "Egress"))
+    many = [pod("ns", f"p{i}", f"10.0.{i // 250}.{i % 250 + 1}") for i in range(100)]
+    st = state(cluster_of(*recs, pol, *many))
+    names = [n for table in st.chains.values() for n in table]
+    assert max(len(n) for n in names) <= 28
+    assert max(len(n) for n in st.ipsets) <= 31
+
+
+def test_bad_and_duplicate_interfaces_are_reported_and_left_out():
+    bad = WorkloadEndpoint("ns", "bad", "n1", "c", "eth0", ("10.0.0.9",))
+    long = WorkloadEndpoint("ns", "long", "n1", "c", "cali0123456789abc", ("10.0.0.10",))
+    dup = WorkloadEndpoint("ns", "dup", "n1", "c", WEB_IF, ("10.0.0.11",))
+    errors = []
+    f = state(web_cluster(bad, long, dup), errors=errors).chains["filter"]
+    # two endpoints on one interface: the first by key (ns/dup) keeps it, ns/web is reported
+    assert [e.split(":")[0] for e in errors] == ["endpoint ns/bad", "endpoint ns/long", "endpoint ns/web"]
+    assert "already used by ns/dup" in errors[2]
+    assert "cali-fw-eth0" not in f and not any("10.0.0.1/32" in r for r in f["cali-from-wl-dispatch"])
+
+
+def test_endpoint_of_another_node_in_wep_wins_over_pod_node():
+    w = WorkloadEndpoint("ns", "web", "n2", "c", WEB_IF, ("10.0.0.1",))
+    f = state(cluster_of(w)).chains["filter"]
+    assert f"cali-tw-{WEB_IF}" not in f
