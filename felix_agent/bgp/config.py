@@ -1,0 +1,226 @@
+"""BIRD 2 configuration for one node (pure): the model in, bird.conf text out.
+
+What the rendered config does, and why:
+- `router id` is the node's IPv4 address; the AS is the node's own (Node.as_number) or
+  the cluster default, so per-rack/per-node AS designs work: sessions between different
+  ASes are eBGP (and multihop when the peer is not on my subnet).
+- `protocol direct` covers only the uplink: it gives BIRD the connected subnet so iBGP
+  next hops (recursive by default) resolve.  When ipip pools exist, nodes on other
+  subnets get device routes in `tortie_nexthops` so their next hops resolve too (the
+  kernel export then moves those routes onto tunl0).  Neither is ever exported.
+- `protocol static tortie_blocks` holds a blackhole (or unreachable) route per local
+  block: it is what the node announces, and it is never exported to the kernel.
+- `protocol kernel` imports nothing and exports only BGP-learnt routes inside enabled
+  bgp/ipip pools (vxlan/direct pools are the agent's own routes, proto 80).  bgp-mode
+  routes whose next hop is not on my subnet are refused (the kernel could not use them
+  on-link); ipip-mode routes go out `tunl0` onlink (crossSubnet: only across subnets).
+  Routes land as `proto bird`.
+- BGP imports only prefixes inside enabled pools (never one of my own blocks) and exports
+  only my blocks; a route reflector also exports what it learnt (that is reflection).
+Sessions: full mesh when no node has route_reflector_cluster_id (Mesh_<ip>); otherwise
+reflectors peer with everyone (rr client for non-reflectors of the same AS) and the
+others peer only with reflectors (Node_<ip>).  BGPPeer records add Peer_<name>
+sessions, for every node (node "") or one node.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from felix_agent.calc.routes import (Blocks, Nodes, Pools, blocks_by_node, ipv4_address, pool_for, records,
+                                     same_subnet)
+from felix_agent.model import DEFAULT_AS, BGPPeer, Node
+
+STATIC_PROTOCOL = "tortie_blocks"
+NEXTHOP_PROTOCOL = "tortie_nexthops"
+
+
+@dataclass(frozen=True)
+class Session:
+    """One BGP protocol of the rendered config."""
+
+    name: str
+    peer_ip: str
+    peer_as: int
+    rr_client: bool = False
+    multihop: bool = False
+
+
+def protocol_name(prefix: str, ident: str) -> str:
+    """A BIRD protocol name: letters, digits and '_' only, so IPs and peer names map
+    deterministically (Mesh_192_168_100_12, Peer_tor_a)."""
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9]', '_', ident)}"
+
+
+def _cluster_id(node: Node) -> str:
+    cid = node.route_reflector_cluster_id.strip()
+    try:
+        if cid.isdigit():
+            return str(ipaddress.IPv4Address(int(cid)))
+        return str(ipaddress.IPv4Address(cid))
+    except ValueError:
+        raise ValueError(f"node {node.name}: route_reflector_cluster_id {cid!r} must be an "
+                         "IPv4-style id like 244.0.0.1 (or a 32-bit number)") from None
+
+
+def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me: str, *, default_as: int = DEFAULT_AS) -> list[Session]:
+    """The BGP sessions node `me` opens, sorted by name (see the module doc)."""
+    nodes = [n for n in records(nodes) if n.address]
+    mine = next((n for n in nodes if n.name == me), None)
+    if mine is None:
+        raise ValueError(f"node {me!r} is unknown or has no IPv4 address; cannot render BGP")
+    my_as = mine.as_number or default_as
+    reflectors = {n.name for n in nodes if n.route_reflector_cluster_id}
+    if me in reflectors:
+        _cluster_id(mine)  # a bad cluster id fails here, before any text is made
+    out: dict[str, Session] = {}
+    for n in nodes:
+        if n.name == me:
+            continue
+        ip = ipv4_address(n.address, f"node {n.name}")
+        peer_as = n.as_number or default_as
+        if not reflectors:
+            name = protocol_name("Mesh", ip)
+        elif me in reflectors or n.name in reflectors:
+            name = protocol_name("Node", ip)
+        else:
+            continue  # two non-reflectors never peer directly
+        rr_client = me in reflectors and n.name not in reflectors and peer_as == my_as
+        out[ip] = Session(name, ip, peer_as, rr_client=rr_client,
+                          multihop=peer_as != my_as and not same_subnet(mine, n))
+    for p in sorted(records(peers), key=lambda p: p.name):
+        if p.node not in ("", me):
+            continue
+        ip = ipv4_address(p.peer_ip, f"BGPPeer {p.name}")
+        if ip == mine.address or ip in out:
+            continue  # already a node session (or myself): one session per neighbour
+        if not 0 < p.as_number < 2**32:
+            raise ValueError(f"BGPPeer {p.name}: AS number {p.as_number} is out of range")
+        near = ipaddress.ip_address(ip) in ipaddress.ip_interface(mine.ip).network
+        out[ip] = Session(protocol_name("Peer", p.name), ip, p.as_number,
+                          multihop=p.as_number != my_as and not near)
+    return sorted(out.values(), key=lambda s: s.name)
+
+
+def _prefix_set(cidrs: list[str]) -> str:
+    return "[ " + ", ".join(f"{c}+" for c in cidrs) + " ]"
+
+
+def _match(cidrs: list[str]) -> str:
+    """A BIRD condition 'net is inside one of cidrs' (false when there are none: BIRD
+    has no empty prefix-set literal)."""
+    return f"net ~ {_prefix_set(cidrs)}" if cidrs else "false"
+
+
+def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], pools: Pools,
+                blocks: Blocks, me: str, *, listen_port: int = 179,
+                uplink: str = "eth0", default_as: int = DEFAULT_AS,
+                local_route: str = "blackhole") -> str:
+    """The bird2 configuration text for node `me` (see the module doc).  Raises
+    ValueError for input that cannot make a valid config (unknown node, non-IPv4
+    address, bad cluster id, out-of-range port)."""
+    if local_route not in ("blackhole", "unreachable"):
+        raise ValueError(f"local_route must be blackhole or unreachable, not {local_route!r}")
+    if not 0 < listen_port < 65536:
+        raise ValueError(f"listen_port {listen_port} is out of range")
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", uplink):
+        raise ValueError(f"uplink {uplink!r} is not an interface name")
+    nodes = records(nodes)
+    sess = sessions(nodes, peers, me, default_as=default_as)
+    mine = next(n for n in nodes if n.name == me)
+    my_ip = mine.address
+    my_as = mine.as_number or default_as
+    my_net = str(ipaddress.ip_interface(mine.ip).network)
+    enabled = [p for p in records(pools) if not p.disabled and ipaddress.ip_network(p.cidr, strict=False).version == 4]
+    by_mode: dict[str, list[str]] = {m: sorted(str(ipaddress.ip_network(p.cidr, strict=False))
+                                               for p in enabled if p.mode == m)
+                                     for m in ("bgp", "direct", "vxlan", "ipip")}
+    ipip_cross = sorted(p.cidr for p in enabled if p.mode == "ipip" and p.cross_subnet)
+    ipip_always = sorted(p.cidr for p in enabled if p.mode == "ipip" and not p.cross_subnet)
+    all_pools = sorted(str(ipaddress.ip_network(p.cidr, strict=False)) for p in enabled)
+    my_blocks = [c for c in blocks_by_node(nodes, blocks).get(me, ())
+                 if ipaddress.ip_network(c).version == 4 and pool_for(c, pools) is not None]
+    reflector = bool(mine.route_reflector_cluster_id)
+
+    L: list[str] = []
+    w = L.append
+    w(f"# BIRD config of tortie node {me}, rendered by felix_agent.bgp.config: edits are overwritten.")
+    w(f"router id {my_ip};")
+    w("timeformat protocol iso long;  # fixed-width 'since' column for the protocols parser")
+    w("")
+    w("protocol device { scan time 10; }")
+    w("")
+    w("# The uplink's connected subnet, only so that BGP next hops resolve.")
+    w(f'protocol direct {{ ipv4; interface "{uplink}"; }}')
+    w("")
+    w("# Announced blocks; kept out of the kernel (the agent and the pods' /32 routes own it).")
+    w(f"protocol static {STATIC_PROTOCOL} {{")
+    w("  ipv4;")
+    for c in my_blocks:
+        w(f"  route {c} {local_route};")
+    w("}")
+    far = [n for n in nodes if n.name != me and n.address and not same_subnet(mine, n)]
+    if by_mode["ipip"] and far:
+        w("")
+        w("# Nodes behind a router: device routes so their next hops resolve (ipip carries them).")
+        w(f"protocol static {NEXTHOP_PROTOCOL} {{")
+        w("  ipv4;")
+        for n in sorted(far, key=lambda n: ipaddress.ip_address(n.address)):
+            w(f'  route {n.address}/32 via "{uplink}";')
+        w("}")
+    w("")
+    w("filter tortie_kernel_export {")
+    w("  if source != RTS_BGP then reject;")
+    if ipip_always:
+        w(f"  if {_match(ipip_always)} then {{ ifname = \"tunl0\"; onlink = true; accept; }}")
+    if ipip_cross:
+        w(f"  if {_match(ipip_cross)} then {{")
+        w(f"    if gw !~ {my_net} then {{ ifname = \"tunl0\"; onlink = true; }}")
+        w("    accept;")
+        w("  }")
+    w(f"  if {_match(by_mode['bgp'])} then {{")
+    w(f"    if gw ~ {my_net} then accept;")
+    w("    reject;  # next hop behind a router: unusable without a tunnel")
+    w("  }")
+    w("  reject;  # vxlan/direct pools are the agent's routes; nothing outside the pools")
+    w("}")
+    w("")
+    w("filter tortie_bgp_import {")
+    if my_blocks:
+        w(f"  if net ~ [ {', '.join(my_blocks)} ] then reject;  # my own blocks")
+    w(f"  if {_match(all_pools)} then accept;")
+    w("  reject;")
+    w("}")
+    w("")
+    w("filter tortie_bgp_export {")
+    w(f'  if proto = "{STATIC_PROTOCOL}" then accept;')
+    if reflector:
+        w(f"  if source = RTS_BGP && {_match(all_pools)} then accept;  # reflection")
+    w("  reject;")
+    w("}")
+    w("")
+    w("protocol kernel {")
+    w("  scan time 10;  # re-adds routes someone deleted")
+    w("  ipv4 { import none; export filter tortie_kernel_export; };")
+    w("}")
+    w("")
+    w("template bgp tortie_peer {")
+    w(f"  local {my_ip} port {listen_port} as {my_as};")
+    w("  connect delay time 1;")
+    w("  connect retry time 3;")
+    w("  error wait time 1, 10;")
+    w("  ipv4 { import filter tortie_bgp_import; export filter tortie_bgp_export; };")
+    w("}")
+    for s in sess:
+        w("")
+        w(f"protocol bgp {s.name} from tortie_peer {{")
+        w(f"  neighbor {s.peer_ip} port {listen_port} as {s.peer_as};")
+        if s.multihop:
+            w("  multihop;")
+        if s.rr_client:
+            w("  rr client;")
+            w(f"  rr cluster id {_cluster_id(mine)};")
+        w("}")
+    return "\n".join(L) + "\n"

@@ -1,0 +1,224 @@
+"""Routes between nodes (pure): which kernel routes, VXLAN FDB and neighbour entries a
+node needs for every other node's pod blocks, by the routing mode of the block's pool.
+
+A node's blocks are its BlockAffinity CIDRs (etcd mode) plus Node.pod_cidrs (kubernetes
+mode).  A block belongs to the enabled pool that contains it; blocks outside every
+enabled pool get no route at all (a disabled pool is not routed, as in the BIRD filters
+of felix_agent.bgp.config, so the two halves never disagree).
+
+Per mode, for a block of a REMOTE node:
+  direct  `<block> via <nodeIP> dev <uplink> onlink` - only for nodes on my subnet: across
+          a router the gateway would not be on the link and the router knows no pod
+          blocks, so no route is made (see unreachable_direct_nodes(), the agent logs it).
+  vxlan   `<block> via <remote VTEP> dev vxlan.calico onlink` (needs the remote node's
+          published VTEP address and MAC; a node that has not published them yet gets
+          no route until it does).
+          crossSubnet: `<block> via <nodeIP> dev <uplink>` on my subnet, VXLAN across.
+  ipip    `<block> via <nodeIP> dev tunl0 onlink`; crossSubnet: plain next hop on my subnet.
+  bgp     nothing: BIRD learns and programs these (felix_agent.bgp.config).
+For MY OWN blocks in non-bgp pools, local_block_routes() gives blackhole routes, so
+traffic to an unused address of my block is dropped here instead of bouncing out of the
+default route (the /32 routes of local pods are more specific and win).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+from felix_agent.calc.desired import FDBEntry, Neighbor, Route
+from felix_agent.model import BlockAffinity, IPPool, Node
+
+VXLAN_DEVICE = "vxlan.calico"
+IPIP_DEVICE = "tunl0"
+DEFAULT_UPLINK = "eth0"
+
+T = TypeVar("T")
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Every function takes the model as collections of records or as key -> record maps.
+Nodes = Iterable[Node] | Mapping[str, Node]
+Pools = Iterable[IPPool] | Mapping[str, IPPool]
+Blocks = Iterable[BlockAffinity] | Mapping[str, BlockAffinity]
+
+
+def records(x: Iterable[T] | Mapping[object, T]) -> list[T]:
+    """Accept either a collection of records or a key -> record mapping (what the
+    agent's model holds), so callers need not convert."""
+    if isinstance(x, Mapping):
+        return list(x.values())
+    return list(x)
+
+
+def ipv4_address(addr: str, what: str) -> str:
+    """The plain IPv4 address of `addr` (a prefix is dropped), or ValueError naming
+    `what` - the one validator the BGP config and the tunnel driver share."""
+    try:
+        ip = ipaddress.ip_address(addr.split("/")[0])
+    except ValueError:
+        raise ValueError(f"{what}: {addr!r} is not an IP address") from None
+    if ip.version != 4:
+        raise ValueError(f"{what}: {addr!r} is not IPv4")
+    return str(ip)
+
+
+def _net(cidr: str) -> Net:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+def pool_for(block: str, pools: Pools) -> IPPool | None:
+    """The enabled pool that contains `block` (the most specific when pools overlap)."""
+    b = _net(block)
+    best: IPPool | None = None
+    for p in records(pools):
+        if p.disabled:
+            continue
+        pn = _net(p.cidr)
+        if pn.version == b.version and b.subnet_of(pn):  # type: ignore[arg-type]
+            if best is None or pn.prefixlen > _net(best.cidr).prefixlen:
+                best = p
+    return best
+
+
+def blocks_by_node(nodes: Nodes, blocks: Blocks) -> dict[str, tuple[str, ...]]:
+    """node name -> its blocks (affinities, then pod_cidrs), sorted and de-duplicated.
+    Only nodes that exist: an affinity left behind by a deleted node routes nowhere."""
+    nodes = records(nodes)
+    names = {n.name for n in nodes}
+    out: dict[str, set[str]] = {n.name: {str(_net(c)) for c in n.pod_cidrs} for n in nodes}
+    for b in records(blocks):
+        if b.node in names:
+            out[b.node].add(str(_net(b.cidr)))
+    return {k: tuple(sorted(v, key=lambda c: (_net(c).version, _net(c)))) for k, v in out.items()}
+
+
+def same_subnet(a: Node, b: Node) -> bool:
+    """True when b's address lies in a's subnet (a.ip carries the prefix)."""
+    if not a.ip or not b.address:
+        return False
+    return ipaddress.ip_address(b.address) in ipaddress.ip_interface(a.ip).network
+
+
+def _by_name(nodes: list[Node]) -> dict[str, Node]:
+    return {n.name: n for n in nodes}
+
+
+def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink: str = DEFAULT_UPLINK) -> frozenset[Route]:
+    """Routes to every remote node's blocks in non-bgp pools (see the module doc)."""
+    nodes = records(nodes)
+    by_name = _by_name(nodes)
+    mine = by_name.get(me)
+    if mine is None:
+        return frozenset()  # my own Node record is not known yet: nothing is safe to route
+    pools = records(pools)
+    routes: set[Route] = set()
+    for name, cidrs in blocks_by_node(nodes, blocks).items():
+        if name == me:
+            continue
+        peer = by_name[name]
+        if not peer.address:
+            continue
+        near = same_subnet(mine, peer)
+        for cidr in cidrs:
+            pool = pool_for(cidr, pools)
+            if pool is None:
+                continue
+            r = _route_for(cidr, pool, peer, near, uplink)
+            if r is not None:
+                routes.add(r)
+    return frozenset(routes)
+
+
+def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str) -> Route | None:
+    plain = Route(dst=cidr, dev=uplink, gateway=peer.address)
+    if pool.mode == "direct":
+        return Route(dst=cidr, dev=uplink, gateway=peer.address, onlink=True) if near else None
+    if pool.mode == "vxlan":
+        if pool.cross_subnet and near:
+            return plain
+        if not peer.vxlan_tunnel_addr or not peer.vxlan_tunnel_mac:
+            return None
+        return Route(dst=cidr, dev=VXLAN_DEVICE, gateway=peer.vxlan_tunnel_addr.split("/")[0], onlink=True)
+    if pool.mode == "ipip":
+        if pool.cross_subnet and near:
+            return plain
+        return Route(dst=cidr, dev=IPIP_DEVICE, gateway=peer.address, onlink=True)
+    return None  # bgp: BIRD's job
+
+
+def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str) -> tuple[str, ...]:
+    """Remote nodes with blocks in a direct pool that are NOT on my subnet: they get no
+    route (a next hop behind a router cannot be used on-link), so the agent can say so."""
+    nodes = records(nodes)
+    by_name = _by_name(nodes)
+    mine = by_name.get(me)
+    if mine is None:
+        return ()
+    pools = records(pools)
+    out = []
+    for name, cidrs in blocks_by_node(nodes, blocks).items():
+        peer = by_name[name]
+        if name == me or same_subnet(mine, peer):
+            continue
+        if any((p := pool_for(c, pools)) is not None and p.mode == "direct" for c in cidrs):
+            out.append(name)
+    return tuple(sorted(out))
+
+
+def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, kind: str = "blackhole") -> frozenset[Route]:
+    """Blackhole (or unreachable, kind="unreachable") routes for my own blocks in
+    non-bgp pools; in bgp pools BIRD's static protocol installs them."""
+    if kind not in ("blackhole", "unreachable"):
+        raise ValueError(f"local block route kind must be blackhole or unreachable, not {kind!r}")
+    routes = set()
+    pools = records(pools)
+    for cidr in blocks_by_node(nodes, blocks).get(me, ()):
+        pool = pool_for(cidr, pools)
+        if pool is not None and pool.mode != "bgp":
+            routes.add(Route(dst=cidr, type=kind))
+    return frozenset(routes)
+
+
+def vxlan_peers(nodes: Nodes, pools: Pools, me: str) -> tuple[frozenset[FDBEntry], frozenset[Neighbor]]:
+    """Static FDB (VTEP MAC -> node underlay IP) and neighbour (VTEP IP -> VTEP MAC)
+    entries for every remote node that published a VTEP, when any enabled vxlan pool
+    exists.  With crossSubnet the same-subnet entries are harmless and keep a later
+    mode change cheap, so they are not filtered."""
+    if not any(p.mode == "vxlan" and not p.disabled for p in records(pools)):
+        return frozenset(), frozenset()
+    fdb, neigh = set(), set()
+    for n in records(nodes):
+        if n.name == me or not n.address or not n.vxlan_tunnel_addr or not n.vxlan_tunnel_mac:
+            continue
+        mac = n.vxlan_tunnel_mac.lower()
+        fdb.add(FDBEntry(mac=mac, dst=n.address))
+        neigh.add(Neighbor(ip=n.vxlan_tunnel_addr.split("/")[0], mac=mac))
+    return frozenset(fdb), frozenset(neigh)
+
+
+def vtep_mac(node_name: str) -> str:
+    """A stable MAC for a node's VTEP: hashed from the node name, so a restarted agent
+    (or a rebuilt device) keeps the MAC every peer already has in its FDB.  The first
+    octet is made locally administered (bit 1 set) and unicast (bit 0 clear)."""
+    if not node_name:
+        raise ValueError("vtep_mac needs a node name")
+    b = bytearray(hashlib.sha256(node_name.encode()).digest()[:6])
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def vtep_for(node_name: str, block_cidr: str) -> tuple[str, str]:
+    """(VTEP address, VTEP MAC) for a node whose first vxlan block is `block_cidr`: the
+    address is the block's first address, as Calico does, so IPAM must never hand it to
+    a pod (see tunnel_block())."""
+    return str(_net(block_cidr).network_address), vtep_mac(node_name)
+
+
+def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str) -> str | None:
+    """My first block (lowest CIDR) in an enabled pool of `mode` ("vxlan" or "ipip"): its
+    first address becomes the tunnel device's address.  None when I own no such block."""
+    for cidr in blocks_by_node(nodes, blocks).get(me, ()):
+        pool = pool_for(cidr, pools)
+        if pool is not None and pool.mode == mode and _net(cidr).version == 4:
+            return cidr
+    return None
