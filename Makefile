@@ -44,7 +44,7 @@ demo-down:
 
 cni-binary: deps dist/tortie
 
-dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh
+dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh
 
 image:

@@ -1,0 +1,264 @@
+"""CNI results as typed records, read from and written to every supported version.
+
+Internally a result is always the 1.1.0 shape.  `Result.from_dict` accepts any of
+0.3.0-1.1.0 (0.3.x/0.4.0 ips carry "version", which is dropped); `to_dict(version)`
+writes the shape the config asked for: 0.3.x/0.4.0 get "version" back on each ip, and
+everything older than 1.1.0 loses the fields 1.1.0 added (interface mtu/socketPath/
+pciID, route mtu/advmss/priority/table/scope), as libcni's converters do.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from . import versions
+
+
+class ResultError(ValueError):
+    """A result (prevResult, an IPAM plugin's or the agent's answer) has the wrong shape."""
+
+
+@dataclass
+class Interface:
+    name: str
+    mac: str = ""
+    sandbox: str = ""
+    mtu: int | None = None  # 1.1.0
+    socket_path: str = ""  # 1.1.0
+    pci_id: str = ""  # 1.1.0
+
+
+@dataclass
+class IPConfig:
+    address: str  # CIDR, e.g. "10.0.0.5/32"
+    gateway: str = ""
+    interface: int | None = None
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_interface(self.address).ip
+
+    @property
+    def family(self) -> str:
+        return "4" if self.ip.version == 4 else "6"
+
+
+ROUTE_11_FIELDS = ("mtu", "advmss", "priority", "table", "scope")
+
+
+@dataclass
+class Route:
+    dst: str
+    gw: str = ""
+    extra: dict[str, int] = field(default_factory=dict)  # the 1.1.0 route attributes
+
+
+@dataclass
+class DNS:
+    nameservers: list[str] = field(default_factory=list)
+    domain: str = ""
+    search: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.nameservers or self.domain or self.search or self.options)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "dns") -> "DNS":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ResultError(f"{where} must be an object")
+        out = cls()
+        for key in ("nameservers", "search", "options"):
+            v = d.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ResultError(f"{where}.{key} must be a list of strings")
+            setattr(out, key, list(v))
+        dom = d.get("domain")
+        if dom is not None:
+            if not isinstance(dom, str):
+                raise ResultError(f"{where}.domain must be a string")
+            out.domain = dom
+        return out
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        if self.nameservers:
+            out["nameservers"] = list(self.nameservers)
+        if self.domain:
+            out["domain"] = self.domain
+        if self.search:
+            out["search"] = list(self.search)
+        if self.options:
+            out["options"] = list(self.options)
+        return out
+
+
+def _str(d: dict, key: str, where: str, required: bool = False) -> str:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise ResultError(f"{where}.{key} is required")
+        return ""
+    if not isinstance(v, str):
+        raise ResultError(f"{where}.{key} must be a string")
+    return v
+
+
+def _int(d: dict, key: str, where: str) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ResultError(f"{where}.{key} must be an integer")
+    return v
+
+
+def _cidr(value: str, where: str) -> str:
+    try:
+        ipaddress.ip_interface(value)
+    except ValueError:
+        raise ResultError(f"{where} {value!r} is not an address in CIDR form") from None
+    if "/" not in value:
+        raise ResultError(f"{where} {value!r} has no prefix length")
+    return value
+
+
+def _ip(value: str, where: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ResultError(f"{where} {value!r} is not an IP address") from None
+    return value
+
+
+@dataclass
+class Result:
+    interfaces: list[Interface] = field(default_factory=list)
+    ips: list[IPConfig] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    dns: DNS = field(default_factory=DNS)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "result") -> "Result":
+        if not isinstance(d, dict):
+            raise ResultError(f"{where} must be a JSON object")
+        res = cls()
+        ifaces = d.get("interfaces") or []
+        if not isinstance(ifaces, list):
+            raise ResultError(f"{where}.interfaces must be a list")
+        for i, raw in enumerate(ifaces):
+            w = f"{where}.interfaces[{i}]"
+            if not isinstance(raw, dict):
+                raise ResultError(f"{w} must be an object")
+            res.interfaces.append(Interface(
+                name=_str(raw, "name", w, required=True), mac=_str(raw, "mac", w),
+                sandbox=_str(raw, "sandbox", w), mtu=_int(raw, "mtu", w),
+                socket_path=_str(raw, "socketPath", w), pci_id=_str(raw, "pciID", w)))
+        ips = d.get("ips") or []
+        if not isinstance(ips, list):
+            raise ResultError(f"{where}.ips must be a list")
+        for i, raw in enumerate(ips):
+            w = f"{where}.ips[{i}]"
+            if not isinstance(raw, dict):
+                raise ResultError(f"{w} must be an object")
+            ipc = IPConfig(address=_cidr(_str(raw, "address", w, required=True), f"{w}.address"))
+            gw = _str(raw, "gateway", w)
+            ipc.gateway = _ip(gw, f"{w}.gateway") if gw else ""
+            ipc.interface = _int(raw, "interface", w)
+            if ipc.interface is not None and not 0 <= ipc.interface < len(res.interfaces):
+                raise ResultError(f"{w}.interface {ipc.interface} is not an index into interfaces")
+            fam = raw.get("version")
+            if fam is not None and fam != ipc.family:
+                raise ResultError(f"{w}.version {fam!r} does not match address {ipc.address}")
+            res.ips.append(ipc)
+        routes = d.get("routes") or []
+        if not isinstance(routes, list):
+            raise ResultError(f"{where}.routes must be a list")
+        for i, raw in enumerate(routes):
+            w = f"{where}.routes[{i}]"
+            if not isinstance(raw, dict):
+                raise ResultError(f"{w} must be an object")
+            r = Route(dst=_cidr(_str(raw, "dst", w, required=True), f"{w}.dst"))
+            gw = _str(raw, "gw", w)
+            r.gw = _ip(gw, f"{w}.gw") if gw else ""
+            for key in ROUTE_11_FIELDS:
+                v = _int(raw, key, w)
+                if v is not None:
+                    r.extra[key] = v
+            res.routes.append(r)
+        res.dns = DNS.from_dict(d.get("dns"), f"{where}.dns")
+        return res
+
+    def to_dict(self, version: str) -> dict:
+        new = versions.at_least(version, "1.1.0")
+        legacy = versions.is_legacy(version)
+        out: dict = {"cniVersion": version}
+        if self.interfaces:
+            lst = []
+            for it in self.interfaces:
+                d = {"name": it.name}
+                if it.mac:
+                    d["mac"] = it.mac
+                if new and it.mtu is not None:
+                    d["mtu"] = it.mtu
+                if it.sandbox:
+                    d["sandbox"] = it.sandbox
+                if new and it.socket_path:
+                    d["socketPath"] = it.socket_path
+                if new and it.pci_id:
+                    d["pciID"] = it.pci_id
+                lst.append(d)
+            out["interfaces"] = lst
+        ips = []
+        for ipc in self.ips:
+            d = {}
+            if legacy:
+                d["version"] = ipc.family
+            if ipc.interface is not None:
+                d["interface"] = ipc.interface
+            d["address"] = ipc.address
+            if ipc.gateway:
+                d["gateway"] = ipc.gateway
+            ips.append(d)
+        out["ips"] = ips
+        if self.routes:
+            rl = []
+            for r in self.routes:
+                d = {"dst": r.dst}
+                if r.gw:
+                    d["gw"] = r.gw
+                if new:
+                    d.update(r.extra)
+                rl.append(d)
+            out["routes"] = rl
+        if not self.dns.is_empty():
+            out["dns"] = self.dns.to_dict()
+        return out
+
+    def merged_after(self, prev: "Result | None") -> "Result":
+        """This plugin's result appended to a previous plugin's (conflist chaining):
+        interface indices shift by the number of interfaces already there."""
+        if prev is None:
+            return self
+        shift = len(prev.interfaces)
+        ips = [IPConfig(i.address, i.gateway, None if i.interface is None else i.interface + shift)
+               for i in self.ips]
+        return Result(interfaces=prev.interfaces + self.interfaces, ips=prev.ips + ips,
+                      routes=prev.routes + self.routes,
+                      dns=prev.dns if not prev.dns.is_empty() else self.dns)
+
+    def sandbox_ips(self, ifname: str) -> list[IPConfig]:
+        """The ips that belong to the sandbox interface `ifname` (or to no interface)."""
+        out = []
+        for ipc in self.ips:
+            if ipc.interface is None:
+                out.append(ipc)
+                continue
+            it = self.interfaces[ipc.interface]
+            if it.name == ifname and it.sandbox:
+                out.append(ipc)
+        return out
