@@ -293,11 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-f", "--filename")
     d.set_defaults(func=cmd_delete)
 
-    # Read-only status commands are added here by the agent's owner:
-    #   status          (this node's agent: datastore sync, dataplane, BGP sessions)
-    #   node status     (per node: BGP peers and their state)
-    #   ipam show       (pools, blocks per node, allocations)
-    # Each is a subparser with set_defaults(func=async fn(store, args) -> int).
+    # Views of one node's agent (status, node status, ipam show) read its /status.
+    from .cli_status import add_commands
+    add_commands(sub)
     return p
 
 

@@ -1,4 +1,4 @@
-"""/livez, /readyz and /metrics over HTTP, served from a daemon thread.
+"""/livez, /readyz, /metrics and /status over HTTP, served from a daemon thread.
 
 Liveness: the agent's loop has ticked recently.  Readiness: the datastore is in sync AND
 the dataplane has been programmed since (the agent sets both flags).
@@ -40,12 +40,15 @@ class Health:
                 "programmed": self.programmed, "reasons": dict(self.reasons)}
 
 
-def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:
+def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPServer:
+    """`status` is a callable returning a JSON-able dict, served at /status (tortiectl status)."""
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
             path = self.path.split("?")[0]
             if path == "/metrics":
                 body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+            elif path == "/status" and status is not None:
+                body, ctype, code = (json.dumps(status(), default=str) + "\n").encode(), "application/json", 200
             elif path in ("/livez", "/readyz"):
                 ok = health.live if path == "/livez" else health.ready
                 body = (json.dumps(health.report()) + "\n").encode()

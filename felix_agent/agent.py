@@ -1,0 +1,255 @@
+"""The agent's one-way pipeline: datastore -> Syncer -> Cluster (model) -> pure calc ->
+dataplane drivers, plus the local API that the CNI binary calls.
+
+One asyncio loop owns the model.  Syncer events arrive on a queue and are applied in
+batches; after each batch (and on the resync timer, which also repairs drift) the calc
+computes the whole desired state and the drivers reconcile it on one worker thread, in
+the order that keeps references valid (ipsets before the rules that use them, stale ipsets
+after).  A CNI ADD registers its endpoint here and gets its answer only once a dataplane
+pass that includes the endpoint has completed, so no pod runs before its policy.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import metrics
+from .calc.cluster import Cluster
+from .config import AgentConfig
+from .health import Health
+from .logs import kv
+from .model import IPPool, SyncStatus, Update, WorkloadEndpoint
+
+log = logging.getLogger("tortie.agent")
+
+
+@dataclass
+class Status:
+    """What `tortiectl status` and /readyz report."""
+
+    node: str = ""
+    datastore: str = ""
+    in_sync: bool = False
+    sync_reason: str = ""
+    iptables_backend: str = ""
+    routing_modes: tuple[str, ...] = ()
+    last_apply: float = 0.0
+    last_apply_seconds: float = 0.0
+    last_error: str = ""
+    applies: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, dataplane, syncer, store=None, ipam=None):
+        """`dataplane` is a felix_agent.dataplane_loop.Dataplane (drivers + calc glue);
+        `syncer` a datastore Syncer; `store` the etcd store for writes (None in kubernetes
+        mode); `ipam` the node's IPAM."""
+        self.cfg = cfg
+        self.node = cfg.name
+        self.cluster = Cluster()
+        self.dataplane = dataplane
+        self.syncer = syncer
+        self.store = store
+        self.ipam = ipam
+        self.health = Health(liveness_timeout=max(60.0, cfg.resync_interval * 6))
+        self.status = Status(node=self.node, datastore=cfg.datastore)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.generation = 0  # bumped on every model change
+        self.applied_generation = -1
+        self._applied = asyncio.Condition()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataplane")
+        self._local_weps: dict[str, WorkloadEndpoint] = {}
+        self._changed_kinds: set[str] = set()
+        self.node_ip = ""
+        self.registrar = None  # main.NodeRegistrar in etcd mode
+        self._pod_cidr_backend = None
+        self._last_plan = None
+        # Nothing is written to the kernel before the first complete sync: a restarted
+        # agent with a half-known model would otherwise tear down live pods' chains.
+        self._synced_once = False
+        if cfg.default_pool:
+            self._inject(Update("IPPool", "default-pool", IPPool(
+                name="default-pool", cidr=cfg.default_pool, mode=cfg.default_pool_mode)))
+
+    # -- events -------------------------------------------------------------------------
+
+    def emit(self, event) -> None:
+        """Called by the Syncer (from the loop or, via call_soon_threadsafe, a thread)."""
+        self.queue.put_nowait(event)
+
+    def _inject(self, update: Update) -> None:
+        if update.kind == "WorkloadEndpoint" and update.value is None and update.key in self._local_weps:
+            # A datastore deletion of an endpoint this node still serves (e.g. etcd lost it
+            # during an outage) must not unprotect a running pod.
+            return
+        changed = self.cluster.apply(update)
+        if changed:
+            self.generation += 1
+            self._changed_kinds |= changed
+        metrics.DATASTORE_EVENTS.labels(kind=update.kind).inc()
+
+    def _handle(self, event) -> None:
+        if isinstance(event, SyncStatus):
+            self.status.in_sync = event.in_sync
+            self.status.sync_reason = event.reason
+            self.health.in_sync = event.in_sync
+            metrics.IN_SYNC.set(1 if event.in_sync else 0)
+            log.info("datastore sync", extra=kv(in_sync=event.in_sync, reason=event.reason))
+            if event.in_sync:
+                self._synced_once = True
+                self.generation += 1  # make sure readiness follows a programmed pass
+        else:
+            self._inject(event)
+
+    # -- IPAM ---------------------------------------------------------------------------
+
+    def attach_ipam(self, ipam, pod_cidr_backend=None) -> None:
+        """`pod_cidr_backend` (kubernetes mode) gets this node's Node.spec.podCIDRs."""
+        self.ipam = ipam
+        self._pod_cidr_backend = pod_cidr_backend
+        ipam.set_pools(self.cluster.pools.values())
+
+    async def _sync_ipam(self, kinds: set[str]) -> None:
+        if self.ipam is None or not kinds & {"IPPool", "BlockAffinity", "Node"}:
+            return
+        self.ipam.set_pools(self.cluster.pools.values())
+        me = self.cluster.nodes.get(self.node)
+        if self._pod_cidr_backend is not None and me is not None:
+            self._pod_cidr_backend.set_pod_cidrs(me.pod_cidrs)
+        try:
+            await self.ipam.refresh()
+        except Exception as e:  # the datastore may be down: IPAM keeps what it knows
+            log.warning("IPAM refresh failed", extra=kv(error=e))
+        report = self.ipam.show()
+        metrics.IPAM_BLOCKS.set(len(report.blocks))
+        metrics.IPAM_ADDRESSES.set(len(report.allocations))
+
+    # -- endpoint registry (the local API's view) -------------------------------------
+
+    def adopt(self, wep: WorkloadEndpoint) -> None:
+        """An endpoint found at start-up (persisted allocation with its veth present)."""
+        self._local_weps[wep.key] = wep
+        self._inject(Update("WorkloadEndpoint", wep.key, wep))
+
+    async def register(self, wep: WorkloadEndpoint) -> None:
+        """Record a local endpoint and return once its policy is programmed."""
+        self._local_weps[wep.key] = wep
+        self._inject(Update("WorkloadEndpoint", wep.key, wep))
+        target = self.generation
+        self.queue.put_nowait(None)  # wake the loop
+        if self.store is not None:
+            await self.store.put_record(wep)
+        await self.wait_programmed(target)
+
+    async def unregister(self, namespace: str, pod: str) -> None:
+        key = f"{self.node}/{namespace}/{pod}"
+        self._local_weps.pop(key, None)
+        self._inject(Update("WorkloadEndpoint", key, None))
+        self.queue.put_nowait(None)
+        if self.store is not None:
+            try:
+                await self.store.delete("WorkloadEndpoint", key)
+            except Exception as e:  # the datastore may be down; the GC and resync tidy later
+                log.warning("could not delete endpoint from the datastore", extra=kv(key=key, error=e))
+
+    async def wait_programmed(self, generation: int, timeout: float = 30.0) -> None:
+        async with self._applied:
+            await asyncio.wait_for(
+                self._applied.wait_for(lambda: self.applied_generation >= generation), timeout)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = 0.0
+        while not stop.is_set():
+            self.health.tick()
+            timeout = max(0.0, next_resync - time.monotonic())
+            try:
+                first = await asyncio.wait_for(self.queue.get(), timeout=timeout)
+                batch = [first]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                for ev in batch:
+                    if ev is not None:
+                        self._handle(ev)
+            except asyncio.TimeoutError:
+                pass
+            kinds, self._changed_kinds = self._changed_kinds, set()
+            await self._sync_ipam(kinds)
+            resync_due = time.monotonic() >= next_resync
+            if not self._synced_once:
+                next_resync = time.monotonic() + 0.5
+                continue
+            if self.generation == self.applied_generation and not resync_due:
+                continue
+            target = self.generation
+            try:
+                plan = self.dataplane.calculate(self.cluster)
+                t0 = time.monotonic()
+                summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan)
+                took = time.monotonic() - t0
+                self.status.last_apply, self.status.last_apply_seconds = time.time(), took
+                self.status.applies += 1
+                self.status.last_error = ""
+                if summary:
+                    log.info("dataplane programmed", extra=kv(seconds=f"{took:.3f}", **summary))
+                next_resync = time.monotonic() + self.cfg.resync_interval
+            except Exception as e:
+                metrics.ERRORS.labels(kind="dataplane").inc()
+                self.status.last_error = f"{type(e).__name__}: {e}"
+                log.error("dataplane apply failed; retrying", extra=kv(error=self.status.last_error),
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                next_resync = time.monotonic() + min(2.0, self.cfg.resync_interval)
+                continue
+            self.health.programmed = self.status.in_sync
+            self._last_plan = plan
+            if plan.errors:
+                log.warning("calc skipped bad input", extra=kv(errors="; ".join(plan.errors[:5])))
+            if self.registrar is not None and self.status.in_sync:
+                try:
+                    await self.registrar.sync(self, plan)
+                except Exception as e:
+                    metrics.ERRORS.labels(kind="datastore").inc()
+                    log.warning("could not publish this node's record", extra=kv(error=e))
+            async with self._applied:
+                self.applied_generation = target
+                self._applied.notify_all()
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        metrics.ENDPOINTS.set(len(self._local_weps))
+        metrics.POLICIES.set(len(self.cluster.policies))
+
+    def status_dict(self) -> dict:
+        """What `tortiectl status` shows (served at /status; called from the HTTP thread)."""
+        st = self.status
+        bgp = self.dataplane.bgp_status()
+        metrics.BGP_SESSIONS_UP.set(sum(1 for p in bgp if p.get("proto") == "BGP" and
+                                        "Established" in p.get("info", "")))
+        ipam = (self.ipam.show({w.container_id for w in list(self._local_weps.values())})
+                if self.ipam is not None else None)
+        return {
+            "node": self.node, "node_ip": self.node_ip, "datastore": st.datastore,
+            "in_sync": st.in_sync, "sync_reason": st.sync_reason, "ready": self.health.ready,
+            "iptables_backend": self.dataplane.backend, "routing_modes": list(self.dataplane.modes),
+            "last_apply": st.last_apply, "last_apply_seconds": round(st.last_apply_seconds, 4),
+            "applies": st.applies, "last_error": st.last_error,
+            "endpoints": [{"namespace": w.namespace, "pod": w.pod, "iface": w.iface, "ips": list(w.ips),
+                           "container_id": w.container_id} for w in sorted(self._local_weps.values(),
+                                                                            key=lambda w: w.key)],
+            "bgp_peers": [p for p in bgp if p.get("proto") == "BGP"],
+            "ipam": None if ipam is None else {
+                "blocks": [{"cidr": b.cidr, "pool": b.pool, "used": b.used, "capacity": b.capacity}
+                           for b in ipam.blocks],
+                "allocations": len(ipam.allocations), "leaks": len(ipam.leaks),
+                "allocation_list": [{"ip": a.ip, "container_id": a.container_id, "namespace": a.namespace,
+                                     "pod": a.pod, "leak": a in ipam.leaks} for a in ipam.allocations]},
+        }
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)

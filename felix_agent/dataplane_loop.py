@@ -1,0 +1,162 @@
+"""Glue between the pure calc and the dataplane drivers.
+
+`Dataplane.calculate(cluster)` is pure: it turns the model into a Plan (chains, hooks,
+ipsets, routes, the VXLAN device's wanted state and BIRD's config text).
+`Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls the
+drivers in the order that keeps every reference valid:
+    ipsets (create/update) -> iptables filter, nat -> ipsets (delete stale)
+    -> vxlan device -> routes -> BIRD
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import metrics
+from .bgp.bird import BirdDaemon
+from .bgp.config import bird_config
+from .calc import routes as route_calc
+from .calc.cluster import Cluster
+from .calc.desired import DesiredState
+from .calc.filter import CalcConfig, dataplane_state
+from .dataplane.backend import detect
+from .dataplane.ipsets import IpsetDriver
+from .dataplane.iptables import IptablesTable
+from .dataplane.routes import RouteDriver
+from .dataplane.tunnels import VxlanDevice
+from .logs import kv
+from .model import DEFAULT_AS
+
+log = logging.getLogger("tortie.dataplane")
+TABLES = ("filter", "nat")
+
+
+@dataclass
+class VxlanWanted:
+    addr: str
+    mac: str
+    fdb: frozenset
+    neighbors: frozenset
+
+
+@dataclass
+class Plan:
+    state: DesiredState
+    vxlan: VxlanWanted | None = None
+    bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
+    errors: list[str] = field(default_factory=list)
+
+
+class Dataplane:
+    def __init__(self, node_name: str, uplink: str, *, netns: str | None = None,
+                 iptables_backend: str = "auto", wl_to_host_action: str = "ACCEPT",
+                 run_dir: str = "/var/run/tortie", bird: bool = True,
+                 bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS):
+        self.node = node_name
+        self.uplink = uplink
+        self.netns = netns
+        self.default_as = default_as
+        det = detect(netns, configured=iptables_backend)
+        self.backend = det.backend
+        log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
+        self.tables = {t: IptablesTable(t, det.backend, netns) for t in TABLES}
+        self.ipsets = IpsetDriver(netns)
+        self.routes = RouteDriver(netns)
+        self.vxlan = VxlanDevice(netns)
+        self._vxlan_present = False
+        self.bird_enabled = bird
+        os.makedirs(run_dir, exist_ok=True)
+        self.bird = BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin, birdc_bin=birdc_bin)
+        self.calc_cfg = CalcConfig(node_name=node_name, wl_to_host_action=wl_to_host_action)
+        self.modes: tuple[str, ...] = ()
+
+    # -- pure ---------------------------------------------------------------------------
+
+    def calculate(self, cluster: Cluster) -> Plan:
+        errors: list[str] = []
+        state = dataplane_state(cluster, self.calc_cfg, errors)
+        nodes, pools, blocks = cluster.nodes, cluster.pools, cluster.block_affinities
+        state.routes = (route_calc.remote_routes(nodes, pools, blocks, self.node, uplink=self.uplink)
+                        | route_calc.local_block_routes(nodes, pools, blocks, self.node))
+        plan = Plan(state=state, errors=errors)
+        enabled = [p for p in pools.values() if not p.disabled]
+        self.modes = tuple(sorted({p.mode for p in enabled}))
+        if any(p.mode == "vxlan" for p in enabled):
+            block = route_calc.tunnel_block(nodes, pools, blocks, self.node, "vxlan")
+            if block:
+                addr, mac = route_calc.vtep_for(self.node, block)
+                fdb, neigh = route_calc.vxlan_peers(nodes, pools, self.node)
+                plan.vxlan = VxlanWanted(addr, mac, fdb, neigh)
+        me = nodes.get(self.node)
+        if self.bird_enabled and me is not None and me.address and any(p.mode in ("bgp", "ipip") for p in enabled):
+            try:
+                plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, self.node,
+                                             uplink=self.uplink, default_as=self.default_as)
+            except ValueError as e:
+                errors.append(f"BIRD config: {e}")
+        return plan
+
+    # -- kernel (one worker thread) ---------------------------------------------------
+
+    def apply(self, plan: Plan) -> dict:
+        summary: dict = {}
+        st = plan.state
+
+        def timed(name, fn):
+            t0 = time.monotonic()
+            try:
+                return fn()
+            finally:
+                metrics.APPLY_SECONDS.labels(driver=name).observe(time.monotonic() - t0)
+
+        self.ipsets.set_desired(st.ipsets)
+        up = timed("ipsets", self.ipsets.apply_updates)
+        if up:
+            summary["ipsets"] = str(up)
+        for t in TABLES:
+            self.tables[t].set_desired(st.chains.get(t, {}), [h for h in st.hooks if h.table == t])
+            ch = timed(f"iptables-{t}", self.tables[t].apply)
+            if ch:
+                summary[f"iptables_{t}"] = str(ch)
+        dels = timed("ipsets", self.ipsets.apply_deletions)
+        if dels:
+            summary["ipsets_deleted"] = str(dels)
+        if plan.vxlan is not None:
+            v = plan.vxlan
+            self.vxlan.set_desired(v.addr, v.mac, self.uplink, fdb=v.fdb, neighbors=v.neighbors)
+            ch = timed("vxlan", self.vxlan.apply)
+            self._vxlan_present = True
+            if ch:
+                summary["vxlan"] = "; ".join(ch)
+        elif self._vxlan_present:
+            self.vxlan.remove()
+            self._vxlan_present = False
+            summary["vxlan"] = "removed"
+        self.routes.set_desired(st.routes)
+        rc = timed("routes", self.routes.apply)
+        if rc:
+            summary["routes"] = str(rc)
+        if plan.bird_conf is not None:
+            outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf))
+            if outcome != "unchanged":
+                summary["bird"] = outcome
+        metrics.IPSETS.set(len(st.ipsets))
+        metrics.IPSET_MEMBERS.set(sum(len(s.members) for s in st.ipsets.values()))
+        for t in TABLES:
+            metrics.IPTABLES_RULES.labels(table=t).set(sum(len(r) for r in st.chains.get(t, {}).values()))
+        return summary
+
+    def bgp_status(self) -> list[dict]:
+        if not self.bird.running():
+            return []
+        try:
+            return self.bird.protocols()
+        except Exception as e:  # birdc unreachable mid-restart: report, do not fail status
+            return [{"name": "bird", "state": "unknown", "info": str(e)}]
+
+    def stop(self) -> None:
+        """Graceful shutdown changes nothing in the kernel: chains, ipsets, routes and BIRD
+        (a daemon of its own) stay, so pods keep their network while the agent restarts,
+        and the restarted agent adopts what it finds."""

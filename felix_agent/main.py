@@ -1,0 +1,175 @@
+"""tortie-agent: wires the datastore, IPAM, local API, calc and dataplane together and runs
+them until SIGTERM/SIGINT.  Shutdown stops taking CNI requests, finishes those in flight
+and leaves every route, chain, ipset and BIRD in place."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+from . import config, health, logs, metrics
+from .agent import Agent
+from .logs import kv
+from .model import Node, Update, WorkloadEndpoint
+
+log = logging.getLogger("tortie.main")
+
+
+def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
+    """(uplink interface, node IPv4 with prefix): from config, else the default route's
+    interface and its first IPv4 address."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        uplink = cfg.uplink
+        if not uplink:
+            for r in ipr.get_default_routes(family=2):
+                oif = r.get("RTA_OIF")
+                if oif:
+                    uplink = ipr.get_links(oif)[0].get("IFLA_IFNAME")
+                    break
+        if not uplink:
+            raise config.ConfigError("uplink: no default route to find the uplink; set --uplink")
+        node_ip = cfg.node_ip
+        if not node_ip:
+            idx = ipr.link_lookup(ifname=uplink)
+            if not idx:
+                raise config.ConfigError(f"uplink: interface {uplink!r} does not exist")
+            for a in ipr.get_addr(family=2, index=idx[0]):
+                node_ip = f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                break
+        if not node_ip:
+            raise config.ConfigError(f"node_ip: {uplink} has no IPv4 address; set --node-ip")
+    return uplink, node_ip
+
+
+def restore_local_endpoints(ipam, node: str) -> list[WorkloadEndpoint]:
+    """Endpoints this node served before a restart, from the persisted IPAM allocations,
+    so their chains stay programmed before the first CNI call arrives."""
+    from pyroute2 import IPRoute
+
+    from cni_plugin.naming import host_iface_for
+
+    weps = []
+    with IPRoute() as ipr:
+        for a in ipam.allocations():
+            iface = host_iface_for(a.namespace, a.pod, a.container_id, a.ifname)
+            if not ipr.link_lookup(ifname=iface):
+                continue  # the pod is gone; CNI GC frees its address
+            weps.append(WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
+                                         container_id=a.container_id, iface=iface, ips=(a.ip,)))
+    return weps
+
+
+class NodeRegistrar:
+    """etcd mode: publishes this node's address, AS and VTEP on its Node record (keeping
+    labels and fields others set), whenever what the datastore holds differs."""
+
+    def __init__(self, store, name: str, node_ip: str, as_number: int):
+        self.store, self.name, self.node_ip, self.as_number = store, name, node_ip, as_number
+
+    def wanted(self, current: Node | None, plan) -> Node:
+        n = current or Node(name=self.name)
+        changes = {"ip": self.node_ip}
+        if self.as_number:
+            changes["as_number"] = self.as_number
+        if plan is not None and plan.vxlan is not None:
+            changes["vxlan_tunnel_addr"] = plan.vxlan.addr
+            changes["vxlan_tunnel_mac"] = plan.vxlan.mac
+        return dataclasses.replace(n, **changes)
+
+    async def sync(self, agent: Agent, plan) -> None:
+        current = agent.cluster.nodes.get(self.name)
+        want = self.wanted(current, plan)
+        if want != current:
+            await self.store.put_record(want)
+            log.info("published this node's record", extra=kv(node=self.name, ip=want.ip,
+                                                               vtep=want.vxlan_tunnel_addr or "-"))
+
+
+async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
+    from .dataplane_loop import Dataplane
+    from .ipam import IPAM, EtcdBackend, PodCIDRBackend
+    from .localapi import CNIService, LocalAPI
+
+    log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
+    dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
+                          wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
+                          bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin)
+    store = None
+    if cfg.datastore == "etcd":
+        from .datastore.etcd import EtcdStore, EtcdSyncer
+
+        store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix)
+        syncer = EtcdSyncer(store)
+        backend = EtcdBackend(store)
+    else:
+        from .datastore.kubernetes import KubernetesSyncer
+
+        syncer = KubernetesSyncer(kubeconfig=cfg.kubeconfig or None)
+        backend = PodCIDRBackend(cfg.name)
+    agent = Agent(cfg, dataplane, syncer, store)
+    agent.node_ip = node_ip
+    ipam = IPAM(cfg.name, backend, os.path.join(cfg.state_dir, "ipam"))
+    await ipam.start()
+    agent.attach_ipam(ipam, backend if cfg.datastore == "kubernetes" else None)
+    loop = asyncio.get_running_loop()
+    # pyroute2's IPRoute cannot be used on the event loop's own thread.
+    for wep in await loop.run_in_executor(None, restore_local_endpoints, ipam, cfg.name):
+        agent.adopt(wep)
+    if store is not None and cfg.register_node:
+        agent.registrar = NodeRegistrar(store, cfg.name, node_ip, cfg.as_number)
+    server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \
+        if cfg.http_port else None
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
+    api = LocalAPI(cfg.socket_path, CNIService(ipam, agent, cfg.name, executor))
+    await api.start()
+    log.info("local API listening", extra=kv(socket=cfg.socket_path))
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(syncer.run(agent.emit), name="syncer"),
+             asyncio.create_task(agent.run_loop(stop), name="loop")]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        if t is not stopper and t.exception():
+            log.error("a core task died", extra=kv(task=t.get_name(), error=repr(t.exception())))
+    log.info("shutting down; the dataplane stays in place")
+    await api.stop()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await ipam.close()
+    if store is not None:
+        await store.close()
+    agent.shutdown()
+    executor.shutdown(wait=False)
+    if server:
+        server.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = config.load(argv)
+    except config.ConfigError as e:
+        print(f"tortie-agent: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(cfg.log_level)
+    try:
+        uplink, node_ip = detect_uplink(cfg)
+        asyncio.run(run(cfg, uplink, node_ip))
+    except config.ConfigError as e:
+        print(f"tortie-agent: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
