@@ -20,7 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.lab import Etcd, Lab, delete_namespaces, new_prefix, require_tools, sh, tcp_probe  # noqa: E402
+from tests.lab import Etcd, Lab, delete_namespaces, new_prefix, require_tools  # noqa: E402
+from tests.lab.cluster import LabCluster, wait_for  # noqa: E402
 
 STATE_FILE = "/run/tortie-demo/state.json"
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
@@ -28,44 +29,20 @@ POOL = "10.65.0.0/16"
 PODS = [("frontend", "web", "node1"), ("frontend", "client", "node2"),
         ("backend", "db", "node3"), ("backend", "cache", "node1")]
 LABELS = {"web": {"app": "web"}, "client": {"app": "client"}, "db": {"app": "db"}, "cache": {"app": "cache"}}
-SERVER = ("import socket\n"
-          "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-          "s.bind(('0.0.0.0', 80)); s.listen(64)\n"
-          "while True:\n c,_=s.accept(); c.sendall(b'hello from tortie\\n'); c.close()\n")
 
 
 def say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def tortiectl(endpoint: str, *args: str, input: str | None = None) -> str:
-    p = subprocess.run([os.path.join(VENV_BIN, "tortiectl"), "--etcd-endpoints", endpoint, *args],
-                       capture_output=True, text=True, input=input, timeout=60)
-    if p.returncode != 0:
-        raise RuntimeError(f"tortiectl {' '.join(args)}: {p.stderr.strip()}")
-    return p.stdout
-
-
-def cni(lab: Lab, node_ns: str, command: str, pod_ns: str, namespace: str, pod: str, conf: dict) -> dict:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"demo-{namespace}-{pod}",
-           "CNI_NETNS": f"/var/run/netns/{pod_ns}", "CNI_IFNAME": "eth0",
-           "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}",
-           "CNI_PATH": "/usr/lib/cni", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    p = subprocess.run(["ip", "netns", "exec", node_ns, os.path.join(ROOT, "dist", "tortie")],
-                       input=json.dumps(conf), capture_output=True, text=True, env=env, timeout=60)
-    if p.returncode != 0:
-        raise RuntimeError(f"CNI {command} for {namespace}/{pod} failed: {p.stdout.strip()} {p.stderr.strip()}")
-    return json.loads(p.stdout) if p.stdout.strip() else {}
-
-
-def matrix(lab: Lab, pods: dict) -> list[str]:
+def matrix(cluster: LabCluster, pods: dict) -> list[str]:
     names = list(pods)
     width = max(len(n) for n in names) + 2
     lines = [" " * width + "".join(n.rjust(width) for n in names)]
     for src in names:
         row = src.ljust(width)
         for dst in names:
-            ok = tcp_probe(lab, pods[src]["ns"], pods[dst]["ip"], 80, timeout=1)
+            ok = cluster.probe(pods[src], pods[dst].ip, 80, timeout=1)
             row += ("ok" if ok else "--").rjust(width)
         lines.append(row)
     return lines
@@ -100,57 +77,30 @@ def up() -> None:
         say("building 3 node namespaces on one segment (192.168.100.0/24)")
         lab.build(3)
         save_state()
-        tortiectl(ep, "apply", "-f", "-", input=f"""
-apiVersion: tortie.io/v1
-kind: IPPool
-metadata: {{name: demo-pool}}
-spec: {{cidr: {POOL}, blockSize: 26, mode: bgp}}
-""")
+        cluster = LabCluster(lab, etcd, work, cni=[os.path.join(ROOT, "dist", "tortie")])
+        cluster.apply_pool(POOL, mode="bgp", name="demo-pool")
         for ns_name in ("frontend", "backend"):
-            tortiectl(ep, "apply", "-f", "-", input=f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {ns_name}, labels: {{team: {ns_name}}}}}
-""")
+            cluster.apply_namespace(ns_name, {"team": ns_name})
         for node in lab.nodes:
-            d = os.path.join(work, node.name)
-            os.makedirs(d, exist_ok=True)
-            lab.forward_loopback(node.ns, 2379, etcd.port)
-            log = open(os.path.join(d, "agent.log"), "ab")
-            lab.popen(node.ns, [os.path.join(VENV_BIN, "tortie-agent"), "--node-name", node.name,
-                                "--etcd-endpoints", "127.0.0.1:2379", "--socket-path", f"{d}/agent.sock",
-                                "--state-dir", f"{d}/state", "--run-dir", f"{d}/run",
-                                "--http-port", "9099", "--resync-interval", "5"],
-                      stdout=log, stderr=log)
-            log.close()
+            cluster.start_agent(node, wait=False)
             say(f"{node.name} ({node.ip}): tortie-agent and BIRD starting")
         save_state()
         for node in lab.nodes:
-            wait_ready(lab, node.ns)
+            cluster.wait_ready(node)
         say("agents ready")
         pods = {}
         for namespace, pod, node_name in PODS:
-            node = lab.node(node_name)
-            tortiectl(ep, "apply", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod, "namespace": namespace, "labels": LABELS[pod]},
-                "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "none",
-                         "ports": [{"name": "http", "containerPort": 80}]}]}}))
-            pod_ns = lab.add_pod_ns(f"{namespace[:2]}-{pod}")
-            conf = {"cniVersion": "1.0.0", "name": "demo", "type": "tortie", "mtu": 1500,
-                    "agent_socket": f"{work}/{node_name}/agent.sock",
-                    "log_file_path": f"{work}/{node_name}/cni.log", "ipam": {"type": "tortie"}}
-            res = cni(lab, node.ns, "ADD", pod_ns, namespace, pod, conf)
-            ip = res["ips"][0]["address"].split("/")[0]
-            lab.popen(pod_ns, ["python3", "-c", SERVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            pods[f"{namespace}/{pod}"] = {"ns": pod_ns, "ip": ip, "node": node_name}
-            say(f"pod {namespace}/{pod} on {node_name}: {ip} (wired by dist/tortie)")
-        state["pods"] = pods
+            p = cluster.add_pod(namespace, pod, node_name, labels=LABELS[pod],
+                                ports=[{"name": "http", "containerPort": 80}], serve=["tcp:80"])
+            pods[p.key] = p
+            say(f"pod {p.key} on {node_name}: {p.ip} (wired by dist/tortie)")
+        state["pods"] = {k: {"ns": p.ns, "ip": p.ip, "node": p.node} for k, p in pods.items()}
         save_state()
-        wait_mesh(lab)
+        wait_for(lambda: all(cluster.routes(n, "proto", "bird").count("via") >= 2 for n in lab.nodes),
+                 timeout=60, what="BGP routes on every node")
         say("BGP mesh established; pod routes learnt (proto bird)")
         say("reachability matrix (TCP 80), before any policy:")
-        for line in matrix(lab, pods):
+        for line in matrix(cluster, pods):
             print("    " + line)
         policy = """
 apiVersion: networking.k8s.io/v1
@@ -172,17 +122,18 @@ spec:
       ports: [{protocol: TCP, port: 80}]
 """
         say("applying policies with tortiectl: backend default-deny ingress, and allow frontend/web -> backend/db:80")
-        tortiectl(ep, "apply", "-f", "-", input=policy)
-        time.sleep(1.5)
+        cluster.apply(policy)
+        wait_for(lambda: not cluster.probe(pods["frontend/client"], pods["backend/db"].ip, 80, timeout=0.5),
+                 timeout=30, what="the policy to take effect")
         say("reachability matrix (TCP 80), with the policies:")
-        for line in matrix(lab, pods):
+        for line in matrix(cluster, pods):
             print("    " + line)
         took = time.monotonic() - t_start
         n1 = lab.nodes[0]
         some_pod = pods["frontend/client"]
         print(f"""
 The cluster is running ({took:.0f} s to build). Try:
-  ip netns exec {some_pod['ns']} ping -c1 {pods['backend/db']['ip']}     # a pod's shell: ip netns exec {some_pod['ns']} sh
+  ip netns exec {some_pod.ns} ping -c1 {pods['backend/db'].ip}     # a pod's shell: ip netns exec {some_pod.ns} sh
   ip netns exec {n1.ns} ip route                                  # routes on node1 (proto bird)
   ip netns exec {n1.ns} iptables-save | grep cali-                # node1's policy chains
   {VENV_BIN}/tortiectl --etcd-endpoints {ep} get pods -A
@@ -200,28 +151,6 @@ Agent logs: {work}/node*/agent.log
         if os.path.exists(STATE_FILE):
             os.unlink(STATE_FILE)
         raise
-
-
-def wait_ready(lab: Lab, ns: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        p = sh("python3", "-c", "import urllib.request,sys;"
-               "sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9099/readyz',timeout=1).status==200 else 1)",
-               ns=ns, check=False)
-        if p.returncode == 0:
-            return
-        time.sleep(0.3)
-    raise RuntimeError(f"agent in {ns} not ready after {timeout}s")
-
-
-def wait_mesh(lab: Lab, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(sh("ip", "route", "show", "proto", "bird", ns=n.ns, check=False).stdout.count("via") >= 2
-               for n in lab.nodes):
-            return
-        time.sleep(0.5)
-    raise RuntimeError("BGP routes did not converge")
 
 
 def down() -> None:

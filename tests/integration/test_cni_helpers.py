@@ -2,7 +2,6 @@
 ways to run the plugin, a per-test host-local network, and probes for leftovers."""
 from __future__ import annotations
 
-import glob
 import ipaddress
 import json
 import os
@@ -15,27 +14,17 @@ import pytest
 from cni_plugin.runtime import Attachment, PluginRun, invoke, k8s_args
 from tests.lab import Lab, cni_plugin_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BINARY = os.path.join(ROOT, "dist", "tortie")
-MODULE = [sys.executable, "-m", "cni_plugin"]
+from tests.lab.cnibin import BINARY, MODULE, ROOT
+from tests.lab.cnibin import ensure_binary as _ensure_binary
+
 CNI_DIR = "/usr/lib/cni"
 
 
-def _sources_mtime() -> float:
-    paths = glob.glob(os.path.join(ROOT, "cni_plugin", "*.py")) + [
-        os.path.join(ROOT, "deploy", "cni_entry.py"), os.path.join(ROOT, "deploy", "build-cni.sh")]
-    return max(os.path.getmtime(p) for p in paths if os.path.exists(p))
-
-
 def ensure_binary() -> str:
-    """dist/tortie, built with deploy/build-cni.sh when missing or older than the sources."""
-    target = os.path.realpath(BINARY)
-    if not os.path.exists(target) or os.path.getmtime(target) < _sources_mtime():
-        p = subprocess.run(["bash", os.path.join(ROOT, "deploy", "build-cni.sh")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            pytest.fail(f"deploy/build-cni.sh failed:\n{p.stdout}\n{p.stderr}")
-    return BINARY
+    try:
+        return _ensure_binary()
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,31 @@ def make_lab(lab_prefix):
 def etcd():
     with Etcd() as e:
         yield e
+
+
+@pytest.fixture
+def make_cluster(make_lab, tmp_path):
+    """make_cluster(n_nodes, two_subnets=False, pool="10.65.0.0/16", mode="bgp",
+    cross_subnet=False, start=True, **LabCluster kwargs) -> a LabCluster with real etcd,
+    agents (started unless start=False) and the real CNI plugin; torn down after the test
+    (agents, BIRD, pods, namespaces, etcd and its data)."""
+    from .cluster import LabCluster
+
+    etcds: list[Etcd] = []
+
+    def factory(n_nodes: int = 2, two_subnets: bool = False, pool: str = "10.65.0.0/16", mode: str = "bgp",
+                cross_subnet: bool = False, start: bool = True, **kw) -> LabCluster:
+        e = Etcd()
+        etcds.append(e)
+        e.start()
+        lab = make_lab(n_nodes, two_subnets=two_subnets)
+        c = LabCluster(lab, e, str(tmp_path / f"cluster{len(etcds)}"), **kw)
+        if pool:
+            c.apply_pool(pool, mode=mode, cross_subnet=cross_subnet)
+        if start:
+            c.start_agents()
+        return c
+
+    yield factory
+    for e in etcds:
+        e.close()
