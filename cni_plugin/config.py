@@ -270,3 +270,34 @@ def _valid_attachments(obj: dict) -> list[tuple[str, str]]:
             raise CNIError(INVALID_CONFIG, f"{key}[{i}] must be {{containerID: str, ifname: str}}")
         out.append((a["containerID"], a["ifname"]))
     return out
+
+
+def validate_conflist(data: bytes) -> list[str]:
+    """Check a network configuration list as a runtime would load it, with tortie's own
+    rules for every tortie member (the same parse_config an ADD runs).  Returns the names
+    of the plugins in order; raises CNIError naming what is wrong."""
+    obj = _decode(data)
+    version = obj.get("cniVersion")
+    if not isinstance(version, str):
+        raise CNIError(INVALID_CONFIG, "conflist: cniVersion is missing or not a string")
+    versions.require_supported(version)
+    name = obj.get("name")
+    if not isinstance(name, str) or not _ID_RE.match(name):
+        raise CNIError(INVALID_CONFIG, f"conflist: network name {name!r} is missing or not valid")
+    plugins = obj.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        raise CNIError(INVALID_CONFIG, "conflist: plugins must be a non-empty list")
+    types = []
+    for i, p in enumerate(plugins):
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str) or not p["type"]:
+            raise CNIError(INVALID_CONFIG, f"conflist: plugins[{i}] has no type")
+        if p["type"] == "tortie":
+            member = dict(p, cniVersion=version, name=name)
+            try:
+                parse_config(json.dumps(member).encode(), "ADD")
+            except CNIError as e:
+                raise CNIError(e.code, f"conflist: plugins[{i}] (tortie): {e.msg}", e.details) from None
+        types.append(p["type"])
+    if "tortie" not in types:
+        raise CNIError(INVALID_CONFIG, "conflist: no plugin of type tortie")
+    return types

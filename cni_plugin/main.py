@@ -61,7 +61,23 @@ def _dispatch(command: str, conf, env, raw_args: str):
     raise AssertionError(command)  # parse_env admits nothing else
 
 
+def validate_conflist_main() -> None:
+    """`tortie --validate-conflist < conflist`: what the install script runs before a
+    conflist may land in /etc/cni/net.d. Exit 0 when valid, 1 with the reason."""
+    from .config import validate_conflist
+
+    try:
+        types = validate_conflist(sys.stdin.buffer.read())
+    except CNIError as e:
+        sys.stderr.write(f"invalid conflist: {e.msg}{' (' + e.details + ')' if e.details else ''}\n")
+        sys.exit(1)
+    sys.stdout.write(f"valid conflist: {' -> '.join(types)}\n")
+    sys.exit(0)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--validate-conflist"]:
+        validate_conflist_main()
     try:
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
     except OSError as e:
