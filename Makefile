@@ -21,7 +21,10 @@ deps: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@command -v python3 >/dev/null || (apt-get update -qq && apt-get install -y -qq python3 python3-venv)
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@# Debian's python3 needs python3-venv for ensurepip; install it only when venv fails.
+	@test -x $(PY) || python3 -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-dev >/dev/null \
+	  && python3 -m venv $(VENV); }
 	@echo "deps: installing the python packages into $(VENV)"
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]'
