@@ -1,7 +1,9 @@
 """/livez, /readyz, /metrics and /status over HTTP, served from a daemon thread.
 
 Liveness: the agent's loop has ticked recently.  Readiness: the datastore is in sync AND
-the dataplane has been programmed since (the agent sets both flags).
+the dataplane has been programmed since (the agent sets both flags).  The JSON body of
+both says why when the answer is no.  /metrics first refreshes the node-state gauges
+from the /status document (see metrics.refresh_from_status).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import metrics
 from .metrics import REGISTRY
 
 
@@ -36,8 +39,16 @@ class Health:
         return self.in_sync and self.programmed
 
     def report(self) -> dict:
+        # An operator reading a failed probe (kubectl describe pod) should see why.
+        reasons = dict(self.reasons)
+        if not self.live:
+            reasons.setdefault("loop", f"no tick for more than {self.liveness_timeout:.0f}s")
+        if not self.in_sync:
+            reasons.setdefault("datastore", "not in sync yet")
+        elif not self.programmed:
+            reasons.setdefault("dataplane", "not programmed since the datastore synced")
         return {"live": self.live, "ready": self.ready, "in_sync": self.in_sync,
-                "programmed": self.programmed, "reasons": dict(self.reasons)}
+                "programmed": self.programmed, "reasons": reasons}
 
 
 def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPServer:
@@ -46,6 +57,8 @@ def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPSer
         def do_GET(self):  # noqa: N802 - http.server's naming
             path = self.path.split("?")[0]
             if path == "/metrics":
+                if status is not None:
+                    metrics.refresh_from_status(status)  # node-state gauges read now, not when last changed
                 body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
             elif path == "/status" and status is not None:
                 body, ctype, code = (json.dumps(status(), default=str) + "\n").encode(), "application/json", 200

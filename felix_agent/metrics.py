@@ -1,8 +1,23 @@
-"""Prometheus metrics of the agent, in one registry the HTTP server exposes at /metrics."""
+"""Prometheus metrics of the agent, in one registry the HTTP server exposes at /metrics.
+
+Two kinds of gauge live here.  Counters and gauges of the pipeline (events, apply times,
+ipsets, rules) are updated where the work happens.  Gauges that describe the node's
+current state (endpoints, IPAM, BGP sessions) are refreshed at scrape time by
+`refresh_from_status`, from the same document /status serves: set where things change,
+they lagged (IPAM addresses were only counted when pools, blocks or nodes changed, so a
+new pod did not show), and BGP sessions were only counted when someone asked /status.
+"""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .logs import kv
+
+log = logging.getLogger("tortie.metrics")
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 ENDPOINTS = Gauge("tortie_endpoints", "Workload endpoints on this node", registry=REGISTRY)
@@ -23,3 +38,46 @@ IPAM_ADDRESSES = Gauge("tortie_ipam_addresses_in_use", "Pod addresses allocated 
 ERRORS = Counter("tortie_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
 CNI_REQUESTS = Histogram("tortie_cni_request_seconds", "Local API requests from the CNI binary",
                          ["command", "result"], registry=REGISTRY)
+
+# Known error kinds are exported from the start (at 0), so a rate() or an alert on them
+# works before the first error rather than seeing "no data".
+ERROR_KINDS = ("dataplane", "datastore", "metrics")
+for _kind in ERROR_KINDS:
+    ERRORS.labels(kind=_kind)
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """The node-state gauges, read from one /status document."""
+
+    endpoints: int
+    ipam_blocks: int
+    ipam_addresses: int
+    bgp_sessions_up: int
+
+
+def snapshot_from_status(doc: dict) -> NodeSnapshot:
+    ipam = doc.get("ipam") or {}
+    peers = doc.get("bgp_peers") or []
+    return NodeSnapshot(
+        endpoints=len(doc.get("endpoints") or []),
+        ipam_blocks=len(ipam.get("blocks") or []),
+        ipam_addresses=int(ipam.get("allocations") or 0),
+        bgp_sessions_up=sum(1 for p in peers if "Established" in str(p.get("info", ""))),
+    )
+
+
+def refresh_from_status(status: Callable[[], dict]) -> NodeSnapshot | None:
+    """Set the node-state gauges from `status()` (the agent's /status document).  A
+    failure is counted and logged; the scrape still serves every other metric."""
+    try:
+        snap = snapshot_from_status(status())
+    except Exception as e:  # noqa: BLE001 - a scrape must never fail because of one source
+        ERRORS.labels(kind="metrics").inc()
+        log.warning("could not refresh node metrics from the status", extra=kv(error=e))
+        return None
+    ENDPOINTS.set(snap.endpoints)
+    IPAM_BLOCKS.set(snap.ipam_blocks)
+    IPAM_ADDRESSES.set(snap.ipam_addresses)
+    BGP_SESSIONS_UP.set(snap.bgp_sessions_up)
+    return snap

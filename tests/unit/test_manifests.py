@@ -116,3 +116,27 @@ def test_uninstall_manifest_parses():
     objs = load("uninstall.yaml")
     pod = objs[("DaemonSet", "tortie-uninstall")].spec.template.spec
     assert pod.init_containers[0].command == ["/opt/tortie/uninstall-node.sh"]
+
+
+def test_install_script_inputs_match_the_manifest(objs):
+    """The init container's CNI_CONFLIST_FILE is the ConfigMap key, mounted where it says."""
+    pod = ds(objs).spec.template.spec
+    init = pod.init_containers[0]
+    env = {e.name: e.value for e in init.env}
+    path = env["CNI_CONFLIST_FILE"]
+    mount = next(m for m in init.volume_mounts if path.startswith(m.mount_path + "/"))
+    vol = next(v for v in pod.volumes if v.name == mount.name)
+    assert vol.config_map.name == "tortie-config"
+    assert os.path.basename(path) in objs[("ConfigMap", "tortie-config")].data
+    assert env["HOST_ROOT"] == "/host"
+
+
+def test_uninstall_mounts_every_host_path_the_script_cleans():
+    pod = load("uninstall.yaml")[("DaemonSet", "tortie-uninstall")].spec.template.spec
+    assert pod.host_network is True  # chains, ipsets and routes of the node itself
+    mounts = {m.mount_path for m in pod.init_containers[0].volume_mounts}
+    with open(os.path.join(ROOT, "deploy", "uninstall-node.sh")) as f:
+        script = f.read()
+    for host_path in ("/opt/cni/bin", "/etc/cni/net.d", "/var/lib/tortie", "/var/run/tortie"):
+        assert f"$HOST_ROOT{host_path}" in script
+        assert f"/host{host_path}" in mounts, host_path
