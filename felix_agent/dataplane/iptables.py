@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import logging
 import re
+import functools
 import shlex
 import threading
 from dataclasses import dataclass, field
@@ -394,6 +395,13 @@ class IptablesTable:
             raise last_error
 
 
+@functools.lru_cache(maxsize=65536)
+def _words(body: str) -> tuple[str, ...]:
+    """shlex.split, cached: the same rule bodies come back on every pass, and splitting
+    12k of them took ~0.3 s per pass."""
+    return tuple(shlex.split(body))
+
+
 def validate(table: str, chains: dict[str, tuple[str, ...]],
              hooks: list[Hook] | tuple[Hook, ...]) -> dict[str, list[tuple[str, str]]]:
     """Check names and bodies; return chain -> [(id, body)]."""
@@ -412,7 +420,7 @@ def validate(table: str, chains: dict[str, tuple[str, ...]],
             if "\n" in body or "\0" in body or "\r" in body:
                 raise ValueError(f"chain {name}: rule body {body!r} spans lines")
             try:
-                words = shlex.split(body)
+                words = _words(body)
             except ValueError as e:
                 raise ValueError(f"chain {name}: rule body {body!r}: {e}") from None
             if words and words[0] in ("-A", "-I", "-D", "-R", "-N", "-X", "-F", "-P"):

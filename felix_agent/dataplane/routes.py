@@ -213,7 +213,14 @@ class RouteDriver:
         return IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
 
     def read(self, ipr: IPRoute) -> tuple[list[KernelRoute], dict[str, int]]:
-        ifindex = {link.get("ifname"): link["index"] for link in ipr.get_links()}
+        # Resolve only the devices our desired routes name: a node with a thousand pods has
+        # a thousand cali links, and parsing all of them on every pass cost ~0.3-1 s.
+        # Routes through other devices are shown as "if<index>" (only foreign ones are).
+        ifindex: dict[str, int] = {}
+        for dev in {r.dev for r in self._desired if r.dev}:
+            found = ipr.link_lookup(ifname=dev)
+            if found:
+                ifindex[dev] = found[0]
         names = {i: n for n, i in ifindex.items()}
         actual = [k for msg in ipr.route("dump") if (k := from_kernel(msg, names)) is not None]
         return actual, ifindex
