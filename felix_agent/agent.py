@@ -7,6 +7,13 @@ computes the whole desired state and the drivers reconcile it on one worker thre
 the order that keeps references valid (ipsets before the rules that use them, stale ipsets
 after).  A CNI ADD registers its endpoint here and gets its answer only once a dataplane
 pass that includes the endpoint has completed, so no pod runs before its policy.
+
+The agent is the authority on its own node's WorkloadEndpoints: it wired them.  The
+datastore's copies are what it has published for other nodes, nothing more, so they never
+override what the agent serves.  After every (re)sync and whenever the datastore's copies
+drift (an etcd restored from an old backup, a write or delete that failed during an
+outage, a crash between wiring and publishing) the agent publishes its endpoints again and
+removes the ones it no longer serves.
 """
 from __future__ import annotations
 
@@ -63,6 +70,14 @@ class Agent:
         self._applied = asyncio.Condition()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataplane")
         self._local_weps: dict[str, WorkloadEndpoint] = {}
+        # This node's endpoints as the datastore holds them (its own watch events), and
+        # whether that differs from _local_weps in a way _publish_endpoints must repair.
+        self._ds_weps: dict[str, WorkloadEndpoint] = {}
+        self._publish_due = False
+        # Host veths found at start-up (see set_startup_ifaces), until the first sync; and
+        # endpoints deleted before it, which must not be adopted from a stale copy.
+        self._startup_ifaces: set[str] | None = None
+        self._gone_before_sync: set[str] = set()
         self._changed_kinds: set[str] = set()
         self.node_ip = ""
         self.registrar = None  # main.NodeRegistrar in etcd mode
@@ -101,9 +116,47 @@ class Agent:
             log.info("datastore sync", extra=kv(in_sync=event.in_sync, reason=event.reason))
             if event.in_sync:
                 self._synced_once = True
+                self._startup_ifaces = None  # the first list is in: adoption is over
+                self._gone_before_sync.clear()
+                self._publish_due = True  # check what the datastore holds of this node
                 self.generation += 1  # make sure readiness follows a programmed pass
+        elif event.kind == "WorkloadEndpoint" and event.key.startswith(self.node + "/"):
+            self._own_endpoint_event(event)
         else:
             self._inject(event)
+
+    def _own_endpoint_event(self, update: Update) -> None:
+        """The datastore's copy of one of this node's endpoints changed."""
+        key, value = update.key, update.value
+        if value is None:
+            self._ds_weps.pop(key, None)
+        else:
+            self._ds_weps[key] = value
+        metrics.DATASTORE_EVENTS.labels(kind=update.kind).inc()
+        local = self._local_weps.get(key)
+        if (local is None and value is not None and self._startup_ifaces is not None
+                and value.iface in self._startup_ifaces and key not in self._gone_before_sync):
+            # Wired before a restart through a non-tortie IPAM plugin (no allocation here to
+            # restore it from): its veth is still up, so this node still serves it.
+            log.info("adopted endpoint from the datastore", extra=kv(key=key, iface=value.iface))
+            self.adopt(value)
+            return
+        if local is None:
+            # Not served here: left over from a DEL that could not reach the datastore or
+            # from a crash.  It is not wired, so it stays out of the model, and the
+            # publisher removes it from the datastore.
+            if value is not None:
+                self._publish_due = True
+            return
+        if value == local:
+            return
+        if (value is not None and not local.mac and value.container_id == local.container_id
+                and value.iface == local.iface and value.ips == local.ips):
+            # An endpoint adopted at start-up knows no MAC; the published copy does.
+            self._local_weps[key] = value
+            self._inject(Update("WorkloadEndpoint", key, value))
+            return
+        self._publish_due = True  # the datastore lost or garbled it: publish ours again
 
     # -- IPAM ---------------------------------------------------------------------------
 
@@ -135,6 +188,11 @@ class Agent:
         self._local_weps[wep.key] = wep
         self._inject(Update("WorkloadEndpoint", wep.key, wep))
 
+    def set_startup_ifaces(self, names: set[str]) -> None:
+        """The host veths present at start-up: until the first sync, this node's endpoints
+        in the datastore whose veth is among them are adopted."""
+        self._startup_ifaces = set(names)
+
     async def register(self, wep: WorkloadEndpoint) -> None:
         """Record a local endpoint and return once its policy is programmed."""
         self._local_weps[wep.key] = wep
@@ -142,19 +200,60 @@ class Agent:
         target = self.generation
         self.queue.put_nowait(None)  # wake the loop
         if self.store is not None:
-            await self.store.put_record(wep)
+            try:
+                await self.store.put_record(wep)
+                self._ds_weps[wep.key] = wep
+            except ConnectionError as e:
+                if not self._synced_once:
+                    raise  # never synced: no policy to program the pod with, so fail now
+                # The datastore is away but the node knows its policy: wire the pod now and
+                # publish the endpoint once the datastore is back.
+                self._publish_due = True
+                log.warning("endpoint wired but not yet published: datastore unreachable",
+                            extra=kv(key=wep.key, error=e))
         await self.wait_programmed(target)
 
     async def unregister(self, namespace: str, pod: str) -> None:
         key = f"{self.node}/{namespace}/{pod}"
         self._local_weps.pop(key, None)
+        if self._startup_ifaces is not None:
+            self._gone_before_sync.add(key)
         self._inject(Update("WorkloadEndpoint", key, None))
         self.queue.put_nowait(None)
         if self.store is not None:
             try:
                 await self.store.delete("WorkloadEndpoint", key)
-            except Exception as e:  # the datastore may be down; the GC and resync tidy later
+                self._ds_weps.pop(key, None)
+            except Exception as e:  # the datastore may be down: the publisher removes it later
+                self._publish_due = True
                 log.warning("could not delete endpoint from the datastore", extra=kv(key=key, error=e))
+
+    async def _publish_endpoints(self) -> None:
+        """Make the datastore's copies of this node's endpoints equal what it serves."""
+        from .datastore.etcd import encode_record, record_key
+
+        self._publish_due = False
+        try:
+            for key, wep in list(self._local_weps.items()):
+                if self._ds_weps.get(key) != wep:
+                    await self.store.put_record(wep)
+                    self._ds_weps[key] = wep  # the watch echoes the same value
+                    log.info("published endpoint", extra=kv(key=key, ips=",".join(wep.ips)))
+            for key, old in list(self._ds_weps.items()):
+                if key in self._local_weps:
+                    continue
+                # Compare-and-delete: an ADD that registers this key meanwhile wins.
+                etcd_key = record_key(self.store.prefix, old)
+                if not await self.store.delete_if_value(etcd_key, encode_record(old)):
+                    raw = await self.store.get_value(etcd_key)
+                    if raw is not None and key not in self._local_weps:
+                        await self.store.delete_if_value(etcd_key, raw)
+                self._ds_weps.pop(key, None)
+                log.info("removed endpoint this node no longer serves", extra=kv(key=key))
+        except Exception as e:
+            self._publish_due = True  # retried on the next pass
+            metrics.ERRORS.labels(kind="datastore").inc()
+            log.warning("could not publish this node's endpoints", extra=kv(error=e))
 
     async def wait_programmed(self, generation: int, timeout: float = 30.0) -> None:
         async with self._applied:
@@ -181,6 +280,8 @@ class Agent:
                 pass
             kinds, self._changed_kinds = self._changed_kinds, set()
             await self._sync_ipam(kinds)
+            if self._publish_due and self.store is not None and self.status.in_sync:
+                await self._publish_endpoints()
             resync_due = time.monotonic() >= next_resync
             if not self._synced_once:
                 next_resync = time.monotonic() + 0.5
@@ -195,7 +296,8 @@ class Agent:
                 took = time.monotonic() - t0
                 self.status.last_apply, self.status.last_apply_seconds = time.time(), took
                 self.status.applies += 1
-                self.status.last_error = ""
+                # A pass can succeed with a degraded part (e.g. no ipip module): keep saying so.
+                self.status.last_error = "; ".join(getattr(self.dataplane, "problems", {}).values())
                 if summary:
                     log.info("dataplane programmed", extra=kv(seconds=f"{took:.3f}", **summary))
                 next_resync = time.monotonic() + self.cfg.resync_interval

@@ -5,7 +5,16 @@ ipsets, routes, the VXLAN device's wanted state and BIRD's config text).
 `Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls the
 drivers in the order that keeps every reference valid:
     ipsets (create/update) -> iptables filter, nat -> ipsets (delete stale)
-    -> vxlan device -> routes -> BIRD
+    -> vxlan device, ipip device -> routes -> BIRD
+
+Who owns which routes between nodes: the agent (proto 80) for direct and vxlan pools,
+BIRD (proto bird) for bgp pools and, when BIRD runs, for ipip pools too (BIRD's kernel
+export puts them on tunl0; two writers for one destination would fight).  With BIRD
+disabled the agent programs the ipip routes itself.
+
+A missing kernel module (no ipip) does not stop the pass: everything else is still
+programmed, the error is logged once per change and kept in `Dataplane.problems`, which
+the agent shows as last_error in its status.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .dataplane.backend import detect
 from .dataplane.ipsets import IpsetDriver
 from .dataplane.iptables import IptablesTable
 from .dataplane.routes import RouteDriver
-from .dataplane.tunnels import VxlanDevice
+from .dataplane.tunnels import IpipDevice, KernelModuleMissing, VxlanDevice
 from .logs import kv
 from .model import DEFAULT_AS
 
@@ -46,6 +55,7 @@ class Plan:
     state: DesiredState
     vxlan: VxlanWanted | None = None
     bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
+    ipip_addr: str | None = None  # tunl0's address (first address of my first ipip block)
     errors: list[str] = field(default_factory=list)
 
 
@@ -66,6 +76,11 @@ class Dataplane:
         self.routes = RouteDriver(netns)
         self.vxlan = VxlanDevice(netns)
         self._vxlan_present = False
+        self.ipip = IpipDevice(netns)
+        # driver -> error text for problems that degrade the node without failing the pass
+        # (a missing kernel module); read by the agent's status as last_error.
+        self.problems: dict[str, str] = {}
+        self._warned_off_subnet: dict[str, tuple[str, ...]] = {}
         self.bird_enabled = bird
         os.makedirs(run_dir, exist_ok=True)
         self.bird = BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin, birdc_bin=birdc_bin)
@@ -89,6 +104,11 @@ class Dataplane:
                 addr, mac = route_calc.vtep_for(self.node, block)
                 fdb, neigh = route_calc.vxlan_peers(nodes, pools, self.node)
                 plan.vxlan = VxlanWanted(addr, mac, fdb, neigh)
+        if any(p.mode == "ipip" for p in enabled):
+            block = route_calc.tunnel_block(nodes, pools, blocks, self.node, "ipip")
+            if block:
+                # Like the VTEP: the block's first address, which IPAM never gives a pod.
+                plan.ipip_addr = route_calc.vtep_for(self.node, block)[0]
         me = nodes.get(self.node)
         if self.bird_enabled and me is not None and me.address and any(p.mode in ("bgp", "ipip") for p in enabled):
             try:
@@ -96,7 +116,27 @@ class Dataplane:
                                              uplink=self.uplink, default_as=self.default_as)
             except ValueError as e:
                 errors.append(f"BIRD config: {e}")
+        if plan.bird_conf is not None:
+            state.routes = frozenset(r for r in state.routes if not _ipip_remote(r, pools))
+        self._warn_off_subnet(cluster)
         return plan
+
+    def _warn_off_subnet(self, cluster: Cluster) -> None:
+        """Say (once per change) which nodes' pods this node cannot reach because they sit
+        behind a router and their pool does not encapsulate.  With explicit BGP peers
+        (a ToR that routes the blocks) bgp mode can work across subnets: no warning then."""
+        why = {"direct": "direct routes need the next hop on this node's link"}
+        if not cluster.bgp_peers:
+            why["bgp"] = "BGP routes with a next hop behind a router are not installed"
+        for mode in ("direct", "bgp"):
+            far = (route_calc.off_subnet_nodes(cluster.nodes, cluster.pools, cluster.block_affinities,
+                                               self.node, mode) if mode in why else ())
+            if far != self._warned_off_subnet.get(mode, ()):
+                self._warned_off_subnet[mode] = far
+                if far:
+                    log.warning("pods on nodes in another subnet are unreachable in this pool mode; "
+                                "use vxlan or ipip (crossSubnet) for them",
+                                extra=kv(mode=mode, nodes=",".join(far), reason=why[mode]))
 
     # -- kernel (one worker thread) ---------------------------------------------------
 
@@ -134,7 +174,15 @@ class Dataplane:
             self.vxlan.remove()
             self._vxlan_present = False
             summary["vxlan"] = "removed"
-        self.routes.set_desired(st.routes)
+        routes = st.routes
+        if plan.ipip_addr is not None:
+            if not self._apply_ipip(plan.ipip_addr, summary, timed):
+                # No tunl0: these routes cannot be installed; leave them out instead of
+                # failing them one by one on every pass.
+                routes = frozenset(r for r in routes if r.dev != route_calc.IPIP_DEVICE)
+        else:
+            self.problems.pop("ipip", None)
+        self.routes.set_desired(routes)
         rc = timed("routes", self.routes.apply)
         if rc:
             summary["routes"] = str(rc)
@@ -148,6 +196,26 @@ class Dataplane:
             metrics.IPTABLES_RULES.labels(table=t).set(sum(len(r) for r in st.chains.get(t, {}).values()))
         return summary
 
+    def _apply_ipip(self, addr: str, summary: dict, timed) -> bool:
+        """Put `addr` on tunl0; False (problem recorded, logged once) when the kernel has
+        no ipip module."""
+        self.ipip.set_desired(addr)
+        try:
+            ch = timed("ipip", self.ipip.apply)
+        except KernelModuleMissing as e:
+            msg = (f"IPIP pool cannot work on this node: {e}; routes to other nodes' ipip "
+                   "blocks are not programmed (load the module, or use a vxlan pool)")
+            if self.problems.get("ipip") != msg:
+                log.error("ipip tunnel unavailable", extra=kv(error=msg, module=e.module))
+            self.problems["ipip"] = msg
+            return False
+        if "ipip" in self.problems:
+            log.info("ipip tunnel available again")
+            self.problems.pop("ipip")
+        if ch:
+            summary["ipip"] = "; ".join(ch)
+        return True
+
     def bgp_status(self) -> list[dict]:
         if not self.bird.running():
             return []
@@ -160,3 +228,11 @@ class Dataplane:
         """Graceful shutdown changes nothing in the kernel: chains, ipsets, routes and BIRD
         (a daemon of its own) stay, so pods keep their network while the agent restarts,
         and the restarted agent adopts what it finds."""
+
+
+def _ipip_remote(r, pools) -> bool:
+    """A unicast route to a block of an ipip pool (BIRD's to program when it runs)."""
+    if r.type != "unicast":
+        return False
+    pool = route_calc.pool_for(r.dst, pools)
+    return pool is not None and pool.mode == "ipip"

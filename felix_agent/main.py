@@ -47,27 +47,31 @@ def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
     return uplink, node_ip
 
 
-def restore_local_endpoints(ipam, node: str) -> list[WorkloadEndpoint]:
+def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], set[str]]:
     """Endpoints this node served before a restart, from the persisted IPAM allocations,
-    so their chains stay programmed before the first CNI call arrives."""
+    so their chains stay programmed before the first CNI call arrives; and the names of
+    the host veths present (endpoints wired through another IPAM plugin have no allocation
+    here: the agent adopts them from the datastore if their veth is among these)."""
     from pyroute2 import IPRoute
 
     from cni_plugin.naming import host_iface_for
 
     weps = []
     with IPRoute() as ipr:
+        present = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for a in ipam.allocations():
             iface = host_iface_for(a.namespace, a.pod, a.container_id, a.ifname)
-            if not ipr.link_lookup(ifname=iface):
+            if iface not in present:
                 continue  # the pod is gone; CNI GC frees its address
             weps.append(WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
                                          container_id=a.container_id, iface=iface, ips=(a.ip,)))
-    return weps
+    return weps, {name for name in present if name and name.startswith("cali")}
 
 
 class NodeRegistrar:
-    """etcd mode: publishes this node's address, AS and VTEP on its Node record (keeping
-    labels and fields others set), whenever what the datastore holds differs."""
+    """etcd mode: publishes this node's address, AS, VTEP and IPIP tunnel address on its
+    Node record (keeping labels and fields others set, e.g. the route-reflector cluster id),
+    whenever what the datastore holds differs."""
 
     def __init__(self, store, name: str, node_ip: str, as_number: int):
         self.store, self.name, self.node_ip, self.as_number = store, name, node_ip, as_number
@@ -80,6 +84,8 @@ class NodeRegistrar:
         if plan is not None and plan.vxlan is not None:
             changes["vxlan_tunnel_addr"] = plan.vxlan.addr
             changes["vxlan_tunnel_mac"] = plan.vxlan.mac
+        if plan is not None and getattr(plan, "ipip_addr", None):
+            changes["ipip_tunnel_addr"] = plan.ipip_addr
         return dataclasses.replace(n, **changes)
 
     async def sync(self, agent: Agent, plan) -> None:
@@ -119,8 +125,10 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     agent.attach_ipam(ipam, backend if cfg.datastore == "kubernetes" else None)
     loop = asyncio.get_running_loop()
     # pyroute2's IPRoute cannot be used on the event loop's own thread.
-    for wep in await loop.run_in_executor(None, restore_local_endpoints, ipam, cfg.name):
+    weps, ifaces = await loop.run_in_executor(None, restore_local_endpoints, ipam, cfg.name)
+    for wep in weps:
         agent.adopt(wep)
+    agent.set_startup_ifaces(ifaces)
     if store is not None and cfg.register_node:
         agent.registrar = NodeRegistrar(store, cfg.name, node_ip, cfg.as_number)
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \

@@ -146,9 +146,11 @@ def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str) -> 
     return None  # bgp: BIRD's job
 
 
-def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str) -> tuple[str, ...]:
-    """Remote nodes with blocks in a direct pool that are NOT on my subnet: they get no
-    route (a next hop behind a router cannot be used on-link), so the agent can say so."""
+def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str) -> tuple[str, ...]:
+    """Remote nodes with blocks in an enabled pool of `mode` that are NOT on my subnet.
+    For "direct" they get no route at all; for "bgp" BIRD learns their blocks but the
+    kernel export refuses them (the next hop is not on my link and the router in between
+    knows no pod blocks).  Either way their pods are unreachable, so the agent says so."""
     nodes = records(nodes)
     by_name = _by_name(nodes)
     mine = by_name.get(me)
@@ -158,11 +160,17 @@ def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str
     out = []
     for name, cidrs in blocks_by_node(nodes, blocks).items():
         peer = by_name[name]
-        if name == me or same_subnet(mine, peer):
+        if name == me or not peer.address or same_subnet(mine, peer):
             continue
-        if any((p := pool_for(c, pools)) is not None and p.mode == "direct" for c in cidrs):
+        if any((p := pool_for(c, pools)) is not None and p.mode == mode for c in cidrs):
             out.append(name)
     return tuple(sorted(out))
+
+
+def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str) -> tuple[str, ...]:
+    """Remote nodes with blocks in a direct pool that are NOT on my subnet: they get no
+    route (a next hop behind a router cannot be used on-link), so the agent can say so."""
+    return off_subnet_nodes(nodes, pools, blocks, me, "direct")
 
 
 def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, kind: str = "blackhole") -> frozenset[Route]:

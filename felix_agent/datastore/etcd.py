@@ -250,7 +250,9 @@ class EtcdSyncer:
     def __init__(self, store: EtcdStore, backoff: Backoff | None = None,
                  after_list: Callable[[int], Awaitable[None]] | None = None):
         self.store = store
-        self.backoff = backoff or Backoff()
+        # Retrying a lost etcd is one cheap connection attempt; a short ceiling keeps an
+        # agent from staying not-ready for many seconds after etcd is back.
+        self.backoff = backoff or Backoff(initial=0.2, maximum=3.0)
         self.after_list = after_list
         self.lists = 0  # how many times the prefix was listed (initial + relists)
         self._key_ids: dict[str, RecordId] = {}

@@ -98,6 +98,11 @@ class IPAM:
         self._fed_pools: dict[str, IPPool] = {}  # from the agent (syncer, config default)
         self._backend_pools: dict[str, IPPool] = {}  # read from the backend on demand
         self._foreign: set[str] = set()  # local blocks the datastore no longer gives us
+        # Claims made by this instance, numbered: refresh() reads the affinities without the
+        # lock, so a block claimed while that read was under way is missing from it and must
+        # not be taken for one the datastore no longer gives us.
+        self._claim_seq = 0
+        self._claimed_at: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._started = False
 
@@ -152,9 +157,14 @@ class IPAM:
         kept only while they hold allocations (and get no new ones)."""
         if self.backend.claims_blocks:
             self._backend_pools = _good_pools(await self.backend.list_pools())
+        seq0 = self._claim_seq
         affs = await self.backend.list_affinities()
         async with self._lock:
             mine = {a.cidr: a for a in affs if a.node == self.node}
+            for cidr, seq in self._claimed_at.items():
+                # (one entry per block ever claimed by this process: a handful, kept)
+                if seq >= seq0 and cidr in self._state.blocks and cidr not in mine:
+                    mine[cidr] = self._state.blocks[cidr]  # claimed after the list was read
             changed = False
             for cidr, aff in mine.items():
                 if self._state.blocks.get(cidr) != aff:
@@ -340,9 +350,12 @@ class IPAM:
                 aff = BlockAffinity(cidr=cidr, node=self.node, pool=pool.name)
                 if await self.backend.claim(aff):
                     self._state.blocks[cidr] = aff
+                    self._claimed_at[cidr] = self._claim_seq
+                    self._claim_seq += 1
                     log.info("claimed block %s from pool %s", cidr, pool.name)
                     return cidr
                 # Another node won this block a moment ago: try the next one.
+                log.info("block %s was claimed by another node a moment ago; trying the next", cidr)
         names = ", ".join(p.name for p in enabled)
         raise IPAMExhausted(f"IP pool(s) {names} exhausted: every address of node {self.node}'s "
                             f"{len(self._state.blocks)} block(s) is allocated and no unclaimed "
