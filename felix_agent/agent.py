@@ -195,6 +195,7 @@ class Agent:
 
     async def register(self, wep: WorkloadEndpoint) -> None:
         """Record a local endpoint and return once its policy is programmed."""
+        await self._learn_pod(wep.namespace, wep.pod)
         self._local_weps[wep.key] = wep
         self._inject(Update("WorkloadEndpoint", wep.key, wep))
         target = self.generation
@@ -212,6 +213,21 @@ class Agent:
                 log.warning("endpoint wired but not yet published: datastore unreachable",
                             extra=kv(key=wep.key, error=e))
         await self.wait_programmed(target)
+
+    async def _learn_pod(self, namespace: str, pod: str) -> None:
+        """The pod's labels decide which policies select it; if its Pod record has not
+        reached us through the watch yet, read it now, so the chains programmed before the
+        ADD answers are the right ones (Calico's CNI plugin reads the pod for the same
+        reason).  Without a readable datastore the watch delivers it later."""
+        if self.store is None or not namespace or f"{namespace}/{pod}" in self.cluster.pods:
+            return
+        try:
+            record = await self.store.get("Pod", pod, namespace)
+        except (ConnectionError, OSError) as e:
+            log.debug("pod not readable at ADD", extra=kv(pod=f"{namespace}/{pod}", error=e))
+            return
+        if record is not None:
+            self._inject(Update("Pod", record.key, record))
 
     async def unregister(self, namespace: str, pod: str) -> None:
         key = f"{self.node}/{namespace}/{pod}"

@@ -174,15 +174,18 @@ def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str
 
 
 def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, kind: str = "blackhole") -> frozenset[Route]:
-    """Blackhole (or unreachable, kind="unreachable") routes for my own blocks in
-    non-bgp pools; in bgp pools BIRD's static protocol installs them."""
+    """Blackhole (or unreachable, kind="unreachable") routes for my own blocks, in every
+    mode: traffic to an unused address of my block is dropped here rather than sent out
+    of the default route (pod /32 routes are more specific and win).  In bgp pools BIRD's
+    static protocol announces the block, but keeps it out of the kernel; this is the
+    kernel's copy (as Calico installs one)."""
     if kind not in ("blackhole", "unreachable"):
         raise ValueError(f"local block route kind must be blackhole or unreachable, not {kind!r}")
     routes = set()
     pools = records(pools)
     for cidr in blocks_by_node(nodes, blocks).get(me, ()):
         pool = pool_for(cidr, pools)
-        if pool is not None and pool.mode != "bgp":
+        if pool is not None:
             routes.add(Route(dst=cidr, type=kind))
     return frozenset(routes)
 

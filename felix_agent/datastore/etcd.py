@@ -76,6 +76,9 @@ def encode_record(record: Record) -> bytes:
     return json.dumps(to_k8s(record), sort_keys=True, separators=(",", ":")).encode()
 
 
+TXN_MAX_OPS = 128
+
+
 class EtcdStore:
     """Reads and writes model objects in etcd. Every method raises EtcdUnavailable when
     etcd cannot be reached; the next call reconnects."""
@@ -142,11 +145,13 @@ class EtcdStore:
         return record
 
     async def put_records(self, records: list[Record]) -> None:
-        """Store several records in one transaction: all or nothing."""
+        """Store several records, in transactions of at most TXN_MAX_OPS (etcd's default
+        --max-txn-ops is 128): all or nothing up to that size; larger sets go in chunks."""
         c = self.client
         ops = [c.transactions.put(_b(record_key(self.prefix, r)), encode_record(r)) for r in records]
-        if ops:
-            await self._call(lambda c: c.transaction(compare=[], success=ops, failure=[]))
+        for i in range(0, len(ops), TXN_MAX_OPS):
+            chunk = ops[i:i + TXN_MAX_OPS]
+            await self._call(lambda c, chunk=chunk: c.transaction(compare=[], success=chunk, failure=[]))
 
     async def delete(self, kind: str, name: str, namespace: str = "") -> bool:
         """Delete one object; False when it did not exist."""

@@ -200,3 +200,16 @@ def test_applied_objects_reach_a_syncer(etcd, tmp_path):
     assert state[("Node", "node-1")].ip == "192.168.100.11/24"
     assert state[("Pod", "shop/frontend")].ports == (model.NamedPort("http", 8080),)
     assert len(state) == 6
+
+
+def test_apply_more_objects_than_one_etcd_transaction_holds(etcd):
+    """etcd refuses transactions over 128 operations (--max-txn-ops); a 300-document file
+    must still land whole."""
+    docs = "\n---\n".join(f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: bulk-{i}}}" for i in range(300))
+    p = subprocess.run([TORTIECTL, "--etcd-endpoints", etcd.endpoint, "apply", "-f", "-"], input=docs,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = subprocess.run([TORTIECTL, "--etcd-endpoints", etcd.endpoint, "get", "namespaces", "-o", "json"],
+                         capture_output=True, text=True, timeout=60)
+    names = {o["metadata"]["name"] for o in json.loads(got.stdout)["items"]}
+    assert {f"bulk-{i}" for i in range(300)} <= names

@@ -77,9 +77,10 @@ def test_ipip_and_cross_subnet():
     }
 
 
-def test_bgp_mode_is_birds_job():
+def test_bgp_mode_is_birds_job_but_the_local_blackhole_is_ours():
     assert remote_routes(NODES, [pool("bgp")], BLOCKS, "node1") == frozenset()
-    assert local_block_routes(NODES, [pool("bgp")], BLOCKS, "node1") == frozenset()
+    got = local_block_routes(NODES, [pool("bgp")], BLOCKS, "node1")
+    assert {(r.dst, r.type) for r in got} == {(b.cidr, "blackhole") for b in BLOCKS if b.node == "node1"}
 
 
 def test_mixed_pools_each_block_by_its_own_pool():
