@@ -1,15 +1,22 @@
-"""The binary's side of the agent socket (stdlib only: no pyroute2 on this path)."""
+"""The binary's side of the agent socket (stdlib only: no pyroute2 on this path).
+
+Uses `_socket` directly (see agent_protocol): the binary starts anew for every CNI call,
+and socket.py's import is pure start-up cost here.
+"""
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import socket
+import time
+from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM
+from _socket import socket as _sock
 
 from .agent_protocol import ProtocolError, recv_msg, send_msg
 from .errors import TRY_AGAIN_LATER, CNIError
 
-log = logging.getLogger("tortie.cni.agent")
+# CLOCK_MONOTONIC stamps of the last call (the binary's debug "timing" line).
+last_sent = 0.0
+last_reply = 0.0
 
 
 class AgentUnavailable(CNIError):
@@ -22,7 +29,8 @@ class AgentUnavailable(CNIError):
 def call(socket_path: str, request: dict, fds: tuple[int, ...] = (), timeout: float = 30.0) -> dict:
     """Send one request, return the agent's CNI result dict (may be {}); the agent's own
     errors come back as CNIError with its code, an unreachable agent as code 11."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    global last_sent, last_reply
+    s = _sock(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:
@@ -34,8 +42,10 @@ def call(socket_path: str, request: dict, fds: tuple[int, ...] = (), timeout: fl
                                    "is the tortie-agent running on this node?") from None
         try:
             send_msg(s, request, fds)
+            last_sent = time.monotonic()
             reply, extra = recv_msg(s)
-        except socket.timeout:
+            last_reply = time.monotonic()
+        except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
             raise AgentUnavailable(f"tortie agent did not answer {request.get('command')} "
                                    f"within {timeout:.0f}s") from None
         except (OSError, ProtocolError) as e:

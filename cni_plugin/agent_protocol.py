@@ -14,13 +14,19 @@ Response {"ok": true, "result": {a CNI 1.1.0 result, or {} for DEL/GC/STATUS}}
 """
 from __future__ import annotations
 
-import array
-import json
-import socket
-import struct
+import os
+import sys
+# The C module under `socket`: socket.py turns every constant into an IntEnum at import,
+# ~2 ms of the binary's start.  The functions below need only sendmsg/recvmsg/sendall of
+# _socket.socket, which socket.socket subclasses, so the agent passes its sockets as they are.
+import _socket
+from _socket import CMSG_SPACE, SCM_RIGHTS, SOL_SOCKET
+
+from . import jsoncodec as json
 
 MAX_MESSAGE = 4 * 1024 * 1024
 MAX_FDS = 4
+_INT = 4  # sizeof(int): SCM_RIGHTS carries C ints (`array` would import collections.abc)
 DEFAULT_SOCKET = "/var/run/tortie/agent.sock"
 
 
@@ -28,13 +34,13 @@ class ProtocolError(Exception):
     pass
 
 
-def send_msg(sock: socket.socket, obj: dict, fds: tuple[int, ...] = ()) -> None:
+def send_msg(sock: _socket.socket, obj: dict, fds: tuple[int, ...] = ()) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE} limit")
-    payload = struct.pack(">I", len(data)) + data
+    payload = len(data).to_bytes(4, "big") + data
     if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        anc = [(SOL_SOCKET, SCM_RIGHTS, b"".join(fd.to_bytes(_INT, sys.byteorder, signed=True) for fd in fds))]
         sent = sock.sendmsg([payload], anc)
         if sent < len(payload):
             sock.sendall(payload[sent:])
@@ -42,7 +48,7 @@ def send_msg(sock: socket.socket, obj: dict, fds: tuple[int, ...] = ()) -> None:
         sock.sendall(payload)
 
 
-def recv_msg(sock: socket.socket) -> tuple[dict, list[int]]:
+def recv_msg(sock: _socket.socket) -> tuple[dict, list[int]]:
     """Read one message; returns (object, received fds). The caller owns the fds."""
     fds: list[int] = []
     buf = b""
@@ -50,19 +56,18 @@ def recv_msg(sock: socket.socket) -> tuple[dict, list[int]]:
     header_done = False
     while len(buf) < need:
         chunk, anc, _flags, _addr = sock.recvmsg(
-            need - len(buf), socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+            need - len(buf), CMSG_SPACE(MAX_FDS * _INT))
         for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(cdata[: len(cdata) - (len(cdata) % a.itemsize)])
-                fds.extend(a)
+            if level == SOL_SOCKET and kind == SCM_RIGHTS:
+                fds.extend(int.from_bytes(cdata[i:i + _INT], sys.byteorder, signed=True)
+                           for i in range(0, len(cdata) - len(cdata) % _INT, _INT))
         if not chunk:
             for fd in fds:
                 _close(fd)
             raise ProtocolError("connection closed before a whole message arrived")
         buf += chunk
         if not header_done and len(buf) >= 4:
-            (length,) = struct.unpack(">I", buf[:4])
+            length = int.from_bytes(buf[:4], "big")
             if length > MAX_MESSAGE:
                 for fd in fds:
                     _close(fd)
@@ -71,7 +76,7 @@ def recv_msg(sock: socket.socket) -> tuple[dict, list[int]]:
             header_done = True
     try:
         obj = json.loads(buf[4:].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         for fd in fds:
             _close(fd)
         raise ProtocolError(f"message is not JSON: {e}") from None
@@ -83,7 +88,6 @@ def recv_msg(sock: socket.socket) -> tuple[dict, list[int]]:
 
 
 def _close(fd: int) -> None:
-    import os
     try:
         os.close(fd)
     except OSError:

@@ -7,25 +7,26 @@ Who does what:
   other ipam + agent     -> the binary runs the IPAM plugin, then sends the addresses
      ("agent_socket" set)   ("ips") to the agent, which wires and programs the endpoint.
   other ipam, no agent   -> the binary runs the IPAM plugin and the plumbing itself.
-The plumbing module (pyroute2) is imported only on that last path.
+The plumbing module (pyroute2) is imported only on that last path; the IPAM delegation,
+the attachment records and the veth naming only where a command needs them, so the
+agent path (a new process for every pod) imports little beyond json and _socket.
 """
 from __future__ import annotations
 
-import logging
 import os
-import socket
 
-from . import agent_client, ipam_exec, naming, nsutil, versions
-from .attachments import Attachment, AttachmentStore
+from . import agent_client, nsutil, versions
 from .config import CniEnv, NetConf
-from .errors import (INVALID_CONFIG, PLUGIN_NOT_AVAILABLE, CNIError)
+from .errors import (INVALID_CONFIG, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, CNIError)
 from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
+from .logsetup import get_logger
 from .result import DNS, Interface, IPConfig, Result, ResultError, Route
 
-log = logging.getLogger("tortie.cni")
+log = get_logger("tortie.cni")
 
 
 def _host_ifname(env: CniEnv) -> str:
+    from . import naming  # hashlib (OpenSSL): not on the agent path, where the agent names it
     return naming.host_iface_for(env.k8s_namespace, env.k8s_pod, env.container_id, env.ifname)
 
 
@@ -46,7 +47,7 @@ def _agent_result(raw: dict) -> Result:
     try:
         return Result.from_dict(raw, "agent result")
     except ResultError as e:
-        raise CNIError(ipam_exec.IPAM_FAILURE, f"tortie agent returned an invalid result: {e}") from None
+        raise CNIError(IPAM_FAILURE, f"tortie agent returned an invalid result: {e}") from None
 
 
 def pod_addresses(res: Result) -> list[str]:
@@ -82,6 +83,8 @@ def cmd_add(conf: NetConf, env: CniEnv, raw_args: str) -> Result:
 
 
 def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) -> Result:
+    from . import ipam_exec
+    from .attachments import Attachment, AttachmentStore
     store = AttachmentStore(conf.state_dir, conf.name)
     att = Attachment(env.container_id, env.ifname, _host_ifname(env), env.netns, conf.ipam_type, raw_args)
     store.save(att)  # the intent first: GC can undo an ADD that dies half-way
@@ -125,6 +128,8 @@ def cmd_del(conf: NetConf, env: CniEnv, raw_args: str) -> None:
     if conf.ipam_is_tortie:
         _agent(conf, _request("DEL", conf, env))
         return
+    from . import ipam_exec
+    from .attachments import AttachmentStore
     store = AttachmentStore(conf.state_dir, conf.name)
     rec = store.load(env.container_id, env.ifname)
     host_ifname = rec.host_ifname if rec else _host_ifname(env)
@@ -139,8 +144,9 @@ def cmd_del(conf: NetConf, env: CniEnv, raw_args: str) -> None:
 
 def _host_iface_exists(name: str) -> bool:
     # if_nametoindex asks the calling thread's namespace (the node's), stdlib only.
+    from _socket import if_nametoindex
     try:
-        socket.if_nametoindex(name)
+        if_nametoindex(name)
         return True
     except OSError:
         return False
@@ -160,6 +166,8 @@ def cmd_check(conf: NetConf, env: CniEnv, raw_args: str) -> None:
         if conf.ipam_is_tortie:
             _agent(conf, _request("CHECK", conf, env), (nsfd,))
             return
+        from . import ipam_exec
+        from .attachments import AttachmentStore
         ipam_exec.ipam_check(conf, env, raw_args)
         if conf.uses_agent:
             _agent(conf, _request("CHECK", conf, env, ips), (nsfd,))
@@ -181,6 +189,7 @@ def cmd_status(conf: NetConf, env: CniEnv) -> None:
         except agent_client.AgentUnavailable as e:
             raise CNIError(PLUGIN_NOT_AVAILABLE, e.msg, e.details) from None
     if not conf.ipam_is_tortie:
+        from . import ipam_exec
         try:
             ipam_exec.find_plugin(conf.ipam_type, env.path)
         except CNIError as e:
@@ -199,6 +208,8 @@ def cmd_gc(conf: NetConf, env: CniEnv) -> None:
     if conf.uses_agent:
         _agent(conf, _request("GC", conf, env))  # valid attachments are in the config
     if not conf.ipam_is_tortie:
+        from . import ipam_exec
+        from .attachments import AttachmentStore
         store = AttachmentStore(conf.state_dir, conf.name)
         for rec in store.all():
             if (rec.container_id, rec.ifname) in valid:

@@ -5,13 +5,11 @@ error and touches nothing.  Stdlib only (this is the binary's hot path).
 """
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-
+from . import jsoncodec as json
 from . import versions
 from .agent_protocol import DEFAULT_SOCKET
 from .errors import (DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, UNSUPPORTED_FIELD, CNIError)
+from .records import Record
 from .result import Result, ResultError
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -26,9 +24,22 @@ REQUIRED_ENV = {
 }
 K8S_ARGS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
 
-# The spec's grammar for container ids and network names.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-ID_RE = _ID_RE  # public name for other parts (the agent's local API validates ids too)
+# The spec's grammar for container ids and network names: ^[A-Za-z0-9][A-Za-z0-9_.\-]*$
+# (checked without `re`, whose import is a noticeable part of the binary's start).
+_ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_ID_CHARS = _ID_FIRST | frozenset("_.-")
+
+
+def valid_id(s: object) -> bool:
+    """A container id or network name as the spec allows them (the agent checks ids too)."""
+    return isinstance(s, str) and s[:1] in _ID_FIRST and all(c in _ID_CHARS for c in s)
+
+
+def __getattr__(name: str):
+    if name == "ID_RE":  # the compiled form, for callers that want a pattern
+        import re
+        return re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+    raise AttributeError(name)
 IFNAMSIZ = 16
 DEFAULT_MTU = 1500
 DEFAULT_LOG_FILE = "/var/log/tortie/cni.log"
@@ -38,14 +49,17 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 TORTIE_IPAM = "tortie"
 
 
-@dataclass
-class CniEnv:
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: dict[str, str] = field(default_factory=dict)  # the known CNI_ARGS keys
-    path: list[str] = field(default_factory=list)
+class CniEnv(Record):
+    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path")
+
+    def __init__(self, command: str, container_id: str = "", netns: str = "", ifname: str = "",
+                 args: dict[str, str] | None = None, path: list[str] | None = None) -> None:
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = {} if args is None else args  # the known CNI_ARGS keys
+        self.path = [] if path is None else path
 
     @property
     def k8s_namespace(self) -> str | None:
@@ -109,7 +123,7 @@ def parse_env(environ: dict[str, str]) -> CniEnv:
     env = CniEnv(command=command)
     if command in ("ADD", "DEL", "CHECK"):
         env.container_id = environ["CNI_CONTAINERID"]
-        if not _ID_RE.match(env.container_id):
+        if not valid_id(env.container_id):
             raise CNIError(INVALID_ENV, f"CNI_CONTAINERID {env.container_id!r} is not a valid id",
                            "it must start with a letter or digit, then letters, digits, _ . -")
         env.ifname = environ["CNI_IFNAME"]
@@ -122,25 +136,38 @@ def parse_env(environ: dict[str, str]) -> CniEnv:
     return env
 
 
-@dataclass
-class NetConf:
-    cni_version: str
-    name: str
-    type: str
-    ipam_type: str
-    ipam: dict
-    raw: dict  # the whole config as received: passed on to IPAM plugins and the agent
-    raw_bytes: bytes
-    mtu: int = DEFAULT_MTU
-    agent_socket: str | None = None  # set when the config names one, or IPAM is tortie
-    agent_socket_explicit: bool = False
-    agent_timeout: float = DEFAULT_AGENT_TIMEOUT
-    log_file_path: str = DEFAULT_LOG_FILE
-    log_level: str = "info"
-    state_dir: str = DEFAULT_STATE_DIR
-    prev_result: Result | None = None
-    valid_attachments: list[tuple[str, str]] | None = None  # GC
-    dns: dict = field(default_factory=dict)
+class NetConf(Record):
+    __slots__ = ("cni_version", "name", "type", "ipam_type", "ipam", "raw", "_raw_bytes", "mtu",
+                 "agent_socket", "agent_socket_explicit", "agent_timeout", "log_file_path", "log_level",
+                 "state_dir", "prev_result", "valid_attachments", "dns")
+
+    def __init__(self, cni_version: str, name: str, type: str, ipam_type: str, ipam: dict, raw: dict,
+                 raw_bytes: bytes | None = None) -> None:
+        self.cni_version = cni_version
+        self.name = name
+        self.type = type
+        self.ipam_type = ipam_type
+        self.ipam = ipam
+        self.raw = raw  # the whole config as received: passed on to IPAM plugins and the agent
+        self._raw_bytes = raw_bytes
+        self.mtu: int = DEFAULT_MTU
+        self.agent_socket: str | None = None  # set when the config names one, or IPAM is tortie
+        self.agent_socket_explicit = False
+        self.agent_timeout: float = DEFAULT_AGENT_TIMEOUT
+        self.log_file_path: str = DEFAULT_LOG_FILE
+        self.log_level = "info"
+        self.state_dir: str = DEFAULT_STATE_DIR
+        self.prev_result: Result | None = None
+        self.valid_attachments: list[tuple[str, str]] | None = None  # GC
+        self.dns: dict = {}
+
+    @property
+    def raw_bytes(self) -> bytes:
+        """The config's bytes as received (what a delegated IPAM plugin gets on stdin);
+        re-encoded only for a config that arrived as an object (the agent's side)."""
+        if self._raw_bytes is None:
+            self._raw_bytes = json.dumps(self.raw).encode()
+        return self._raw_bytes
 
     @property
     def uses_agent(self) -> bool:
@@ -151,19 +178,31 @@ class NetConf:
         return self.ipam_type == TORTIE_IPAM
 
 
-def peek_version(data: bytes) -> str:
-    """The config's cniVersion when it is one we speak (for error output), else latest."""
-    try:
-        v = json.loads(data).get("cniVersion")
-    except Exception:
-        return versions.LATEST
+def peek_version(data: bytes | dict | None) -> str:
+    """The config's cniVersion when it is one we speak (for error output), else latest.
+    Takes the raw bytes or the already decoded object (the binary decodes stdin once)."""
+    if isinstance(data, (bytes, str)):
+        try:
+            data = json.loads(data)
+        except Exception:
+            return versions.LATEST
+    v = data.get("cniVersion") if isinstance(data, dict) else None
     return v if v in versions.SUPPORTED_VERSIONS else versions.LATEST
+
+
+def try_decode(data: bytes) -> dict | CNIError:
+    """stdin decoded once for the whole run: the object, or the error a command that
+    needs a config will raise."""
+    try:
+        return _decode(data)
+    except CNIError as e:
+        return e
 
 
 def _decode(data: bytes) -> dict:
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CNIError(DECODE_FAILURE, "network config on stdin is not valid JSON", str(e)) from None
     if not isinstance(obj, dict):
         raise CNIError(DECODE_FAILURE, "network config on stdin is not a JSON object")
@@ -179,19 +218,32 @@ def _opt_str(obj: dict, key: str, default: str | None) -> str | None:
     return v
 
 
-def parse_version_request(data: bytes) -> str:
-    """VERSION's stdin is {"cniVersion": ...}; an empty stdin asks in the latest version."""
+def parse_version_request(data: bytes, obj: dict | CNIError | None = None) -> str:
+    """VERSION's stdin is {"cniVersion": ...}; an empty stdin asks in the latest version.
+    `obj`: stdin already decoded by try_decode."""
     if not data.strip():
         return versions.LATEST
-    obj = _decode(data)
+    if obj is None:
+        obj = _decode(data)
+    elif isinstance(obj, CNIError):
+        raise obj
     v = obj.get("cniVersion", versions.LATEST)
     if not isinstance(v, str):
         raise CNIError(INVALID_CONFIG, "cniVersion must be a string")
     return v
 
 
-def parse_config(data: bytes, command: str) -> NetConf:
-    obj = _decode(data)
+def parse_config(data: bytes, command: str, obj: dict | CNIError | None = None) -> NetConf:
+    """Validate the network config on stdin.  `obj`: stdin already decoded (try_decode)."""
+    if obj is None:
+        obj = _decode(data)
+    elif isinstance(obj, CNIError):
+        raise obj
+    return config_from(obj, command, data)
+
+
+def config_from(obj: dict, command: str, data: bytes | None = None) -> NetConf:
+    """The checks of parse_config on a decoded config (the agent receives it decoded)."""
     version = obj.get("cniVersion")
     if version is None:
         raise CNIError(INVALID_CONFIG, "cniVersion is missing from the network config")
@@ -199,7 +251,7 @@ def parse_config(data: bytes, command: str) -> NetConf:
         raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {version!r}")
     versions.require_supported(version)
     name = obj.get("name")
-    if not isinstance(name, str) or not _ID_RE.match(name):
+    if not valid_id(name):
         raise CNIError(INVALID_CONFIG, f"network name {name!r} is missing or not valid",
                        "it must start with a letter or digit, then letters, digits, _ . -")
     ptype = obj.get("type")
@@ -282,7 +334,7 @@ def validate_conflist(data: bytes) -> list[str]:
         raise CNIError(INVALID_CONFIG, "conflist: cniVersion is missing or not a string")
     versions.require_supported(version)
     name = obj.get("name")
-    if not isinstance(name, str) or not _ID_RE.match(name):
+    if not valid_id(name):
         raise CNIError(INVALID_CONFIG, f"conflist: network name {name!r} is missing or not valid")
     plugins = obj.get("plugins")
     if not isinstance(plugins, list) or not plugins:

@@ -10,16 +10,16 @@ nothing is lost and 1.1.0 configs keep working with the distribution's plugins.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
 
 from .config import CniEnv, NetConf
 from .errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, IPAM_FAILURE, CNIError
+from .logsetup import get_logger
 from .result import Result, ResultError
 
-log = logging.getLogger("tortie.cni.ipam")
+log = get_logger("tortie.cni.ipam")
 
 IPAM_TIMEOUT = 60.0
 RETRY_VERSION = "1.0.0"

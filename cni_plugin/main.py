@@ -1,30 +1,39 @@
 """Entry point of the `tortie` CNI binary: environment + stdin in, result or error JSON
-out on stdout, exit status 0 or 1.  Nothing else is ever written to stdout."""
+out on stdout, exit status 0 or 1.  Nothing else is ever written to stdout.
+
+The binary is a new process for every CNI call, so its imports are its latency: this
+module and what it pulls in on the agent path stay within json, os, sys, time, _socket
+and the plugin's own small modules (see cni_plugin/records.py, logsetup.py)."""
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 import time
 
-from . import commands, versions
-from .config import parse_config, parse_env, parse_version_request, peek_version
+from . import agent_client, commands, versions
+from . import jsoncodec as json
+from .config import parse_config, parse_env, parse_version_request, peek_version, try_decode
 from .errors import INTERNAL, IO_FAILURE, CNIError
-from .logsetup import configure
+from .logsetup import configure, enabled, get_logger
 from .result import Result
 
-log = logging.getLogger("tortie.cni")
+log = get_logger("tortie.cni")
+
+# CLOCK_MONOTONIC when the entry script started (before any import) and when main()
+# started (after them): the debug "timing" line puts them next to the agent round trip.
+_entry_time = 0.0
+_main_time = 0.0
 
 
 def run(environ: dict[str, str], stdin: bytes) -> tuple[int, str]:
     """The whole plugin as a function: (exit status, stdout text)."""
-    version = peek_version(stdin)
+    obj = try_decode(stdin) if stdin.strip() else None  # stdin is parsed once, here
+    version = peek_version(obj)
     try:
         env = parse_env(environ)
         if env.command == "VERSION":
-            return 0, json.dumps(commands.cmd_version(parse_version_request(stdin)))
-        conf = parse_config(stdin, env.command)
+            return 0, json.dumps(commands.cmd_version(parse_version_request(stdin, obj)))
+        conf = parse_config(stdin, env.command, obj)
         version = conf.cni_version
         configure(conf.log_file_path, conf.log_level)
         started = time.monotonic()
@@ -35,11 +44,14 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, str]:
             log.error("%s %s/%s -> error %d: %s %s", env.command, env.container_id, env.ifname,
                       e.code, e.msg, e.details)
             raise
-        log.info("%s %s/%s ok in %.1f ms", env.command, env.container_id, env.ifname,
-                 (time.monotonic() - started) * 1000)
-        if isinstance(out, Result):
-            return 0, json.dumps(out.to_dict(conf.cni_version))
-        return 0, ""
+        text = json.dumps(out.to_dict(conf.cni_version)) if isinstance(out, Result) else ""
+        done = time.monotonic()
+        log.info("%s %s/%s ok in %.1f ms", env.command, env.container_id, env.ifname, (done - started) * 1000)
+        if enabled(10) and _entry_time:
+            log.debug("timing %s %s/%s entry=%.6f main=%.6f sent=%.6f reply=%.6f done=%.6f", env.command,
+                      env.container_id, env.ifname, _entry_time, _main_time,
+                      agent_client.last_sent or started, agent_client.last_reply or started, done)
+        return 0, text
     except CNIError as e:
         return 1, e.to_json(version)
     except Exception as e:  # a bug: still a CNI error, never a bare traceback on stdout
@@ -75,7 +87,10 @@ def validate_conflist_main() -> None:
     sys.exit(0)
 
 
-def main() -> None:
+def main(entry_time: float = 0.0) -> None:
+    """`entry_time`: CLOCK_MONOTONIC at the very start of the entry script, if it took it."""
+    global _entry_time, _main_time
+    _entry_time, _main_time = entry_time, time.monotonic()
     if sys.argv[1:] == ["--validate-conflist"]:
         validate_conflist_main()
     try:
@@ -85,10 +100,15 @@ def main() -> None:
               .to_json(versions.LATEST))
         sys.exit(1)
     status, out = run(dict(os.environ), stdin)
-    if out:
-        sys.stdout.write(out + "\n")
-    sys.stdout.flush()
-    sys.exit(status)
+    try:
+        if out:
+            sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    except OSError:  # the runtime is gone (closed pipe): nobody is left to read a result
+        status = 1
+    # Everything is out (the log is written unbuffered, stdout is flushed), so the
+    # interpreter's teardown would only free memory that exit frees anyway: ~3 ms a call.
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,9 @@ each one round-trips its own thread and nothing is process-global.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
 
 from .errors import INVALID_ENV, UNKNOWN_CONTAINER, CNIError
 
@@ -26,8 +23,10 @@ _libc = None
 def _setns(fd: int) -> None:
     global _libc
     if _libc is None:
+        import ctypes  # setns has no os.* wrapper before Python 3.12; only the plumbing needs it
         _libc = ctypes.CDLL(None, use_errno=True)
     if _libc.setns(fd, CLONE_NEWNET) != 0:
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
@@ -89,35 +88,52 @@ def namespace_exists(path: str) -> bool:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def entered(target_fd: int) -> Iterator[None]:
-    """Run the body with this thread inside the namespace `target_fd`, then return."""
-    own = os.open(own_netns_path(), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target_fd)
+class entered:
+    """`with entered(fd):` runs the body with this thread inside the namespace `target_fd`,
+    then returns.  (A class rather than contextlib.contextmanager: the binary does not
+    import contextlib on its hot path.)"""
+
+    def __init__(self, target_fd: int) -> None:
+        self.target_fd = target_fd
+        self.own: int | None = None
+
+    def __enter__(self) -> None:
+        self.own = os.open(own_netns_path(), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            yield
-        finally:
+            _setns(self.target_fd)
+        except BaseException:
+            os.close(self.own)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
             # If this fails the thread would keep running in the pod's namespace: that
             # must never go unnoticed, so the error propagates over any other.
-            _setns(own)
-    finally:
-        os.close(own)
+            _setns(self.own)  # type: ignore[arg-type]  # set by __enter__
+        finally:
+            os.close(self.own)  # type: ignore[arg-type]
 
 
-@contextlib.contextmanager
-def opened(netns: str | int) -> Iterator[int]:
-    """An fd for `netns` (a path, a name, or an fd the caller keeps owning)."""
-    if isinstance(netns, int):
-        yield netns
-        return
-    try:
-        fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise CNIError(UNKNOWN_CONTAINER, f"network namespace {netns} does not exist") from None
-        raise CNIError(INVALID_ENV, f"cannot open network namespace {netns}: {e.strerror}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+class opened:
+    """`with opened(netns) as fd:` an fd for `netns` (a path, a name, or an fd the caller
+    keeps owning)."""
+
+    def __init__(self, netns: str | int) -> None:
+        self.netns = netns
+        self.fd: int | None = None
+
+    def __enter__(self) -> int:
+        if isinstance(self.netns, int):
+            return self.netns
+        try:
+            self.fd = os.open(netns_path(self.netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise CNIError(UNKNOWN_CONTAINER, f"network namespace {self.netns} does not exist") from None
+            raise CNIError(INVALID_ENV, f"cannot open network namespace {self.netns}: {e.strerror}") from None
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import os
 import socket
 import threading
@@ -30,9 +29,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import nsutil
 from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
+from .logsetup import get_logger
 from .errors import DATAPLANE_FAILURE, INVALID_ENV, CNIError
 
-log = logging.getLogger("tortie.cni.plumbing")
+log = get_logger("tortie.cni.plumbing")
 
 RT_SCOPE_LINK = 253
 RTPROT_BOOT = 3  # what `ip route add` uses: routes print exactly as an admin would type them

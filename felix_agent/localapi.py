@@ -9,17 +9,21 @@ CNIService is the handler: ADD / DEL / CHECK / STATUS / GC on top of IPAM, the p
 plumbing (cni_plugin.plumbing, run on a worker thread because setns is per thread) and
 the agent's endpoint registry (register returns once the endpoint's policy is
 programmed, so a pod never runs unprotected).  Any ADD failure undoes every step.
+
+Every request is logged with its steps' times, e.g.
+    CNI ADD c1/eth0: ok in 0.031s (recv=0.2ms parse=0.1ms alloc=1.9ms plumbing=6.3ms register=21.8ms)
+and observed in tortie_cni_request_seconds, so a slow pod start can be placed at once.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import fcntl
 import functools
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -30,16 +34,48 @@ from typing import Any, Protocol
 
 from cni_plugin import naming, nsutil, versions
 from cni_plugin.agent_protocol import DEFAULT_SOCKET, ProtocolError, recv_msg, send_msg
-from cni_plugin.config import ID_RE, K8S_ARGS, NetConf, parse_config, validate_ifname
+from cni_plugin.config import K8S_ARGS, NetConf, config_from, valid_id, validate_ifname
 from cni_plugin.errors import (DATAPLANE_FAILURE, DECODE_FAILURE, INTERNAL, INVALID_CONFIG, INVALID_ENV,
                                IO_FAILURE, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError)
 from cni_plugin.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
 from cni_plugin.result import Interface, IPConfig, Result, Route
 
+from . import metrics
 from .ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
 from .model import WorkloadEndpoint
 
 log = logging.getLogger("tortie.localapi")
+
+# Step timings (ms) of the request being served.  Each connection is its own task with its
+# own context, so concurrent requests never mix their figures.
+_steps: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("cni_steps", default=None)
+
+
+def record_step(name: str, since: float) -> None:
+    """Add the time from `since` (time.monotonic()) to now to the request's step `name`."""
+    d = _steps.get()
+    if d is not None:
+        d[name] = d.get(name, 0.0) + (time.monotonic() - since) * 1000
+
+
+class step:
+    """`with step("alloc"):` adds the block's wall time to the current request's timings."""
+
+    __slots__ = ("name", "t0")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.t0 = 0.0
+
+    def __enter__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        record_step(self.name, self.t0)
+
+
+def _steps_text(d: dict[str, float] | None) -> str:
+    return f" ({' '.join(f'{k}={v:.1f}ms' for k, v in d.items())})" if d else ""
 
 AGENT_COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC")  # VERSION never leaves the binary
 NEEDS_ATTACHMENT = ("ADD", "DEL", "CHECK")
@@ -78,15 +114,16 @@ def parse_request(obj: dict, netns_fd: int | None) -> CNIRequest:
     config = obj.get("config")
     if not isinstance(config, dict):
         raise CNIError(DECODE_FAILURE, "request has no network config object")
-    # The very parser the binary ran: the same fields are required with the same errors.
-    conf = parse_config(json.dumps(config).encode(), command)
+    # The very checks the binary ran: the same fields are required with the same errors
+    # (on the decoded object: re-encoding it only to parse it again cost time per pod).
+    conf = config_from(config, command)
     if command not in NEEDS_ATTACHMENT:
         return CNIRequest(command=command, conf=conf)
 
     cid = obj.get("container_id")
     if not isinstance(cid, str) or not cid:
         raise CNIError(INVALID_ENV, f"{command} needs a container id")
-    if not ID_RE.match(cid):
+    if not valid_id(cid):
         raise CNIError(INVALID_ENV, f"container id {cid!r} is not a valid id",
                        "it must start with a letter or digit, then letters, digits, _ . -")
     ifname = obj.get("ifname")
@@ -257,22 +294,30 @@ class LocalAPI:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
         t0 = time.monotonic()
+        steps: dict[str, float] = {}
+        _steps.set(steps)
         try:
             conn.setblocking(True)
             conn.settimeout(self.io_timeout)
             try:
-                obj, fds = await loop.run_in_executor(self._io, recv_msg, conn)
+                with step("recv"):
+                    obj, fds = await loop.run_in_executor(self._io, recv_msg, conn)
             except (ProtocolError, OSError) as e:
                 log.warning("local API: bad request: %s", e)
                 await self._reply(conn, error_response(CNIError(DECODE_FAILURE, f"bad request: {e}")))
                 return
             netns_fd = fds[0] if fds else None
             resp = await self._dispatch(obj, netns_fd)
-            await self._reply(conn, resp)
+            with step("reply"):
+                await self._reply(conn, resp)
             self.served += 1
-            log.info("CNI %s %s/%s: %s in %.3fs", obj.get("command"), obj.get("container_id", ""),
+            took = time.monotonic() - t0
+            command = obj.get("command")
+            metrics.CNI_REQUESTS.labels(command=str(command) if command in AGENT_COMMANDS else "unknown",
+                                        result="ok" if resp.get("ok") else "error").observe(took)
+            log.info("CNI %s %s/%s: %s in %.3fs%s", command, obj.get("container_id", ""),
                      obj.get("ifname", ""), "ok" if resp.get("ok") else f"error {resp.get('code')}: {resp.get('msg')}",
-                     time.monotonic() - t0)
+                     took, _steps_text(steps))
         finally:
             for fd in fds:  # every received fd, used or not
                 try:
@@ -283,7 +328,8 @@ class LocalAPI:
 
     async def _dispatch(self, obj: dict, netns_fd: int | None) -> dict:
         try:
-            req = parse_request(obj, netns_fd)
+            with step("parse"):
+                req = parse_request(obj, netns_fd)
             result = await self.handler.handle(req, netns_fd)
             return {"ok": True, "result": result}
         except CNIError as e:
@@ -400,7 +446,9 @@ class CNIService:
 
     async def handle(self, req: CNIRequest, netns_fd: int | None) -> dict:
         if req.command in NEEDS_ATTACHMENT:
+            waiting = time.monotonic()
             async with self._veth_locks.hold(self._identity(req)[2]):
+                record_step("lock", waiting)
                 if req.command == "ADD":
                     return await self.add(req, netns_fd)
                 if req.command == "DEL":
@@ -443,16 +491,19 @@ class CNIService:
             if req.ips:
                 cidrs = list(req.ips)
             else:
-                allocated = await self.ipam.allocate(req.container_id, req.ifname, namespace=namespace, pod=pod)
+                with step("alloc"):
+                    allocated = await self.ipam.allocate(req.container_id, req.ifname, namespace=namespace, pod=pod)
                 cidrs = [_host_cidr(allocated.ip)]
             plumbing_tried = True
-            info = await self._run(self.plumbing.setup, netns_fd, req.ifname, host_if, cidrs, req.conf.mtu,
-                                   req.netns)
+            with step("plumbing"):
+                info = await self._run(self.plumbing.setup, netns_fd, req.ifname, host_if, cidrs, req.conf.mtu,
+                                       req.netns)
             host_mac, cont_mac = _host_mac_of(info)
             wep = WorkloadEndpoint(namespace=namespace, pod=pod, node=self.node, container_id=req.container_id,
                                    iface=host_if, ips=tuple(c.split("/")[0] for c in cidrs), mac=cont_mac)
             registered = True  # before the await: a register that fails half-way is undone too
-            await asyncio.wait_for(self.registry.register(wep), self.register_timeout)
+            with step("register"):
+                await asyncio.wait_for(self.registry.register(wep), self.register_timeout)
         except BaseException as e:
             await self._rollback(req, namespace, pod, host_if, allocated, plumbing_tried, registered)
             if isinstance(e, asyncio.CancelledError):
@@ -495,7 +546,8 @@ class CNIService:
         namespace, pod, host_if = self._identity(req)
         await self._detach(req.container_id, req.ifname, namespace, pod, host_if)
         try:
-            await self.ipam.release(req.container_id, req.ifname)
+            with step("release"):
+                await self.ipam.release(req.container_id, req.ifname)
         except IPAMError as e:
             raise _as_cni_error(e, "DEL") from None
 
@@ -505,12 +557,14 @@ class CNIService:
             log.info("DEL %s: %s now belongs to sandbox %s; leaving it", container_id, host_if, owner)
             return
         try:
-            await self._run(self.plumbing.teardown, None, ifname, host_if)
+            with step("teardown"):
+                await self._run(self.plumbing.teardown, None, ifname, host_if)
         except Exception as e:  # noqa: BLE001
             raise _as_cni_error(e, "DEL") from None
         wl_ns, wl_pod = _k8s_or_default(namespace, pod, container_id)
         try:
-            await self.registry.unregister(wl_ns, wl_pod)
+            with step("unregister"):
+                await self.registry.unregister(wl_ns, wl_pod)
         except Exception as e:  # noqa: BLE001 - the runtime retries a failed DEL
             raise CNIError(DATAPLANE_FAILURE, f"could not remove endpoint {wl_ns}/{wl_pod}: {e}") from None
         self._owner.pop(host_if, None)
