@@ -308,7 +308,7 @@ class Agent:
             try:
                 plan = self.dataplane.calculate(self.cluster)
                 t0 = time.monotonic()
-                summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan)
+                summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
                 took = time.monotonic() - t0
                 self.status.last_apply, self.status.last_apply_seconds = time.time(), took
                 self.status.applies += 1

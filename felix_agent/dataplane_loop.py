@@ -40,6 +40,7 @@ from .model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
 TABLES = ("filter", "nat")
+_NOTHING = object()
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Dataplane:
         # driver -> error text for problems that degrade the node without failing the pass
         # (a missing kernel module); read by the agent's status as last_error.
         self.problems: dict[str, str] = {}
+        self._applied: dict[str, object] = {}  # driver -> desired state it last applied cleanly
         self._warned_off_subnet: dict[str, tuple[str, ...]] = {}
         self.bird_enabled = bird
         os.makedirs(run_dir, exist_ok=True)
@@ -140,7 +142,11 @@ class Dataplane:
 
     # -- kernel (one worker thread) ---------------------------------------------------
 
-    def apply(self, plan: Plan) -> dict:
+    def apply(self, plan: Plan, full: bool = True) -> dict:
+        """Reconcile the kernel with `plan`.  full=False (between resyncs) skips every
+        driver whose desired state equals what it last applied successfully: a pod ADD
+        changes only the filter table and its sets, so nat, routes and tunnels are not read
+        back.  Full passes, on the resync timer, read everything and repair drift."""
         summary: dict = {}
         st = plan.state
 
@@ -151,28 +157,47 @@ class Dataplane:
             finally:
                 metrics.APPLY_SECONDS.labels(driver=name).observe(time.monotonic() - t0)
 
-        self.ipsets.set_desired(st.ipsets)
-        up = timed("ipsets", self.ipsets.apply_updates)
-        if up:
-            summary["ipsets"] = str(up)
+        def due(name: str, desired) -> bool:
+            return full or self._applied.get(name, _NOTHING) != desired
+
+        def done(name: str, desired) -> None:
+            self._applied[name] = desired
+
+        if full:
+            self._applied.clear()  # a failure below must not leave stale "already applied" marks
+        ipsets_due = due("ipsets", st.ipsets)
+        if ipsets_due:
+            self.ipsets.set_desired(st.ipsets)
+            up = timed("ipsets", self.ipsets.apply_updates)
+            if up:
+                summary["ipsets"] = str(up)
         for t in TABLES:
-            self.tables[t].set_desired(st.chains.get(t, {}), [h for h in st.hooks if h.table == t])
-            ch = timed(f"iptables-{t}", self.tables[t].apply)
-            if ch:
-                summary[f"iptables_{t}"] = str(ch)
-        dels = timed("ipsets", self.ipsets.apply_deletions)
-        if dels:
-            summary["ipsets_deleted"] = str(dels)
+            want = (st.chains.get(t, {}), tuple(h for h in st.hooks if h.table == t))
+            if due(f"iptables-{t}", want):
+                self.tables[t].set_desired(want[0], list(want[1]))
+                ch = timed(f"iptables-{t}", self.tables[t].apply)
+                if ch:
+                    summary[f"iptables_{t}"] = str(ch)
+                done(f"iptables-{t}", want)
+        if ipsets_due:
+            dels = timed("ipsets", self.ipsets.apply_deletions)
+            if dels:
+                summary["ipsets_deleted"] = str(dels)
+            if not (getattr(up, "failed", None) or getattr(dels, "failed", None)):
+                done("ipsets", st.ipsets)
         if plan.vxlan is not None:
-            v = plan.vxlan
-            self.vxlan.set_desired(v.addr, v.mac, self.uplink, fdb=v.fdb, neighbors=v.neighbors)
-            ch = timed("vxlan", self.vxlan.apply)
-            self._vxlan_present = True
-            if ch:
-                summary["vxlan"] = "; ".join(ch)
+            if due("vxlan", plan.vxlan):
+                v = plan.vxlan
+                self.vxlan.set_desired(v.addr, v.mac, self.uplink, fdb=v.fdb, neighbors=v.neighbors)
+                ch = timed("vxlan", self.vxlan.apply)
+                self._vxlan_present = True
+                if ch:
+                    summary["vxlan"] = "; ".join(ch)
+                done("vxlan", plan.vxlan)
         elif self._vxlan_present:
             self.vxlan.remove()
             self._vxlan_present = False
+            self._applied.pop("vxlan", None)
             summary["vxlan"] = "removed"
         routes = st.routes
         if plan.ipip_addr is not None:
@@ -182,10 +207,13 @@ class Dataplane:
                 routes = frozenset(r for r in routes if r.dev != route_calc.IPIP_DEVICE)
         else:
             self.problems.pop("ipip", None)
-        self.routes.set_desired(routes)
-        rc = timed("routes", self.routes.apply)
-        if rc:
-            summary["routes"] = str(rc)
+        if due("routes", routes):
+            self.routes.set_desired(routes)
+            rc = timed("routes", self.routes.apply)
+            if rc:
+                summary["routes"] = str(rc)
+            if not getattr(rc, "failed", None):  # a device that appears later needs the next pass
+                done("routes", routes)
         if plan.bird_conf is not None:
             outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf))
             if outcome != "unchanged":
