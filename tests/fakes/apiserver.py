@@ -2,7 +2,7 @@
 NetworkPolicies), for testing tortie's Kubernetes datastore without a cluster.
 
 It stands in for exactly what the real server did in the recordings under
-/work/shared/k8s-api (see its README.md):
+../shared/k8s-api (see its README.md):
 
 - Replay. While a resource has not been changed by the test, every recorded request is
   answered with the RECORDED body, byte for byte: the lists (pods.json; with limit=4 the
@@ -40,7 +40,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-DATA_DIR = os.environ.get("TORTIE_K8S_API_DATA", "/work/shared/k8s-api")
+def _data_dir() -> str:
+    """The recorded responses: $TORTIE_K8S_API_DATA, else ../shared/k8s-api beside the
+    repository (where CI and every checkout have it)."""
+    if os.environ.get("TORTIE_K8S_API_DATA"):
+        return os.environ["TORTIE_K8S_API_DATA"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(os.path.dirname(repo), "shared", "k8s-api")
+
+
+DATA_DIR = _data_dir()
 
 # Headers every recorded response carried (values from headers.txt).
 _PF_HEADERS = {
