@@ -207,6 +207,9 @@ def teardown(netns: str | int | None, ifname: str, host_ifname: str) -> None:
             try:
                 host.link("del", index=idx)
                 log.info("deleted host interface %s", host_ifname)
+                # Deleting one end of a veth removes its peer too: nothing is left in the
+                # pod, and opening its namespace again would only cost time on every DEL.
+                return
             except NetlinkError as e:
                 if e.code != errno.ENODEV:
                     raise CNIError(DATAPLANE_FAILURE, f"cannot delete {host_ifname}: {_nl_msg(e)}") from None

@@ -195,7 +195,9 @@ class Agent:
 
     async def register(self, wep: WorkloadEndpoint) -> None:
         """Record a local endpoint and return once its policy is programmed."""
+        t0 = time.monotonic()
         await self._learn_pod(wep.namespace, wep.pod)
+        t_learn = time.monotonic()
         self._local_weps[wep.key] = wep
         self._inject(Update("WorkloadEndpoint", wep.key, wep))
         target = self.generation
@@ -212,7 +214,13 @@ class Agent:
                 self._publish_due = True
                 log.warning("endpoint wired but not yet published: datastore unreachable",
                             extra=kv(key=wep.key, error=e))
+        t_put = time.monotonic()
         await self.wait_programmed(target)
+        if log.isEnabledFor(logging.DEBUG):
+            done = time.monotonic()
+            log.debug("endpoint registered", extra=kv(
+                key=wep.key, learn_ms=f"{(t_learn - t0) * 1000:.1f}", publish_ms=f"{(t_put - t_learn) * 1000:.1f}",
+                wait_ms=f"{(done - t_put) * 1000:.1f}"))
 
     async def _learn_pod(self, namespace: str, pod: str) -> None:
         """The pod's labels decide which policies select it; if its Pod record has not
