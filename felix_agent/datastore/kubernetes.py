@@ -32,7 +32,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from ..convert import key_from_k8s
-from ..model import BlockAffinity, Node, Record
+from ..model import KINDS, BlockAffinity, Node, Record
 from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log, record_id
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,14 @@ class KubernetesSyncer:
 
         workers = [_Worker(self, r, post) for r in self.resources]
         listed: set[str] = set()
+        # A kind's first list is emitted only after every kind before it in model.KINDS
+        # (namespaces before their pods), whatever order the list threads finish in; watch
+        # events that arrive while its list is held are replayed right after it.  A kind
+        # that cannot be listed (e.g. 403) holds back only the kinds after it.
+        order = sorted((r.kind for r in self.resources), key=KINDS.index)
+        emitted: set[str] = set()
+        pending: dict[str, list[dict]] = {}
+        backlog: dict[str, list[tuple[str, dict]]] = {}
         for w in workers:
             w.start()
         try:
@@ -282,16 +290,33 @@ class KubernetesSyncer:
                 if msg[0] == "listed":
                     _, kind, items = msg
                     self.lists[kind] += 1
-                    self._replace(state, kind, items)
                     listed.add(kind)
-                    if len(listed) == len(workers):
+                    if kind in emitted:
+                        self._replace(state, kind, items)
+                    else:
+                        pending[kind], backlog[kind] = items, []
+                        for k in order:
+                            if k in emitted:
+                                continue
+                            if k not in pending:
+                                break
+                            self._replace(state, k, pending.pop(k))
+                            for typ, obj in backlog.pop(k):
+                                self._apply(state, k, typ, obj)
+                            emitted.add(k)
+                    if len(listed) == len(workers) and not pending:
                         state.set_in_sync(True)
                 elif msg[0] == "event":
                     _, kind, typ, obj = msg
-                    self._apply(state, kind, typ, obj)
+                    if kind in pending:
+                        backlog[kind].append((typ, obj))
+                    else:
+                        self._apply(state, kind, typ, obj)
                 elif msg[0] == "lost":
                     _, kind, reason = msg
                     listed.discard(kind)
+                    pending.pop(kind, None)
+                    backlog.pop(kind, None)
                     if state.in_sync:
                         log.warning("lost the kubernetes API: %s; retrying", reason)
                     state.set_in_sync(False, reason)
