@@ -64,11 +64,14 @@ class Dataplane:
     def __init__(self, node_name: str, uplink: str, *, netns: str | None = None,
                  iptables_backend: str = "auto", wl_to_host_action: str = "ACCEPT",
                  run_dir: str = "/var/run/tortie", bird: bool = True,
-                 bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS):
+                 bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
+                 derive_vteps: bool = False):
         self.node = node_name
         self.uplink = uplink
         self.netns = netns
         self.default_as = default_as
+        # kubernetes datastore: peers cannot publish VTEPs (read-only RBAC), so derive them
+        self.derive_vteps = derive_vteps
         det = detect(netns, configured=iptables_backend)
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
@@ -95,6 +98,8 @@ class Dataplane:
         errors: list[str] = []
         state = dataplane_state(cluster, self.calc_cfg, errors)
         nodes, pools, blocks = cluster.nodes, cluster.pools, cluster.block_affinities
+        if self.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
+            nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
         state.routes = (route_calc.remote_routes(nodes, pools, blocks, self.node, uplink=self.uplink)
                         | route_calc.local_block_routes(nodes, pools, blocks, self.node))
         plan = Plan(state=state, errors=errors)

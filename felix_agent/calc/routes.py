@@ -22,6 +22,7 @@ default route (the /32 routes of local pods are more specific and win).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -205,6 +206,23 @@ def vxlan_peers(nodes: Nodes, pools: Pools, me: str) -> tuple[frozenset[FDBEntry
         fdb.add(FDBEntry(mac=mac, dst=n.address))
         neigh.add(Neighbor(ip=n.vxlan_tunnel_addr.split("/")[0], mac=mac))
     return frozenset(fdb), frozenset(neigh)
+
+
+def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks) -> list[Node]:
+    """Nodes with the VTEP each would publish filled in where it is missing: the first
+    address of its first vxlan block and the MAC hashed from its name (vtep_for).  For the
+    kubernetes datastore, where agents have read-only access and cannot publish; every
+    agent derives the same values the VTEP's owner programs on its own device."""
+    nodes = records(nodes)
+    out = []
+    for n in nodes:
+        if not (n.vxlan_tunnel_addr and n.vxlan_tunnel_mac):
+            block = tunnel_block(nodes, pools, blocks, n.name, "vxlan")
+            if block:
+                addr, mac = vtep_for(n.name, block)
+                n = dataclasses.replace(n, vxlan_tunnel_addr=addr, vxlan_tunnel_mac=mac)
+        out.append(n)
+    return out
 
 
 def vtep_mac(node_name: str) -> str:

@@ -1,7 +1,7 @@
-"""A whole tortie-agent in kubernetes-datastore mode, as it runs on kind, against
+"""Whole tortie-agents in kubernetes-datastore mode, as they run on kind, against
 tests/fakes/apiserver.py: a stand-in for kube-apiserver v1.28 that replays real recorded
-responses (../shared/k8s-api; no kube-apiserver can run on these machines). The agent
-reaches it through the node's own loopback (tests/lab/nsproxy.py)."""
+responses (../shared/k8s-api; no kube-apiserver can run on these machines). Each agent
+reaches it through its node's own loopback (tests/lab/nsproxy.py)."""
 import json
 import os
 import subprocess
@@ -15,52 +15,86 @@ from tests.lab.cluster import LabCluster, wait_for
 pytestmark = pytest.mark.root
 
 
-def test_agent_on_the_kubernetes_datastore_wires_a_recorded_pod_under_its_policies(make_lab, tmp_path):
+@pytest.fixture
+def api():
+    server = FakeAPIServer().start()
+    yield server
+    server.stop()
+
+
+def start_agent(lab, node, api, tmp_path, node_name: str, *extra: str) -> dict:
+    """A tortie-agent on `node` with the kubernetes datastore; returns its CNI config."""
+    lab.forward_loopback(node.ns, api.port, api.port)
+    kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
+    d = tmp_path / node_name
+    d.mkdir()
+    log = open(d / "agent.log", "wb")
+    lab.popen(node.ns, [os.path.join(os.path.dirname(sys.executable), "tortie-agent"),
+                        "--datastore", "kubernetes", "--kubeconfig", kubeconfig, "--node-name", node_name,
+                        "--default-pool", "10.244.0.0/16", "--socket-path", str(d / "agent.sock"),
+                        "--state-dir", str(d / "state"), "--run-dir", str(d / "run"), "--http-port", "9099", *extra],
+              stdout=log, stderr=log)
+    return {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tortie",
+            "agent_socket": str(d / "agent.sock"), "log_file_path": str(d / "cni.log"), "ipam": {"type": "tortie"}}
+
+
+def wait_ready(c: LabCluster, node) -> dict:
+    return wait_for(lambda: (s := c.http(node, "/status"))[0] == 200 and json.loads(s[1])["ready"]
+                    and json.loads(s[1]), timeout=60, what=f"the agent on {node.name} ready (kubernetes datastore)")
+
+
+def test_agent_on_the_kubernetes_datastore_wires_a_recorded_pod_under_its_policies(make_lab, api, tmp_path):
     lab = make_lab(1)
     node = lab.nodes[0]
-    api = FakeAPIServer().start()
-    try:
-        lab.forward_loopback(node.ns, api.port, api.port)
-        kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
-        d = tmp_path / "vm"
-        d.mkdir()
-        log = open(d / "agent.log", "wb")
-        # The recordings' only node is "vm" with spec.podCIDR 10.244.0.0/24.
-        lab.popen(node.ns, [os.path.join(os.path.dirname(sys.executable), "tortie-agent"),
-                            "--datastore", "kubernetes", "--kubeconfig", kubeconfig, "--node-name", "vm",
-                            "--default-pool", "10.244.0.0/16", "--socket-path", str(d / "agent.sock"),
-                            "--state-dir", str(d / "state"), "--run-dir", str(d / "run"), "--http-port", "9099"],
-                  stdout=log, stderr=log)
-        c = LabCluster(lab, None, str(tmp_path))  # its HTTP and CNI helpers; no etcd in this mode
-        status = wait_for(lambda: (s := c.http(node, "/status"))[0] == 200 and json.loads(s[1])["ready"]
-                          and json.loads(s[1]), timeout=60, what="the agent ready on the kubernetes datastore")
-        assert status["datastore"] == "kubernetes" and status["in_sync"]
-        assert [b["cidr"] for b in status["ipam"]["blocks"]] == ["10.244.0.0/24"]
+    c = LabCluster(lab, None, str(tmp_path))  # its HTTP and CNI helpers; no etcd in this mode
+    # The recordings' only node is "vm" with spec.podCIDR 10.244.0.0/24.
+    conf = start_agent(lab, node, api, tmp_path, "vm")
+    status = wait_ready(c, node)
+    assert status["datastore"] == "kubernetes" and status["in_sync"]
+    assert [b["cidr"] for b in status["ipam"]["blocks"]] == ["10.244.0.0/24"]
 
-        # CNI ADD of the recorded pod x/a (labels pod=a), through the real binary and the agent.
-        pod_ns = lab.add_pod_ns("x-a")
-        conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tortie",
-                "agent_socket": str(d / "agent.sock"), "log_file_path": str(d / "cni.log"),
-                "ipam": {"type": "tortie"}}
-        p = c.cni_run(node, "ADD", "cid-x-a", f"/var/run/netns/{pod_ns}", "x", "a", conf=conf)
-        assert p.returncode == 0, p.stdout + p.stderr
-        ip = json.loads(p.stdout)["ips"][0]["address"]
-        assert ip.startswith("10.244.0.") and ip.endswith("/32")
+    # CNI ADD of the recorded pod x/a (labels pod=a), through the real binary and the agent.
+    pod_ns = lab.add_pod_ns("x-a")
+    p = c.cni_run(node, "ADD", "cid-x-a", f"/var/run/netns/{pod_ns}", "x", "a", conf=conf)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ip = json.loads(p.stdout)["ips"][0]["address"]
+    assert ip.startswith("10.244.0.") and ip.endswith("/32")
 
-        # The recorded namespace x has default-deny ingress and egress policies selecting
-        # every pod: their chains must exist when ADD returns, and x/a's endpoint chains
-        # must jump to them.
-        save = lab.exec(node.ns, "iptables-save", "-t", "filter").stdout
-        policy_chains = {l.split()[0][1:] for l in save.splitlines() if l.startswith((":cali-pi-", ":cali-po-"))}
-        assert policy_chains, save
-        iface = json.loads(p.stdout)["interfaces"][0]["name"]
-        tw = [l for l in save.splitlines() if l.startswith(f"-A cali-tw-{iface} ")]
-        assert any("-j cali-pi-" in l for l in tw), tw
-        st = json.loads(c.http(node, "/status")[1])
-        assert [(e["namespace"], e["pod"]) for e in st["endpoints"]] == [("x", "a")]
-        p = c.cni_run(node, "DEL", "cid-x-a", f"/var/run/netns/{pod_ns}", "x", "a", conf=conf)
+    # The recorded namespace x has default-deny ingress and egress policies selecting every
+    # pod: their chains must exist when ADD returns, and x/a's chains must jump to them.
+    save = lab.exec(node.ns, "iptables-save", "-t", "filter").stdout
+    assert any(l.startswith((":cali-pi-", ":cali-po-")) for l in save.splitlines()), save
+    iface = json.loads(p.stdout)["interfaces"][0]["name"]
+    tw = [l for l in save.splitlines() if l.startswith(f"-A cali-tw-{iface} ")]
+    assert any("-j cali-pi-" in l for l in tw), tw
+    st = json.loads(c.http(node, "/status")[1])
+    assert [(e["namespace"], e["pod"]) for e in st["endpoints"]] == [("x", "a")]
+    p = c.cni_run(node, "DEL", "cid-x-a", f"/var/run/netns/{pod_ns}", "x", "a", conf=conf)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "cali" not in subprocess.run(["ip", "-n", node.ns, "-o", "link"], capture_output=True, text=True).stdout
+
+
+def test_vxlan_between_two_nodes_without_published_vteps(make_lab, api, tmp_path):
+    """Read-only RBAC: agents cannot publish VTEPs on their Nodes, so each derives its
+    peers' from their podCIDRs and names; pods on two nodes talk over vxlan.calico."""
+    lab = make_lab(2)
+    c = LabCluster(lab, None, str(tmp_path))
+    for i, n in enumerate(lab.nodes, 1):
+        api.upsert("nodes", {"metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
+                             "spec": {"podCIDR": f"10.244.{i}.0/24", "podCIDRs": [f"10.244.{i}.0/24"]},
+                             "status": {"addresses": [{"type": "InternalIP", "address": n.ip}]}})
+    confs = [start_agent(lab, n, api, tmp_path, n.name, "--default-pool-mode", "vxlan") for n in lab.nodes]
+    for n in lab.nodes:
+        wait_ready(c, n)
+    ips = []
+    for i, (n, conf) in enumerate(zip(lab.nodes, confs)):
+        pod_ns = lab.add_pod_ns(f"vx{i}")
+        p = c.cni_run(n, "ADD", f"cid-vx{i}", f"/var/run/netns/{pod_ns}", "default", f"vx{i}", conf=conf)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "cali" not in subprocess.run(["ip", "-n", node.ns, "-o", "link"], capture_output=True,
-                                            text=True).stdout
-    finally:
-        api.stop()
+        ips.append((pod_ns, json.loads(p.stdout)["ips"][0]["address"].split("/")[0]))
+    assert ips[0][1].startswith("10.244.1.") and ips[1][1].startswith("10.244.2.")
+    wait_for(lambda: "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico" in c.routes("node1"),
+             what="node1's vxlan route to node2's podCIDR via node2's derived VTEP")
+    assert c.ping(ips[0][0], ips[1][1]) and c.ping(ips[1][0], ips[0][1])
+    rx = int(lab.exec(lab.nodes[1].ns, "cat", "/sys/class/net/vxlan.calico/statistics/rx_packets").stdout)
+    assert rx > 0  # the pings really crossed the tunnel

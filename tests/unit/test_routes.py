@@ -165,3 +165,20 @@ def test_tunnel_block_is_first_block_in_mode_pool():
               BlockAffinity("10.66.0.0/26", "node1")]
     assert tunnel_block(NODES, pools, blocks, "node1", "vxlan") == "10.65.1.64/26"
     assert tunnel_block(NODES, pools, blocks, "node1", "ipip") is None
+
+
+def test_derived_vteps_route_vxlan_without_published_ones():
+    """Kubernetes mode: nobody can publish a VTEP, every agent derives the same ones."""
+    from felix_agent.calc.routes import with_derived_vteps
+
+    bare = [Node(n.name, n.ip) for n in NODES]
+    assert remote_routes(bare, [pool("vxlan")], BLOCKS, "node1") == frozenset()  # nothing published
+    derived = with_derived_vteps(bare, [pool("vxlan")], BLOCKS)
+    assert derived == with_vteps(NODES)  # exactly what each node would have published
+    got = remote_routes(derived, [pool("vxlan")], BLOCKS, "node1")
+    assert {(r.dst, r.gateway, r.dev) for r in got} == {
+        ("10.65.2.0/26", vtep_for("node2", "10.65.2.0/26")[0], "vxlan.calico"),
+        ("10.65.3.0/26", vtep_for("node3", "10.65.3.0/26")[0], "vxlan.calico")}
+    # A node that published its own VTEP keeps it.
+    published = [Node("node2", "192.168.100.12/24", vxlan_tunnel_addr="10.65.2.1", vxlan_tunnel_mac="02:00:00:00:00:02")]
+    assert with_derived_vteps(published, [pool("vxlan")], BLOCKS)[0].vxlan_tunnel_addr == "10.65.2.1"
