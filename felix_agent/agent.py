@@ -21,7 +21,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import metrics
 from .calc.cluster import Cluster
@@ -47,7 +47,6 @@ class Status:
     last_apply_seconds: float = 0.0
     last_error: str = ""
     applies: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Agent:
@@ -82,7 +81,6 @@ class Agent:
         self.node_ip = ""
         self.registrar = None  # main.NodeRegistrar in etcd mode
         self._pod_cidr_backend = None
-        self._last_plan = None
         # Nothing is written to the kernel before the first complete sync: a restarted
         # agent with a half-known model would otherwise tear down live pods' chains.
         self._synced_once = False
@@ -177,9 +175,6 @@ class Agent:
             await self.ipam.refresh()
         except Exception as e:  # the datastore may be down: IPAM keeps what it knows
             log.warning("IPAM refresh failed", extra=kv(error=e))
-        report = self.ipam.show()
-        metrics.IPAM_BLOCKS.set(len(report.blocks))
-        metrics.IPAM_ADDRESSES.set(len(report.allocations))
 
     # -- endpoint registry (the local API's view) -------------------------------------
 
@@ -333,7 +328,6 @@ class Agent:
                 next_resync = time.monotonic() + min(2.0, self.cfg.resync_interval)
                 continue
             self.health.programmed = self.status.in_sync
-            self._last_plan = plan
             if plan.errors:
                 log.warning("calc skipped bad input", extra=kv(errors="; ".join(plan.errors[:5])))
             if self.registrar is not None and self.status.in_sync:
@@ -348,15 +342,13 @@ class Agent:
             self._update_gauges()
 
     def _update_gauges(self) -> None:
-        metrics.ENDPOINTS.set(len(self._local_weps))
+        # Endpoint, IPAM and BGP gauges are read from /status at scrape time (metrics.py).
         metrics.POLICIES.set(len(self.cluster.policies))
 
     def status_dict(self) -> dict:
         """What `tortiectl status` shows (served at /status; called from the HTTP thread)."""
         st = self.status
         bgp = self.dataplane.bgp_status()
-        metrics.BGP_SESSIONS_UP.set(sum(1 for p in bgp if p.get("proto") == "BGP" and
-                                        "Established" in p.get("info", "")))
         ipam = (self.ipam.show({w.container_id for w in list(self._local_weps.values())})
                 if self.ipam is not None else None)
         return {

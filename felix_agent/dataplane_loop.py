@@ -257,11 +257,6 @@ class Dataplane:
         except Exception as e:  # birdc unreachable mid-restart: report, do not fail status
             return [{"name": "bird", "state": "unknown", "info": str(e)}]
 
-    def stop(self) -> None:
-        """Graceful shutdown changes nothing in the kernel: chains, ipsets, routes and BIRD
-        (a daemon of its own) stay, so pods keep their network while the agent restarts,
-        and the restarted agent adopts what it finds."""
-
 
 def _ipip_remote(r, pools) -> bool:
     """A unicast route to a block of an ipip pool (BIRD's to program when it runs)."""
