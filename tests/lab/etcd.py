@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -11,10 +12,29 @@ import time
 import urllib.request
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port BELOW the kernel's ephemeral range: a server stopped and
+    started again on its port (etcd restart tests) must not find it taken by some
+    outgoing connection's local port in between."""
+    lo, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randint(max(1024, lo - 12000), lo - 1)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 class Etcd:
@@ -49,7 +69,7 @@ class Etcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited ({self.proc.returncode}); see {self.log_path}")
+                raise RuntimeError(f"etcd exited ({self.proc.returncode}): {self._log_tail()}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
                     if b'"true"' in r.read():
@@ -58,6 +78,14 @@ class Etcd:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"etcd did not become healthy in {timeout}s; see {self.log_path}")
+
+    def _log_tail(self, n: int = 1500) -> str:
+        # The data dir (and this log) is removed at close: put the reason in the error.
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace").strip()
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
