@@ -7,7 +7,7 @@ Who does what:
   other ipam + agent     -> the binary runs the IPAM plugin, then sends the addresses
      ("agent_socket" set)   ("ips") to the agent, which wires and programs the endpoint.
   other ipam, no agent   -> the binary runs the IPAM plugin and the plumbing itself.
-The plumbing module (pyroute2) is imported only on that last path; the IPAM delegation,
+The plumbing module (netlink, ipaddress) is imported only on that last path; the IPAM delegation,
 the attachment records and the veth naming only where a command needs them, so the
 agent path (a new process for every pod) imports little beyond json and _socket.
 """
@@ -97,7 +97,7 @@ def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) 
         if conf.uses_agent:
             res = _agent_result(_agent(conf, _request("ADD", conf, env, ips), (nsfd,)))
         else:
-            from . import plumbing as wiring  # pyroute2: only here, never on the agent path
+            from . import plumbing as wiring  # only here, never on the agent path
             info = wiring.setup(nsfd, env.ifname, att.host_ifname, ips, conf.mtu, sandbox=env.netns)
             plumbing = wiring  # setup() undoes itself when it fails; after this, we undo
             res = build_result(conf, env, info, ips, ipam_res.dns)

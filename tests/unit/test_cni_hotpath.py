@@ -102,3 +102,12 @@ def test_jsoncodec_refuses_what_json_cannot_encode():
     loop.append(loop)
     with pytest.raises(ValueError):
         jsoncodec.dumps(loop)
+
+
+def test_the_no_agent_plumbing_path_imports_no_pyroute2():
+    """Without an agent the binary runs cni_plugin.plumbing itself; it speaks rtnetlink on
+    its own socket (cni_plugin/rtnl.py) and leaves pyroute2 (110-140 ms to import, plus
+    asyncio) to CHECK.  The teardown of an absent attachment below really asks the kernel
+    (RTM_GETLINK needs no root); the full ADD/DEL is tests/integration/test_plumbing_rtnl.py."""
+    loaded = _modules_after("from cni_plugin import plumbing; plumbing.teardown(None, 'eth0', 'calinosuchif0')")
+    assert not {m for m in loaded if m.split(".")[0] in ("pyroute2", "asyncio", "threading")}, sorted(loaded)
