@@ -13,6 +13,9 @@
 #    plugin needs none of them: it never uses multiprocessing (pyroute2's netns helper
 #    processes are avoided by creating netlink sockets with setns), nor pkgutil/inspect
 #    on frozen modules.  The command line cannot drop hooks, hence the generated spec.
+#  - no ctypes package: PyInstaller's bootstrap imports ctypes at every start when the
+#    bundle has it (~1.6 ms); cni_plugin/nsutil.py calls setns through _ctypes instead.
+#    No pyroute2 either: the plumbing speaks netlink through cni_plugin/rtnl.py.
 #  - not worth it (measured, no difference beyond noise): optimize=1/2, -X frozen_modules.
 # The rest is in the code: the agent path imports no json, re, logging, socket,
 # dataclasses, ipaddress or hashlib (cni_plugin/main.py, jsoncodec.py, records.py).
@@ -53,7 +56,7 @@ cat > "build/$NAME.spec" <<SPEC
 a = Analysis(
     [r'$ENTRY'],
     pathex=[r'$ROOT'],
-    excludes=['kubernetes', 'aetcd', 'grpc', 'yaml', 'felix_agent', 'tkinter'],
+    excludes=['kubernetes', 'aetcd', 'grpc', 'yaml', 'felix_agent', 'tkinter', 'ctypes', 'pyroute2'],
     noarchive=True,
 )
 SLOW_HOOKS = ('pyi_rth_inspect', 'pyi_rth_pkgutil', 'pyi_rth_multiprocessing')

@@ -1,6 +1,8 @@
 """The CNI plugin driven the way a runtime drives it: env + stdin, inside the node's
 namespace, CNI_NETNS=/var/run/netns/<pod ns>, host-local IPAM with a per-test dataDir.
 Runs the built dist/tortie and `python -m cni_plugin`."""
+import os
+import sys
 import json
 
 import pytest
@@ -160,3 +162,15 @@ def test_version_and_status(make_lab, tmp_path, runner):
     r = net.run("STATUS", None, net.conf(ipam={"type": "no-such-ipam"}))
     assert r.returncode != 0 and r.output["code"] == 50
     assert json.dumps(r.output)  # the error is JSON
+
+
+def test_the_bundle_leaves_out_what_would_slow_every_start(tortie_binary):
+    """PyInstaller's bootstrap imports ctypes at every start when the bundle holds the
+    package (~1.6 ms a call), and pyroute2 is not needed since the plumbing speaks netlink
+    itself (cni_plugin/rtnl.py).  setns goes through the _ctypes extension, which must be
+    there: test_add_check_del runs the built binary's own plumbing through it."""
+    internal = os.path.join(os.path.dirname(os.path.realpath(tortie_binary)), "_internal")
+    names = set(os.listdir(internal))
+    assert "ctypes" not in names and "pyroute2" not in names, sorted(names & {"ctypes", "pyroute2"})
+    dynload = os.listdir(os.path.join(internal, f"python{sys.version_info[0]}.{sys.version_info[1]}", "lib-dynload"))
+    assert any(n.startswith("_ctypes.") for n in dynload)
