@@ -43,6 +43,7 @@ from cni_plugin.result import Interface, IPConfig, Result, Route
 from . import metrics
 from .ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
 from .model import WorkloadEndpoint
+from .retired_links import RetiredLinkReaper
 
 log = logging.getLogger("tortie.localapi")
 
@@ -443,6 +444,11 @@ class CNIService:
         # Requests for one host veth run one at a time: a runtime's retried ADD, or a late
         # DEL of an old sandbox racing the ADD of its successor, must not interleave.
         self._veth_locks = KeyedLocks()
+        # DEL retires the host veth and a reaper deletes it later (felix_agent/retired_links.py);
+        # a plumbing without retire() (a test double) tears down synchronously.
+        self._retire = getattr(plumbing, "retire", None)
+        reap = getattr(plumbing, "reap_retired", None)
+        self.reaper = RetiredLinkReaper(reap, executor) if self._retire and reap else None
 
     async def handle(self, req: CNIRequest, netns_fd: int | None) -> dict:
         if req.command in NEEDS_ATTACHMENT:
@@ -558,7 +564,10 @@ class CNIService:
             return
         try:
             with step("teardown"):
-                await self._run(self.plumbing.teardown, None, ifname, host_if)
+                if self.reaper is not None and await self._run(self._retire, host_if):
+                    self.reaper.notify()
+                else:  # no host veth left (a repeated DEL), or no reaper: the synchronous path
+                    await self._run(self.plumbing.teardown, None, ifname, host_if)
         except Exception as e:  # noqa: BLE001
             raise _as_cni_error(e, "DEL") from None
         wl_ns, wl_pod = _k8s_or_default(namespace, pod, container_id)

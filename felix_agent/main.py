@@ -135,7 +135,10 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
-    api = LocalAPI(cfg.socket_path, CNIService(ipam, agent, cfg.name, executor))
+    service = CNIService(ipam, agent, cfg.name, executor)
+    if service.reaper is not None:
+        await service.reaper.flush()  # veths retired by DELs just before a crash or restart
+    api = LocalAPI(cfg.socket_path, service)
     await api.start()
     log.info("local API listening", extra=kv(socket=cfg.socket_path))
 
@@ -151,6 +154,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
             log.error("a core task died", extra=kv(task=t.get_name(), error=repr(t.exception())))
     log.info("shutting down; the dataplane stays in place")
     await api.stop()
+    if service.reaper is not None:
+        await service.reaper.flush()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

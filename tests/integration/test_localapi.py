@@ -160,6 +160,13 @@ def test_add_wires_the_pod_after_registering_and_del_cleans_up(harness):
 
         assert await h.call("DEL", pod_ns, "web-0", "cid1", send_fd=False) == {}
         assert host_if not in h.links(h.node.ns)
+        # The veth was retired (down, renamed), not yet destroyed: the pod has lost its carrier
+        # at once, and the reaper deletes the pair shortly after (felix_agent/retired_links.py).
+        assert "NO-CARRIER" in h.lab.exec(pod_ns, "ip", "link", "show", "eth0", check=False).stdout or \
+            "eth0" not in h.links(pod_ns)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "eth0" in h.links(pod_ns) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         assert "eth0" not in h.links(pod_ns)
         assert h.ipam.allocations() == []
         assert h.registry.calls[-1] == ("unregister", "default", "web-0")
