@@ -189,14 +189,23 @@ class Agent:
         self._startup_ifaces = set(names)
 
     async def register(self, wep: WorkloadEndpoint) -> None:
-        """Record a local endpoint and return once its policy is programmed."""
+        """Record a local endpoint and return once its policy is programmed (and the
+        endpoint published, or queued for the publisher when the datastore is away).
+
+        The etcd write and the dataplane pass already overlap: the loop is woken before the
+        write is awaited, and waiting for the pass checks a level (applied_generation), so
+        the ADD waits for the slower of the two, not their sum.  Order that must hold: the
+        pod's labels are learnt before the endpoint enters the model (the pass programs the
+        right policy); a write that fails while the agent has never synced fails the ADD
+        before any wait (there is no policy to program the pod with: that pass never comes);
+        once synced, a failed write only marks the endpoint for the publisher."""
         t0 = time.monotonic()
         await self._learn_pod(wep.namespace, wep.pod)
         t_learn = time.monotonic()
         self._local_weps[wep.key] = wep
         self._inject(Update("WorkloadEndpoint", wep.key, wep))
         target = self.generation
-        self.queue.put_nowait(None)  # wake the loop
+        self.queue.put_nowait(None)  # wake the loop: its pass runs while we write to etcd
         if self.store is not None:
             try:
                 await self.store.put_record(wep)

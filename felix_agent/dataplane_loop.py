@@ -173,19 +173,21 @@ class Dataplane:
         ipsets_due = due("ipsets", st.ipsets)
         if ipsets_due:
             self.ipsets.set_desired(st.ipsets)
-            up = timed("ipsets", self.ipsets.apply_updates)
+            up = timed("ipsets", lambda: self.ipsets.apply_updates(full))
             if up:
                 summary["ipsets"] = str(up)
         for t in TABLES:
             want = (st.chains.get(t, {}), tuple(h for h in st.hooks if h.table == t))
             if due(f"iptables-{t}", want):
                 self.tables[t].set_desired(want[0], list(want[1]))
-                ch = timed(f"iptables-{t}", self.tables[t].apply)
+                # Between resyncs the table plans against its own view of what it wrote
+                # (no iptables-save); a full pass reads the table and repairs drift.
+                ch = timed(f"iptables-{t}", lambda t=t: self.tables[t].apply(full=full))
                 if ch:
                     summary[f"iptables_{t}"] = str(ch)
                 done(f"iptables-{t}", want)
         if ipsets_due:
-            dels = timed("ipsets", self.ipsets.apply_deletions)
+            dels = timed("ipsets", lambda: self.ipsets.apply_deletions(full))
             if dels:
                 summary["ipsets_deleted"] = str(dels)
             if not (getattr(up, "failed", None) or getattr(dels, "failed", None)):

@@ -16,9 +16,19 @@ in `failed` and left alone (the calc names sets so that this does not happen).
 
 ipset restore stops at the first refused line and keeps what it did before, so a bad
 member is refused in set_desired() (clear error, nothing changed) rather than mid-batch.
+
+Between resyncs the driver trusts its own view, like the iptables tables: after a
+successful restore it knows every set of ours and its members, so the phases called with
+full=False plan against that view instead of running `ipset save` / `ipset list -n` (whose
+output grows with every member on the node).  A set edited, created or destroyed by
+someone else between resyncs is seen and repaired on the next full pass (the resync timer).
+A batch planned from a stale view that the kernel refuses (e.g. adding to a set someone
+destroyed) drops the view and is re-planned from a fresh read in the same call; any other
+failure drops the view too, so the next pass reads.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -48,10 +58,12 @@ def _dims(set_type: str) -> list[str]:
     return set_type.split(":", 1)[1].split(",")
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_member(member: str, set_type: str, family: str) -> str:
     """The form `ipset save` prints for a member, so desired and actual compare equal.
 
     Raises ValueError for a member the set cannot hold (wrong family, bad address, ...).
+    Cached: the same members come back on every pass, and ipaddress parsing is slow.
     """
     parts = member.strip().split(",")
     dims = _dims(set_type)
@@ -116,7 +128,7 @@ class SavedSet:
     type: str
     family: str
     maxelem: int
-    members: set[str] = field(default_factory=set)
+    members: set[str] | frozenset[str] = field(default_factory=set)
 
 
 def parse_save(text: str, prefix: str | None = None) -> dict[str, SavedSet]:
@@ -166,9 +178,15 @@ class IpsetChanges:
         return self.changed
 
 
+def _maxelem(s: IpSet, n_members: int) -> int:
+    """The maxelem we create a set with (what `ipset save` then prints; 65536, the
+    parser's default, for a bitmap, which has none)."""
+    return max(MAXELEM, n_members) if s.type.startswith("hash:") else 65536
+
+
 def _create_line(name: str, s: IpSet, n_members: int) -> str:
     extra = f" family {s.family}" if not s.type.startswith("bitmap:") else " range 0-65535"
-    maxelem = f" maxelem {max(MAXELEM, n_members)}" if s.type.startswith("hash:") else ""
+    maxelem = f" maxelem {_maxelem(s, n_members)}" if s.type.startswith("hash:") else ""
     return f"create {name} {s.type}{extra}{maxelem}"
 
 
@@ -214,6 +232,8 @@ def plan_updates(prefix: str, actual: dict[str, SavedSet], desired: dict[str, Ip
             ch.members_added += len(want)
             ch.members_removed += len(have.members)
             continue
+        if have.members is want:  # the cached view holds the very set we applied last
+            continue
         add = want - have.members
         rm = have.members - want
         if add or rm:
@@ -223,6 +243,26 @@ def plan_updates(prefix: str, actual: dict[str, SavedSet], desired: dict[str, Ip
             lines.extend(f"del {name} {m}" for m in sorted(rm))
             lines.extend(f"add {name} {m}" for m in sorted(add))
     return lines, ch
+
+
+def advance_updates(prefix: str, actual: dict[str, SavedSet], desired: dict[str, IpSet],
+                    members: dict[str, frozenset[str]], changes: IpsetChanges) -> dict[str, SavedSet]:
+    """Our sets as they are after plan_updates()'s batch (with these `changes`) was
+    restored successfully: every desired set it did not leave alone holds exactly its
+    desired members.  A new dict; `actual` is not changed."""
+    out = dict(actual)
+    for name, s in desired.items():
+        if name in changes.failed:
+            continue
+        want = members[name]
+        have = actual.get(name)
+        if have is None or name in changes.recreated:
+            out[name] = SavedSet(name, s.type, s.family, _maxelem(s, len(want)), want)
+            if have is not None and swap_compatible(have.type, have.family, s.type, s.family):
+                out.pop(temp_name(prefix, name), None)  # built, swapped in, destroyed
+        elif have.members is not want:
+            out[name] = SavedSet(name, s.type, s.family, have.maxelem, want)
+    return out
 
 
 # --- the driver -----------------------------------------------------------------------
@@ -238,11 +278,16 @@ class IpsetDriver:
         self._lock = threading.Lock()
         self._desired: dict[str, IpSet] = {}
         self._members: dict[str, frozenset[str]] = {}
+        # Our sets as they are after our last successful restore (None: read before planning).
+        self._view: dict[str, SavedSet] | None = None
+        self.reads = 0  # `ipset save` / `ipset list -n` runs, for tests and figures
         self.last_batch = ""
 
     def set_desired(self, sets: dict[str, IpSet]) -> None:
         """Replace the desired sets.  Raises ValueError on bad input, keeping the old state."""
         members: dict[str, frozenset[str]] = {}
+        with self._lock:
+            old, old_members = self._desired, self._members
         for key, s in sets.items():
             if not isinstance(s, IpSet):
                 raise ValueError(f"{key!r}: {s!r} is not an IpSet")
@@ -261,6 +306,11 @@ class IpsetDriver:
                 raise ValueError(f"set {s.name}: family must be inet or inet6, not {s.family!r}")
             if s.type.startswith("bitmap:") and s.family != "inet":
                 raise ValueError(f"set {s.name}: {s.type} has no family; leave it at 'inet'")
+            prev = old.get(key)
+            if prev is not None and (prev is s or prev == s):
+                # Unchanged: keep the same frozenset, so planning can skip it by identity.
+                members[s.name] = old_members[s.name]
+                continue
             try:
                 members[s.name] = frozenset(canonical_member(m, s.type, s.family) for m in s.members)
             except ValueError as e:
@@ -270,7 +320,13 @@ class IpsetDriver:
             self._members = members
 
     def read(self) -> dict[str, SavedSet]:
+        self.reads += 1
         return parse_save(run(["ipset", "save"], netns=self.netns).stdout, self.prefix)
+
+    def forget(self) -> None:
+        """Drop the cached view: the next phase reads whatever `full` says."""
+        with self._lock:
+            self._view = None
 
     def referenced(self) -> set[str]:
         """Our sets with a non-zero reference count (in use by iptables rules)."""
@@ -289,34 +345,54 @@ class IpsetDriver:
         self.last_batch = "\n".join(lines) + "\n"
         run(["ipset", "restore", "-exist"], netns=self.netns, input=self.last_batch)
 
-    def apply_updates(self) -> IpsetChanges:
-        """Phase 1 (before iptables): create missing sets, fix members, swap changed kinds."""
+    def apply_updates(self, full: bool = True) -> IpsetChanges:
+        """Phase 1 (before iptables): create missing sets, fix members, swap changed kinds.
+        full=False plans against the cached view when there is one."""
         with self._lock:
-            actual = self.read()
-            referenced = None
-            needs_refs = any(
-                (a := actual.get(n)) is not None and (a.type, a.family) != (s.type, s.family)
-                and not swap_compatible(a.type, a.family, s.type, s.family)
-                for n, s in self._desired.items())
-            if needs_refs:
-                referenced = self.referenced()
-            lines, ch = plan_updates(self.prefix, actual, self._desired, self._members, referenced)
-            if lines:
-                self._restore(lines)
-                ch.restore_calls = 1
-            for name, why in ch.failed.items():
-                log.error("ipset %s not updated: %s", name, why)
-            return ch
+            use_view = not full and self._view is not None
+            while True:
+                actual = self._view if use_view else self.read()
+                self._view = None  # until this phase has succeeded
+                referenced = None
+                needs_refs = any(
+                    (a := actual.get(n)) is not None and (a.type, a.family) != (s.type, s.family)
+                    and not swap_compatible(a.type, a.family, s.type, s.family)
+                    for n, s in self._desired.items())
+                if needs_refs:
+                    referenced = self.referenced()
+                lines, ch = plan_updates(self.prefix, actual, self._desired, self._members, referenced)
+                if lines:
+                    try:
+                        self._restore(lines)
+                    except CommandError as e:
+                        if not use_view:
+                            raise
+                        # Someone changed our sets since the view was made: read and redo
+                        # (restore keeps what it did before the refused line; the read sees it).
+                        log.warning("ipset restore planned from the cached view failed, re-reading: %s", e)
+                        use_view = False
+                        continue
+                    ch.restore_calls = 1
+                    actual = advance_updates(self.prefix, actual, self._desired, self._members, ch)
+                self._view = actual
+                for name, why in ch.failed.items():
+                    log.error("ipset %s not updated: %s", name, why)
+                return ch
 
-    def apply_deletions(self) -> IpsetChanges:
+    def apply_deletions(self, full: bool = True) -> IpsetChanges:
         """Phase 2 (after iptables): destroy our sets that are no longer desired.
 
         A set still referenced by some rule is skipped and reported in `failed`; the
-        rest are destroyed in one batch.
+        rest are destroyed in one batch.  full=False takes the names of our sets from
+        the cached view when there is one.
         """
         with self._lock:
             ch = IpsetChanges()
-            names = run(["ipset", "list", "-n"], netns=self.netns).stdout.split()
+            if not full and self._view is not None:
+                names = list(self._view)
+            else:
+                self.reads += 1
+                names = run(["ipset", "list", "-n"], netns=self.netns).stdout.split()
             stale = sorted(n for n in names if n.startswith(self.prefix) and n not in self._desired)
             if not stale:
                 return ch
@@ -332,15 +408,18 @@ class IpsetDriver:
                 except CommandError as e:  # raced with a new reference: next apply retries
                     log.warning("destroying stale ipsets failed: %s", e)
                     ch.failed.update({n: str(e) for n in doomed})
+                    self._view = None  # some may be gone: the next pass reads
                     return ch
                 ch.restore_calls = 1
                 ch.destroyed = doomed
+                if self._view is not None:
+                    self._view = {n: v for n, v in self._view.items() if n not in doomed}
             return ch
 
-    def apply(self) -> IpsetChanges:
+    def apply(self, full: bool = True) -> IpsetChanges:
         """Both phases, for callers with no iptables rules in between (tests, tools)."""
-        up = self.apply_updates()
-        down = self.apply_deletions()
+        up = self.apply_updates(full)
+        down = self.apply_deletions(full)
         up.destroyed, up.restore_calls = down.destroyed, up.restore_calls + down.restore_calls
         up.failed.update(down.failed)
         return up

@@ -18,16 +18,32 @@ except our own hook rules at the top of the built-in chains.
 
 Limitation (documented, as in Felix): a rule edited by hand that keeps our exact comment
 id is not noticed; deleted, moved or added rules, and whole chains, are put back.
+
+Between resyncs the table trusts its own view (as Felix's Table does): after a successful
+restore it knows exactly which ids its chains and hooks hold, so an incremental apply
+(full=False, the agent's passes between resync timer ticks) plans against that view and
+runs no `-save`, and only re-checks the chains whose rules changed since the view was
+made.  What can make the view stale, and what happens then:
+  - someone edits, flushes or deletes our chains or hooks between resyncs: not seen until
+    the next full apply (the resync timer), which reads the table and repairs it.  Until
+    then an edit planned on the stale view either fails (a rule number out of range, a
+    chain that is gone: the view is dropped and the batch re-planned from a fresh read,
+    in the same apply) or lands on the edited chain by position; the resync repairs it.
+  - a foreign rule starts jumping to a chain we delete: the `-X` fails, same re-read.
+  - built-in chains are shared with other writers (kube-proxy inserts at the top), so hook
+    edits are never planned from the view: a pass that must move hooks reads first.
+Any failed restore, and any exception, drops the view; a full apply always reads.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import re
-import functools
 import shlex
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ..calc.desired import Hook
@@ -49,6 +65,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
 RESTORE_ATTEMPTS = 2  # a batch built from a stale read (someone edited in between) is retried once
+# (a batch built from the cached view gets one more attempt: its failure costs no read)
 LOCK_WAIT_SECONDS = 10
 
 _CHAIN_RE = re.compile(r"^cali-[A-Za-z0-9_.:+-]+$")
@@ -269,8 +286,12 @@ class TableChanges:
 
 
 def plan(table: str, saved: SavedTable, chains: dict[str, list[tuple[str, str]]],
-         hooks: list[Hook]) -> tuple[list[str], TableChanges]:
-    """The restore lines (without *table/COMMIT) that bring `saved` to the desired state."""
+         hooks: list[Hook], in_sync: Collection[str] = ()) -> tuple[list[str], TableChanges]:
+    """The restore lines (without *table/COMMIT) that bring `saved` to the desired state.
+
+    `in_sync`: chains the caller knows `saved` already holds exactly as desired (the
+    cached view, for chains whose rules did not change); they are not diffed.
+    """
     ch = TableChanges(table)
     declare: list[str] = []
     hook_lines: list[str] = []
@@ -280,6 +301,8 @@ def plan(table: str, saved: SavedTable, chains: dict[str, list[tuple[str, str]]]
 
     existing_ours = [c for c in saved.chains if is_ours(c) and saved.policies.get(c) == "-"]
     for name, rules in chains.items():
+        if name in in_sync:
+            continue
         if name not in saved.policies:
             declare.append(f":{name} - [0:0]")
             ch.chains_created.append(name)
@@ -329,13 +352,43 @@ def plan(table: str, saved: SavedTable, chains: dict[str, list[tuple[str, str]]]
     return declare + hook_lines + edit_lines + fill_lines + cleanup, ch
 
 
+def advance(saved: SavedTable, chains: dict[str, list[tuple[str, str]]], hooks: list[Hook],
+            changes: TableChanges) -> SavedTable:
+    """`saved` as it is after the batch plan() made from it (with these `changes`) was
+    restored successfully.  Updated in place (only what the batch touched) and returned.
+
+    Our chains then hold exactly the desired ids, the rewritten built-in chains our hooks
+    on top followed by their other rules; stale chains are gone or (kept for a foreign
+    reference) empty.  Rule bodies are stored as we wrote them, not as `-save` would
+    print them: planning needs only the ids and, in built-in chains, the jump targets.
+    """
+    for name in (*changes.chains_created, *changes.chains_updated):
+        saved.policies.setdefault(name, "-")
+        saved.rules[name] = [SavedRule(name, tagged(rid, body), rid) for rid, body in chains[name]]
+    for b in changes.hooks_rewritten:
+        others = [r for r in saved.rules.get(b, []) if not is_our_hook_rule(r)]
+        ours = [SavedRule(b, tagged(hook_id(h), f"-j {h.target}"), hook_id(h)) for h in hooks if h.builtin == b]
+        saved.rules[b] = ours + others
+    # Stale chains were flushed, then deleted or (a foreign rule jumps there) kept empty;
+    # a stale chain that was empty already is in neither list and stays as it was.
+    for c in changes.chains_deleted:
+        saved.policies.pop(c, None)
+        saved.rules.pop(c, None)
+    for c in changes.chains_flushed_kept:
+        saved.rules[c] = []
+    return saved
+
+
 # --- the driver -----------------------------------------------------------------------
 
 class IptablesTable:
     """Reconciles one iptables table (of one IP version, in one namespace).
 
-    set_desired() validates and stores; apply() reads `<backend>-save -t <table>` once,
-    diffs, and writes the difference in one `<backend>-restore --noflush` call.
+    set_desired() validates (only the chains whose rules changed) and stores.  apply()
+    plans against the table's contents, computes the difference and writes it in one
+    `<backend>-restore --noflush` call.  apply(full=True) reads `<backend>-save -t <table>`
+    first and repairs whatever drifted; apply(full=False) plans against the view kept from
+    the last successful apply when there is one (see the module docstring).
     Thread-safe: one lock serialises set_desired() and apply().
     """
 
@@ -350,7 +403,13 @@ class IptablesTable:
         self.restore_cmd = command(backend, "restore", ip_version)
         self._lock = threading.Lock()
         self._chains: dict[str, list[tuple[str, str]]] = {}
+        self._checked: dict[str, CheckedChain] = {}  # the accepted desired chains, for re-validation
         self._hooks: list[Hook] = []
+        # The table as it is after our last successful apply, and the desired rule lists
+        # (by identity: set_desired() keeps the list of an unchanged chain) it was made from.
+        self._view: SavedTable | None = None
+        self._view_of: dict[str, list[tuple[str, str]]] = {}
+        self.reads = 0  # `-save` runs, for tests and figures
         self.last_batch: str = ""  # the last restore input, for logs and tests
 
     # -- desired state --
@@ -358,41 +417,71 @@ class IptablesTable:
     def set_desired(self, chains: dict[str, tuple[str, ...]], hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         """Replace the whole desired state of this table.  Raises ValueError on bad input
         (leaving the previous desired state in place)."""
-        validated = validate(self.table, chains, hooks)
         with self._lock:
-            self._chains = validated
+            known = self._checked
+        checked = check_chains(self.table, chains, hooks, known)
+        with self._lock:
+            self._checked = checked
+            self._chains = {name: c.rules for name, c in checked.items()}
             self._hooks = list(hooks)
 
     # -- reading --
 
     def read(self) -> SavedTable:
+        self.reads += 1
         res = run([self.save_cmd, "-t", self.table], netns=self.netns)
         return parse_save(res.stdout, self.table)
 
+    def forget(self) -> None:
+        """Drop the cached view: the next apply reads the table whatever `full` says."""
+        with self._lock:
+            self._view = None
+
     # -- reconciling --
 
-    def apply(self) -> TableChanges:
+    def apply(self, full: bool = True) -> TableChanges:
         with self._lock:
+            use_view = not full and self._view is not None
             last_error: CommandError | None = None
-            for attempt in range(RESTORE_ATTEMPTS):
-                saved = self.read()
-                lines, changes = plan(self.table, saved, self._chains, self._hooks)
+            for attempt in range(RESTORE_ATTEMPTS + (1 if use_view else 0)):
+                if use_view:
+                    saved = self._view
+                    in_sync = {n for n, rules in self._chains.items() if self._view_of.get(n) is rules}
+                else:
+                    self._view = None  # until this read-based apply succeeds
+                    saved = self.read()
+                    in_sync = set()
+                lines, changes = plan(self.table, saved, self._chains, self._hooks, in_sync)
+                if use_view and changes.hooks_rewritten:
+                    # Others insert into built-in chains too: positions there come from a read.
+                    use_view = False
+                    continue
                 if not lines:
+                    self._remember(saved)
                     return changes
                 batch = "\n".join([f"*{self.table}", *lines, "COMMIT", ""])
                 self.last_batch = batch
                 changes.batch_lines = len(lines)
+                self._view = None  # the batch may land or not: no view until we know
                 try:
                     run([self.restore_cmd, "--noflush", f"--wait={LOCK_WAIT_SECONDS}"],
                         netns=self.netns, input=batch)
                 except CommandError as e:
                     last_error = e
-                    log.warning("%s restore failed (attempt %d), re-reading: %s", self.table, attempt + 1, e)
+                    log.warning("%s restore failed (attempt %d, planned from %s), re-reading: %s", self.table,
+                                attempt + 1, "the cached view" if use_view else "a fresh read", e)
+                    use_view = False
                     continue
                 changes.restore_calls = 1
+                self._remember(advance(saved, self._chains, self._hooks, changes))
                 return changes
-            assert last_error is not None
+            if last_error is None:  # only possible with RESTORE_ATTEMPTS < 1
+                raise RuntimeError(f"{self.table}: no restore attempt made")
             raise last_error
+
+    def _remember(self, saved: SavedTable) -> None:
+        self._view = saved
+        self._view_of = dict(self._chains)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -402,34 +491,68 @@ def _words(body: str) -> tuple[str, ...]:
     return tuple(shlex.split(body))
 
 
-def validate(table: str, chains: dict[str, tuple[str, ...]],
-             hooks: list[Hook] | tuple[Hook, ...]) -> dict[str, list[tuple[str, str]]]:
-    """Check names and bodies; return chain -> [(id, body)]."""
-    out: dict[str, list[tuple[str, str]]] = {}
+@dataclass(frozen=True)
+class CheckedChain:
+    """One desired chain that passed the checks: its bodies as given, (id, body) pairs,
+    and the cali- chains its rules jump to (checked against the whole desired set)."""
+
+    bodies: tuple[str, ...]
+    rules: list[tuple[str, str]]
+    targets: frozenset[str]
+
+
+def check_chain(name: str, bodies: tuple[str, ...]) -> CheckedChain:
+    """Everything about one chain that does not depend on the other chains."""
+    if not isinstance(name, str) or not _CHAIN_RE.match(name):
+        raise ValueError(f"chain name {name!r} is not ours: chains must be named cali-* "
+                         "(letters, digits, _ . : + -)")
+    if len(name) > MAX_CHAIN_LEN:
+        raise ValueError(f"chain name {name!r} is {len(name)} characters; iptables allows {MAX_CHAIN_LEN}")
+    if isinstance(bodies, str):
+        raise ValueError(f"chain {name}: rules must be a tuple of rule bodies, not one string")
+    bodies = tuple(bodies)
+    targets = set()
+    for body in bodies:
+        if not isinstance(body, str):
+            raise ValueError(f"chain {name}: rule body {body!r} is not a string")
+        if "\n" in body or "\0" in body or "\r" in body:
+            raise ValueError(f"chain {name}: rule body {body!r} spans lines")
+        try:
+            words = _words(body)
+        except ValueError as e:
+            raise ValueError(f"chain {name}: rule body {body!r}: {e}") from None
+        if words and words[0] in ("-A", "-I", "-D", "-R", "-N", "-X", "-F", "-P"):
+            raise ValueError(f"chain {name}: rule body {body!r} must be the text after '-A {name} '")
+        for i, w in enumerate(words[:-1]):
+            if w in ("-j", "-g", "--jump", "--goto") and is_ours(words[i + 1]):
+                targets.add(words[i + 1])
+    return CheckedChain(bodies, list(zip(chain_rule_ids(name, bodies), bodies)), frozenset(targets))
+
+
+def check_chains(table: str, chains: dict[str, tuple[str, ...]], hooks: list[Hook] | tuple[Hook, ...],
+                 known: dict[str, CheckedChain] | None = None) -> dict[str, CheckedChain]:
+    """Check names, bodies and hooks; chain -> CheckedChain.
+
+    `known` (the last accepted result) saves re-checking chains whose bodies are unchanged:
+    a chain's own checks depend only on its name and bodies, and its jump targets are
+    checked against the new set of chains every time, so the result is as strict as
+    checking everything."""
+    known = known or {}
+    out: dict[str, CheckedChain] = {}
     for name, bodies in chains.items():
-        if not isinstance(name, str) or not _CHAIN_RE.match(name):
-            raise ValueError(f"chain name {name!r} is not ours: chains must be named cali-* "
-                             "(letters, digits, _ . : + -)")
-        if len(name) > MAX_CHAIN_LEN:
-            raise ValueError(f"chain name {name!r} is {len(name)} characters; iptables allows {MAX_CHAIN_LEN}")
-        if isinstance(bodies, str):
-            raise ValueError(f"chain {name}: rules must be a tuple of rule bodies, not one string")
-        for body in bodies:
-            if not isinstance(body, str):
-                raise ValueError(f"chain {name}: rule body {body!r} is not a string")
-            if "\n" in body or "\0" in body or "\r" in body:
-                raise ValueError(f"chain {name}: rule body {body!r} spans lines")
-            try:
-                words = _words(body)
-            except ValueError as e:
-                raise ValueError(f"chain {name}: rule body {body!r}: {e}") from None
-            if words and words[0] in ("-A", "-I", "-D", "-R", "-N", "-X", "-F", "-P"):
-                raise ValueError(f"chain {name}: rule body {body!r} must be the text after '-A {name} '")
-            for i, w in enumerate(words[:-1]):
-                if w in ("-j", "-g", "--jump", "--goto") and is_ours(words[i + 1]) and words[i + 1] not in chains:
-                    raise ValueError(f"chain {name}: rule {body!r} jumps to {words[i + 1]}, "
-                                     "which is not among the desired chains")
-        out[name] = list(zip(chain_rule_ids(name, tuple(bodies)), bodies))
+        prev = known.get(name)
+        if prev is not None and (prev.bodies is bodies or prev.bodies == bodies):
+            out[name] = prev
+        else:
+            out[name] = check_chain(name, bodies)
+    names = frozenset(out)  # once: `targets - out.keys()` would copy the keys for every chain
+    for name, c in out.items():
+        if c.targets and not c.targets <= names:
+            missing = c.targets - names
+            target = sorted(missing)[0]
+            body = next(b for b in c.bodies if target in _words(b))
+            raise ValueError(f"chain {name}: rule {body!r} jumps to {target}, "
+                             "which is not among the desired chains")
     seen = set()
     for h in hooks:
         if not isinstance(h, Hook):
@@ -447,7 +570,14 @@ def validate(table: str, chains: dict[str, tuple[str, ...]],
     return out
 
 
+def validate(table: str, chains: dict[str, tuple[str, ...]],
+             hooks: list[Hook] | tuple[Hook, ...]) -> dict[str, list[tuple[str, str]]]:
+    """Check names and bodies; return chain -> [(id, body)]."""
+    return {name: c.rules for name, c in check_chains(table, chains, hooks).items()}
+
+
 __all__ = [
-    "BackendError", "Edit", "IptablesTable", "SavedRule", "SavedTable", "TableChanges", "chain_rule_ids",
-    "diff_chain", "diff_hooks", "hook_id", "parse_save", "plan", "rule_id", "tagged", "validate",
+    "BackendError", "CheckedChain", "Edit", "IptablesTable", "SavedRule", "SavedTable", "TableChanges",
+    "advance", "chain_rule_ids", "check_chain", "check_chains", "diff_chain", "diff_hooks", "hook_id",
+    "parse_save", "plan", "rule_id", "tagged", "validate",
 ]

@@ -1,5 +1,7 @@
 """IptablesTable against real iptables (both backends) inside a lab node namespace."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from felix_agent.calc.desired import Hook
 from felix_agent.dataplane import cmd as cmd_mod
@@ -258,3 +260,114 @@ def test_both_backends_in_one_namespace_stay_separate(node):
     legacy.set_desired({}, [])
     assert legacy.apply().chains_deleted == ["cali-L"]
     assert "cali-N" in save(lab, ns, "nft")
+
+
+# --- between resyncs: planning against the table's own view --------------------------------
+
+def our_ids(lab, ns, backend):
+    """chain -> ids for our chains and the built-in chains (what the driver manages)."""
+    t = parse_save(save(lab, ns, backend), "filter")
+    return {c: [r.rule_id for r in rules] for c, rules in t.rules.items() if c.startswith("cali-") or rules}
+
+
+def with_pods(n: int) -> dict:
+    """CHAINS plus a dispatch chain with one rule per pod, as ADDs grow it."""
+    chains = dict(CHAINS)
+    chains["cali-INPUT"] = CHAINS["cali-INPUT"] + ("-j cali-disp",)
+    chains["cali-disp"] = tuple(f"-i cali{i:011x} -j ACCEPT" for i in range(n))
+    return chains
+
+
+def test_incremental_applies_do_not_read_the_table(node, monkeypatch):
+    lab, ns = node
+    t = IptablesTable("filter", "nft", netns=ns)
+    t.set_desired(with_pods(0), HOOKS)
+    t.apply(full=True)
+    spy = RunSpy(monkeypatch)
+    for n in (1, 2, 3, 1):  # pods come and go
+        t.set_desired(with_pods(n), HOOKS)
+        assert t.apply(full=False).changed
+    assert [c for c in spy.calls if c.endswith("-save")] == [] and len(spy.restores()) == 4
+    assert ids(lab, ns, "nft", "cali-disp") == chain_rule_ids("cali-disp", with_pods(1)["cali-disp"])
+    # A full pass reads, finds the table as the view said, and writes nothing.
+    assert not t.apply(full=True) and spy.calls[4:] == ["iptables-nft-save"]
+
+
+def test_foreign_edit_between_resyncs_is_repaired_at_the_next_full_pass(node):
+    lab, ns = node
+    t = IptablesTable("filter", "nft", netns=ns)
+    t.set_desired(with_pods(2), HOOKS)
+    t.apply(full=True)
+    ipt(lab, ns, "nft", "-F", "cali-OUTPUT")  # someone flushes one of our chains ...
+    ipt(lab, ns, "nft", "-D", "INPUT", "1")  # ... and removes a hook
+    t.set_desired(with_pods(3), HOOKS)
+    reads = t.reads
+    assert t.apply(full=False).chains_updated == ["cali-disp"]
+    assert t.reads == reads  # not read: the edits are not seen yet (as in Felix) ...
+    assert ids(lab, ns, "nft", "cali-OUTPUT") == [] and ids(lab, ns, "nft", "INPUT") == []
+    ch = t.apply(full=True)  # ... until the resync
+    assert ch.chains_updated == ["cali-OUTPUT"] and ch.hooks_rewritten == ["INPUT"]
+    for chain, bodies in with_pods(3).items():
+        assert ids(lab, ns, "nft", chain) == chain_rule_ids(chain, bodies)
+    assert ids(lab, ns, "nft", "INPUT") == [hook_id(HOOKS[0])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restore_refused_on_a_stale_view_is_reread_and_retried(node, backend, monkeypatch):
+    lab, ns = node
+    t = IptablesTable("filter", backend, netns=ns)
+    t.set_desired(with_pods(3), HOOKS)
+    t.apply(full=True)
+    ipt(lab, ns, backend, "-F", "cali-disp")  # behind our back: the view still says 3 rules
+    spy = RunSpy(monkeypatch)
+    t.set_desired(with_pods(2), HOOKS)  # the view plans "-D cali-disp 3": out of range now
+    ch = t.apply(full=False)
+    assert ch.changed
+    assert [c.rsplit("-", 1)[1] for c in spy.calls] == ["restore", "save", "restore"]
+    for chain, bodies in with_pods(2).items():
+        assert ids(lab, ns, backend, chain) == chain_rule_ids(chain, bodies)
+    assert not t.apply(full=True)
+
+
+def random_states():
+    names = [f"cali-r{i}" for i in range(5)]
+    bodies = ["-j ACCEPT", "-p tcp -j RETURN", "-s 10.0.0.1 -j DROP", "-p udp", "-i cali0 -j ACCEPT"]
+
+    @st.composite
+    def one(draw):
+        chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=4))
+        # jumps only to "later" chains: iptables refuses loops
+        chains = {c: tuple(draw(st.lists(st.sampled_from(bodies + [f"-j {o}" for o in chosen if o > c]),
+                                         max_size=4))) for c in chosen}
+        hooks = tuple(Hook("filter", b, c) for b, c in zip(("INPUT", "OUTPUT"), chosen) if draw(st.booleans()))
+        return chains, hooks
+    return st.lists(one(), min_size=1, max_size=5)
+
+
+@pytest.fixture
+def two_nodes(make_lab):
+    lab = make_lab(2)
+    a, b = (n.ns for n in lab.nodes)
+    return lab, IptablesTable("filter", "nft", netns=a), IptablesTable("filter", "nft", netns=b)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(states=random_states())
+def test_view_based_applies_end_like_reading_every_time(two_nodes, states):
+    """Node A's table trusts its view (full=False); node B's reads before every apply.
+    After every step both kernels hold the same ids, those of the desired state."""
+    lab, viewed, reading = two_nodes
+    reads = viewed.reads
+    hooks_before, hook_changes = None, 0
+    for chains, hooks in states:
+        for t, full in ((viewed, False), (reading, True)):
+            t.set_desired(chains, list(hooks))
+            t.apply(full=full)
+        hook_changes += hooks != hooks_before
+        hooks_before = hooks
+        got_a, got_b = our_ids(lab, viewed.netns, "nft"), our_ids(lab, reading.netns, "nft")
+        assert got_a == got_b
+        for c, bodies in chains.items():
+            assert got_a[c] == chain_rule_ids(c, bodies)
+    # Only a first apply or a change of hooks (built-in chains: planned from a read) reads.
+    assert viewed.reads - reads <= hook_changes + (reads == 0)

@@ -3,7 +3,8 @@ import pytest
 
 from felix_agent.calc.desired import IpSet
 from felix_agent.dataplane.ipsets import (
-    IpsetDriver, SavedSet, canonical_member, parse_save, plan_updates, swap_compatible, temp_name,
+    IpsetDriver, SavedSet, advance_updates, canonical_member, parse_save, plan_updates, swap_compatible,
+    temp_name,
 )
 
 SAVE = """create cali40s:a hash:net family inet hashsize 1024 maxelem 1048576 bucketsize 12 initval 0x1
@@ -125,3 +126,48 @@ def test_temp_name_is_ours_and_short():
     t = temp_name("cali", "cali40s:" + "x" * 23)
     assert t.startswith("cali") and len(t) <= 31
     assert SavedSet("x", "hash:ip", "inet", 1).members == set()
+
+
+@pytest.mark.parametrize("actual_text,desired,referenced", [
+    (SAVE, {"cali40s:a": IpSet("cali40s:a", frozenset({"10.0.0.9/24", "10.0.2.2"})),
+            "cali40s:new": IpSet("cali40s:new", frozenset({"192.168.0.0/16"})),
+            "calibm": IpSet("calibm", frozenset({"443"}), "bitmap:port")}, None),
+    # swapped in through a temporary set (a leftover temporary set from a crash included)
+    ("create cali40s:a hash:net family inet maxelem 2\nadd cali40s:a 10.0.0.1\n"
+     f"create {temp_name('cali', 'cali40s:a')} hash:net family inet maxelem 2\n",
+     {"cali40s:a": IpSet("cali40s:a", frozenset({"10.0.0.1", "10.0.0.2", "10.0.0.3"}))}, None),
+    # destroyed and re-created, and one left alone (reported)
+    ("create cali40s:a hash:net family inet maxelem 9\ncreate cali40s:b hash:net family inet maxelem 9\n",
+     {"cali40s:a": IpSet("cali40s:a", frozenset({"10.0.0.1"}), "hash:ip"),
+      "cali40s:b": IpSet("cali40s:b", frozenset({"10.0.0.1"}), "hash:ip")}, {"cali40s:b"}),
+])
+def test_view_after_updates_needs_no_more_work(actual_text, desired, referenced):
+    """The view advance_updates() builds is what `ipset save` would show after the batch
+    (checked against the kernel in tests/integration): planning on it finds nothing to do."""
+    d = IpsetDriver(netns="unused")
+    d.set_desired(desired)
+    actual = parse_save(actual_text, "cali")
+    lines, ch = plan_updates("cali", actual, d._desired, d._members, referenced)
+    assert lines
+    view = advance_updates("cali", actual, d._desired, d._members, ch)
+    again, ch2 = plan_updates("cali", view, d._desired, d._members, referenced)
+    assert again == [] and ch2.failed == ch.failed
+    assert temp_name("cali", "cali40s:a") not in view or "swap" not in " ".join(lines)
+    for name in set(desired) - set(ch.failed):
+        assert (view[name].type, view[name].members) == (desired[name].type, d._members[name])
+    for name in ch.failed:
+        assert view[name] is actual[name]
+    assert "kube-x" not in view and (actual_text != SAVE or view["cali60s:b"] is actual["cali60s:b"])
+
+
+def test_unchanged_sets_keep_their_canonical_members():
+    d = IpsetDriver(netns="unused")
+    a = IpSet("cali40s:a", frozenset({"10.0.0.1/32"}))
+    d.set_desired({"cali40s:a": a, "cali40s:b": IpSet("cali40s:b", frozenset())})
+    members = d._members["cali40s:a"]
+    d.set_desired({"cali40s:a": IpSet("cali40s:a", frozenset({"10.0.0.1/32"})),
+                   "cali40s:b": IpSet("cali40s:b", frozenset({"10.0.0.2"}))})
+    assert d._members["cali40s:a"] is members and d._members["cali40s:b"] == {"10.0.0.2"}
+    # Still as strict: a set whose members change is canonicalised (and checked) again.
+    with pytest.raises(ValueError, match="IPv6"):
+        d.set_desired({"cali40s:a": IpSet("cali40s:a", frozenset({"2001:db8::1"}))})
