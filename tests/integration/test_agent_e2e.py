@@ -29,6 +29,8 @@ spec:
     assert st["in_sync"] and [e["pod"] for e in st["endpoints"]] == ["b"]
     # a pod created after the policy is protected from its first packet
     c3 = c.add_pod("default", "c", "node1", labels={"app": "c"})
-    assert c.probe(c3, b.ip, 80)
+    # c's ADD returns once node1 has programmed c; node2 admits it once its own pass has put
+    # c's address in the ipset of b's policy (a few ms later, through etcd).
+    wait_for(lambda: c.probe(c3, b.ip, 80), timeout=10, what="node2 to admit the new pod c")
     late = c.add_pod("default", "late", "node1", labels={"app": "late"})
     assert not c.probe(late, b.ip, 80, timeout=0.5)
