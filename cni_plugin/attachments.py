@@ -9,23 +9,32 @@ container id, so the split is unambiguous).
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 
+from . import jsoncodec as json
 from .errors import IO_FAILURE, CNIError
+from .records import Record
 
 
-@dataclass
-class Attachment:
-    container_id: str
-    ifname: str
-    host_ifname: str
-    netns: str = ""
-    ipam_type: str = ""
-    cni_args: str = ""  # as received, so GC can give the IPAM plugin the same args
-    ips: list[str] = field(default_factory=list)
-    complete: bool = False  # False: ADD started but did not finish
+class Attachment(Record):
+    __slots__ = ("container_id", "ifname", "host_ifname", "netns", "ipam_type", "cni_args", "ips",
+                 "complete")
+
+    def __init__(self, container_id: str, ifname: str, host_ifname: str, netns: str = "",
+                 ipam_type: str = "", cni_args: str = "", ips: list[str] | None = None,
+                 complete: bool = False) -> None:
+        self.container_id = container_id
+        self.ifname = ifname
+        self.host_ifname = host_ifname
+        self.netns = netns
+        self.ipam_type = ipam_type
+        self.cni_args = cni_args  # as received, so GC can give the IPAM plugin the same args
+        self.ips = [] if ips is None else ips
+        self.complete = complete  # False: ADD started but did not finish
+
+    def to_dict(self) -> dict:
+        """The record as written: every field in order (what dataclasses.asdict gave)."""
+        return {f: list(self.ips) if f == "ips" else getattr(self, f) for f in self.__slots__}
 
 
 class AttachmentStore:
@@ -41,7 +50,7 @@ class AttachmentStore:
             path = self._path(att.container_id, att.ifname)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump(asdict(att), f)
+                f.write(json.dumps(att.to_dict()))
             os.replace(tmp, path)
         except OSError as e:
             raise CNIError(IO_FAILURE, f"cannot write attachment record in {self.dir}: {e.strerror}") from None
@@ -49,7 +58,7 @@ class AttachmentStore:
     def load(self, container_id: str, ifname: str) -> Attachment | None:
         try:
             with open(self._path(container_id, ifname)) as f:
-                return Attachment(**json.load(f))
+                return Attachment(**json.loads(f.read()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError):

@@ -7,9 +7,10 @@ Who does what:
   other ipam + agent     -> the binary runs the IPAM plugin, then sends the addresses
      ("agent_socket" set)   ("ips") to the agent, which wires and programs the endpoint.
   other ipam, no agent   -> the binary runs the IPAM plugin and the plumbing itself.
-The plumbing module (netlink, ipaddress) is imported only on that last path; the IPAM delegation,
-the attachment records and the veth naming only where a command needs them, so the
-agent path (a new process for every pod) imports little beyond json and _socket.
+The plumbing module (netlink) is imported only on that last path; the IPAM delegation,
+the attachment records and the veth naming only where a command needs them.  Every path
+stays off the heavy stdlib (json, subprocess, hashlib, ipaddress, dataclasses: see
+tests/unit/test_cni_hotpath.py), as the binary is a new process for every pod.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .config import CniEnv, NetConf
 from .errors import (INVALID_CONFIG, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, CNIError)
 from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
 from .logsetup import get_logger
-from .result import DNS, Interface, IPConfig, Result, ResultError, Route
+from .result import DNS, Interface, IPConfig, Result, ResultError, Route, parse_interface
 
 log = get_logger("tortie.cni")
 
@@ -53,7 +54,11 @@ def _agent_result(raw: dict) -> Result:
 def pod_addresses(res: Result) -> list[str]:
     """IPAM addresses as the pod gets them: host routes, so /32 and /128 whatever the
     IPAM subnet says."""
-    return [f"{i.ip}/{32 if i.ip.version == 4 else 128}" for i in res.ips]
+    out = []
+    for i in res.ips:
+        ifc = parse_interface(i.address)  # validated on the way in: never raises here
+        out.append(f"{ifc.ip}/{32 if ifc.version == 4 else 128}")
+    return out
 
 
 def build_result(conf: NetConf, env: CniEnv, info: dict, ips: list[str], ipam_dns: DNS) -> Result:

@@ -153,14 +153,77 @@ def ip_version(text: str) -> int | None:
         return None
 
 
-def _prefix_ok(text: str, version: int) -> bool:
+def _prefix_len(text: str, version: int) -> int | None:
+    """The prefix length that ipaddress reads from the text after the '/', else None."""
     if text.isascii() and text.isdigit():
-        return int(text) <= (32 if version == 4 else 128)
+        n = int(text)
+        return n if n <= (32 if version == 4 else 128) else None
     if version == 4 and ip_version(text) == 4:  # a netmask (255.255.255.0) or hostmask
         n = int.from_bytes(inet_pton(AF_INET, text), "big")
         inv = ~n & 0xFFFFFFFF
-        return inv & (inv + 1) == 0 or n & (n + 1) == 0  # 1s then 0s, or 0s then 1s
-    return False
+        if inv & (inv + 1) == 0:  # 1s then 0s: a netmask (tried first, as ipaddress does)
+            return 32 - inv.bit_length()
+        if n & (n + 1) == 0:  # 0s then 1s: a hostmask
+            return 32 - n.bit_length()
+    return None
+
+
+def _prefix_ok(text: str, version: int) -> bool:
+    return _prefix_len(text, version) is not None
+
+
+def _v6_text(packed: bytes) -> str:
+    """An IPv6 address as ipaddress prints it (RFC 5952: lower-case groups without leading
+    zeros, the longest run of two or more zero groups, the first of equal ones, as '::').
+    inet_ntop differs for v4-mapped/compatible addresses, which it prints dotted."""
+    groups = [f"{int.from_bytes(packed[i:i + 2], 'big'):x}" for i in range(0, 16, 2)]
+    start, length, run = -1, 1, 0  # runs shorter than 2 stay as they are
+    for i, g in enumerate(groups):
+        run = run + 1 if g == "0" else 0
+        if run > length:
+            start, length = i - run + 1, run
+    if start < 0:
+        return ":".join(groups)
+    return ":".join(groups[:start]) + "::" + ":".join(groups[start + length:])
+
+
+class IPInterface(Record):
+    """An address and its prefix length, as ipaddress.ip_interface() reads them: the same
+    forms are accepted, and `ip` and str() give the text ipaddress would, so results,
+    records and logs read the same as when ipaddress parsed them (~1.5 ms to import)."""
+
+    __slots__ = ("ip", "version", "prefixlen", "scope")
+
+    def __init__(self, ip: str, version: int, prefixlen: int, scope: str = "") -> None:
+        self.ip = ip  # canonical text; like ipaddress's interface.ip, without the scope
+        self.version = version
+        self.prefixlen = prefixlen
+        self.scope = scope  # a v6 zone ("eth0" of "fe80::1%eth0/64"), which str() shows
+
+    @property
+    def network(self) -> "IPInterface":
+        """For code written against ipaddress: `iface.network.prefixlen` still reads."""
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.ip}%{self.scope}/{self.prefixlen}" if self.scope else f"{self.ip}/{self.prefixlen}"
+
+
+def parse_interface(text: str) -> IPInterface:
+    """ipaddress.ip_interface(text) for text (not the ints and bytes it also takes),
+    without ipaddress; ValueError for what it refuses."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an interface address in text form")
+    addr, slash, prefix = text.partition("/")
+    version = ip_version(addr)
+    plen = (32 if version == 4 else 128) if not slash else (
+        _prefix_len(prefix, version) if version is not None else None)
+    if version is None or plen is None:
+        raise ValueError(f"{text!r} does not appear to be an IPv4 or IPv6 interface")
+    if version == 4:
+        return IPInterface(addr, 4, plen)  # inet_pton takes no leading zeros: already canonical
+    host, _pct, scope = addr.partition("%")
+    return IPInterface(_v6_text(inet_pton(AF_INET6, host)), 6, plen, scope)
 
 
 def _cidr(value: str, where: str) -> str:

@@ -22,11 +22,16 @@ HEAVY = ("json", "re", "enum", "logging", "dataclasses", "inspect", "socket", "i
          "typing", "contextlib", "subprocess", "array", "collections", "pyroute2")
 
 
+def _probe_argv(code: str) -> list[str]:
+    """A fresh interpreter (no site, no PYTHON* variables: like the bundle) that runs `code`
+    and then prints its sys.modules."""
+    return [sys.executable, "-S", "-E", "-c",
+            f"import sys; sys.path.insert(0, {ROOT!r}); {code}; print(' '.join(sorted(sys.modules)))"]
+
+
 def _modules_after(code: str) -> set[str]:
     """sys.modules of a fresh interpreter (no site: like the bundle) after `code`."""
-    probe = (f"import sys; sys.path.insert(0, {ROOT!r}); {code}; "
-             "print(' '.join(sorted(sys.modules)))")
-    p = subprocess.run([sys.executable, "-S", "-E", "-c", probe], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(_probe_argv(code), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     return set(p.stdout.split())
 
@@ -111,3 +116,42 @@ def test_the_no_agent_plumbing_path_imports_no_pyroute2():
     (RTM_GETLINK needs no root); the full ADD/DEL is tests/integration/test_plumbing_rtnl.py."""
     loaded = _modules_after("from cni_plugin import plumbing; plumbing.teardown(None, 'eth0', 'calinosuchif0')")
     assert not {m for m in loaded if m.split(".")[0] in ("pyroute2", "asyncio", "threading")}, sorted(loaded)
+
+
+# The no-agent path (ipam.type host-local, no agent_socket): the binary runs host-local
+# and the plumbing itself.  `run` is main.run() in a fresh interpreter started as the
+# runtime starts the binary (CNI_* environment, config on stdin); the modules it loaded
+# go to stderr, stdout is the CNI result as the binary prints it.
+_NO_AGENT_RUN = ("import os; from cni_plugin.main import run; "
+                 "rc, out = run(dict(os.environ), sys.stdin.buffer.read()); "
+                 "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n'); "
+                 "sys.stdout.write(out + '\\n'); sys.exit(rc)")
+
+def _loaded(stderr: str) -> set[str]:
+    lines = [line for line in stderr.splitlines() if line.startswith("MODULES ")]
+    assert lines, stderr
+    return set(lines[-1].split()[1:])
+
+
+@pytest.mark.root
+def test_a_whole_no_agent_add_and_del_stay_light(make_lab, tmp_path):
+    """A real ADD then DEL without an agent (dual-stack host-local in a tmp dataDir, the veth
+    wired in a lab pod namespace): the IPAM plugin is executed, the attachment record
+    written, the veth named and wired, the result printed, all without a HEAVY import."""
+    from tests.integration.test_cni_helpers import make_net
+
+    lab = make_lab(1)
+    net = make_net(lab, tmp_path, [sys.executable, "-S", "-E", "-c",
+                                   f"import sys; sys.path.insert(0, {ROOT!r}); {_NO_AGENT_RUN}"],
+                   subnet6="fd00:7::/64")
+    pod = lab.add_pod_ns("light")
+    att = net.attachment(pod, "light")
+    add = net.run("ADD", att)
+    assert add.ok, (add.stdout, add.stderr)
+    assert not _loaded(add.stderr) & set(HEAVY), sorted(_loaded(add.stderr) & set(HEAVY))
+    assert [ip["address"].split("/")[1] for ip in add.output["ips"]] == ["32", "128"]
+    assert len(net.cali_links()) == 1 and len(net.records()) == 1 and len(net.allocated()) == 2
+    delete = net.run("DEL", att)
+    assert delete.ok, (delete.stdout, delete.stderr)
+    assert not _loaded(delete.stderr) & set(HEAVY), sorted(_loaded(delete.stderr) & set(HEAVY))
+    net.assert_nothing_left()

@@ -24,3 +24,13 @@ def test_without_k8s_args_the_container_id_names_it():
     assert host_iface_for(None, None, "c0ffee") == host_iface_name_for_container("c0ffee")
     assert host_iface_for("ns", None, "c0ffee") == host_iface_name_for_container("c0ffee")
     assert host_iface_for("ns", "p", "c0ffee") == host_iface_name("ns", "p")
+
+
+def test_same_digest_as_hashlib_for_any_key():
+    """naming hashes with _sha1 (no OpenSSL load at start-up); the names must stay what
+    hashlib's sha1 gave, or a restarted pod would not find its old veth."""
+    import hashlib
+    for ns, pod, ifname in [("default", "web-0", "eth0"), ("ns", "p", "net1"), ("ünï", "cødé-ø", "eth0"),
+                            ("", "", "eth0"), ("a" * 253, "b" * 253, "eth0")]:
+        key = f"{ns}.{pod}" if ifname == "eth0" else f"{ns}.{pod}.{ifname}"
+        assert host_iface_name(ns, pod, ifname) == "cali" + hashlib.sha1(key.encode()).hexdigest()[:11]
