@@ -32,7 +32,7 @@ import os
 from . import nsutil
 from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
 from .logsetup import get_logger
-from .errors import DATAPLANE_FAILURE, INVALID_ENV, CNIError
+from .errors import DATAPLANE_FAILURE, INVALID_CONFIG, INVALID_ENV, CNIError
 from .result import IPInterface, parse_interface
 from .rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, NetlinkError, Rtnl
 
@@ -194,6 +194,11 @@ def setup(netns: str | int, ifname: str, host_ifname: str, ips: list[str], mtu: 
     if not 68 <= int(mtu) <= 65535:
         raise CNIError(INVALID_ENV, f"mtu {mtu} out of range")
     has_v6 = any(a.version == 6 for a in addrs)
+    if has_v6 and int(mtu) < 1280:
+        # The kernel turns IPv6 off on a link below 1280 bytes; say so before making anything
+        # (else the v6 sysctls fail half-way with a bare "No such file" about /proc).
+        raise CNIError(INVALID_CONFIG, f"mtu {mtu} is below 1280, the IPv6 minimum, and the pod has an "
+                                       "IPv6 address", "raise mtu in the network config or use IPv4 only")
     with _lock_for(host_ifname), ExitStack() as stack:
         nsfd = stack.enter_context(nsutil.opened(netns))
         if not sandbox:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from cni_plugin import nsutil, plumbing
-from cni_plugin.errors import DATAPLANE_FAILURE, CNIError
+from cni_plugin.errors import DATAPLANE_FAILURE, INVALID_CONFIG, CNIError
 from cni_plugin.rtnl import NetlinkError, Rtnl
 
 pytestmark = pytest.mark.root
@@ -143,14 +143,14 @@ def test_a_kernel_refusal_half_way_rolls_everything_back(node):
     assert routes(lab, pod) == [("default", "", "lo", "link", "boot")]
 
 
-def test_an_mtu_ipv6_cannot_use_rolls_back(node):
-    """Below 1280 the kernel disables IPv6 on the new veth: the v6 part fails after the
-    veth exists, and the veth goes again."""
+def test_an_mtu_ipv6_cannot_use_is_refused_before_anything_is_made(node):
+    """Below 1280 the kernel disables IPv6 on a link: a dual-stack pod with such an MTU is a
+    config error, said plainly, and nothing is made."""
     lab, n = node
     pod = lab.add_pod_ns("mtu")
     with in_node(n.ns), pytest.raises(CNIError) as e:
         plumbing.setup(pod, "eth0", HOST, ["10.77.0.9/32", "fd77::9/128"], mtu=1000)
-    assert e.value.code == DATAPLANE_FAILURE and e.value.msg.startswith(f"wiring {HOST}/eth0 failed")
+    assert e.value.code == INVALID_CONFIG and "below 1280, the IPv6 minimum" in e.value.msg
     _nothing_left(lab, n.ns, pod)
     assert link(lab, pod, "eth0") is None
 
