@@ -323,11 +323,6 @@ class IpsetDriver:
         self.reads += 1
         return parse_save(run(["ipset", "save"], netns=self.netns).stdout, self.prefix)
 
-    def forget(self) -> None:
-        """Drop the cached view: the next phase reads whatever `full` says."""
-        with self._lock:
-            self._view = None
-
     def referenced(self) -> set[str]:
         """Our sets with a non-zero reference count (in use by iptables rules)."""
         out = run(["ipset", "list", "-t"], netns=self.netns).stdout

@@ -432,11 +432,6 @@ class IptablesTable:
         res = run([self.save_cmd, "-t", self.table], netns=self.netns)
         return parse_save(res.stdout, self.table)
 
-    def forget(self) -> None:
-        """Drop the cached view: the next apply reads the table whatever `full` says."""
-        with self._lock:
-            self._view = None
-
     # -- reconciling --
 
     def apply(self, full: bool = True) -> TableChanges:
