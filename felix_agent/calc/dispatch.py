@@ -1,11 +1,16 @@
 """The dispatch chains: from a cali interface to that endpoint's own chains.
 
-cali-from-wl-dispatch sends a packet to cali-fw-<iface> only when it comes in on <iface>
-FROM one of that endpoint's addresses; anything else arriving on a cali interface (another
-address, an interface nobody wired) is dropped: a workload may only send as itself.
-cali-to-wl-dispatch sends to cali-tw-<iface> by output interface; unknown cali
-interfaces are dropped.  Both use goto (-g), so the endpoint chain's RETURN goes straight
-back to the chain that called the dispatch.
+cali-from-wl-dispatch first drops a packet whose (source address, input interface) pair
+is not in the ipset cali40wl-src: a workload may only send as itself, and an interface
+nobody wired has no pair at all.  Then it sends the packet to cali-fw-<iface> by input
+interface.  cali-to-wl-dispatch sends to cali-tw-<iface> by output interface.  Unknown
+cali interfaces are dropped by both.  Both use goto (-g), so the endpoint chain's RETURN
+goes straight back to the chain that called the dispatch.
+
+Why the addresses live in an ipset and not in the dispatch rules: then no rule of the
+filter table depends on a pod's address, so the chains of a pod scheduled to this node
+are programmed before its CNI ADD (calc/filter.py), and the ADD itself only adds the
+pod's address to ipsets (one `ipset restore`, no iptables-restore on the ADD's path).
 
 With many endpoints the chains are split by the first character after "cali" (hex in
 practice), one sub-chain per character, so a packet walks ~1/16 of the list.
@@ -14,15 +19,17 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from felix_agent.calc.desired import IpSet
 from felix_agent.calc.names import (
     FROM_WL_DISPATCH,
     TO_WL_DISPATCH,
     WL_IFACE_PREFIX,
+    WL_SOURCES_SET,
     dispatch_subchain,
     from_wl_chain,
     to_wl_chain,
 )
-from felix_agent.calc.rule_text import host, rule
+from felix_agent.calc.rule_text import rule
 from felix_agent.calc.selectors import ipv4_addresses
 from felix_agent.model import Endpoint
 
@@ -30,10 +37,19 @@ SPLIT_ABOVE = 64  # endpoints; below this one flat chain is as fast and easier t
 
 Chains = dict[str, tuple[str, ...]]
 
+# src,src: the address from the packet's source, the interface from its input interface.
+ANTI_SPOOF = f"-m set ! --match-set {WL_SOURCES_SET} src,src -j DROP"
+
+
+def sources_set(wired: Sequence[Endpoint]) -> IpSet:
+    """hash:net,iface of "<IPv4 address>,<iface>" for every address of every wired local
+    endpoint: what cali-from-wl-dispatch lets through."""
+    return IpSet(WL_SOURCES_SET, frozenset(f"{ip},{ep.iface}" for ep in wired for ip in ipv4_addresses(ep.ips)),
+                 type="hash:net,iface")
+
 
 def _from_rules(ep: Endpoint) -> list[str]:
-    return [rule(f"-g {from_wl_chain(ep.iface)}", src=host(ip), in_iface=ep.iface)
-            for ip in ipv4_addresses(ep.ips)]
+    return [rule(f"-g {from_wl_chain(ep.iface)}", in_iface=ep.iface)]
 
 
 def _to_rules(ep: Endpoint) -> list[str]:
@@ -41,10 +57,10 @@ def _to_rules(ep: Endpoint) -> list[str]:
 
 
 def _dispatch(base: str, endpoints: Sequence[Endpoint], per_endpoint: Callable[[Endpoint], list[str]],
-              iface_flag: str) -> Chains:
+              iface_flag: str, first: tuple[str, ...] = ()) -> Chains:
     eps = sorted(endpoints, key=lambda e: e.iface)
     if len(eps) <= SPLIT_ABOVE:
-        return {base: tuple(r for ep in eps for r in per_endpoint(ep)) + ("-j DROP",)}
+        return {base: first + tuple(r for ep in eps for r in per_endpoint(ep)) + ("-j DROP",)}
     groups: dict[str, list[Endpoint]] = {}
     for ep in eps:
         groups.setdefault(ep.iface[len(WL_IFACE_PREFIX)], []).append(ep)
@@ -54,13 +70,14 @@ def _dispatch(base: str, endpoints: Sequence[Endpoint], per_endpoint: Callable[[
         sub = dispatch_subchain(base, key)
         top.append(f"{iface_flag} {WL_IFACE_PREFIX}{key}+ -g {sub}")
         chains[sub] = tuple(r for ep in groups[key] for r in per_endpoint(ep)) + ("-j DROP",)
-    chains[base] = tuple(top) + ("-j DROP",)
+    chains[base] = first + tuple(top) + ("-j DROP",)
     return chains
 
 
 def dispatch_chains(local_endpoints: Sequence[Endpoint]) -> Chains:
-    """Both dispatch chains (and their sub-chains) for this node's wired endpoints, whose
-    interface names must already be checked (cali + at least one character)."""
-    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i")
+    """Both dispatch chains (and their sub-chains) for this node's endpoints, wired or
+    about to be, whose interface names must already be checked (cali + at least one
+    character).  Only the interfaces matter here; addresses are in sources_set()."""
+    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i", (ANTI_SPOOF,))
     chains.update(_dispatch(TO_WL_DISPATCH, local_endpoints, _to_rules, "-o"))
     return chains

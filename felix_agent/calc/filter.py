@@ -8,17 +8,25 @@ filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl
                                  -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-pi-<id>
          OUTPUT  -> cali-OUTPUT  (empty: the node may always reach its own pods)
 nat:     see calc/nat.py
-Only this node's wired endpoints get endpoint chains; the ipsets hold pods of every node.
+Only this node's endpoints get endpoint chains; the ipsets hold pods of every node.
 Policy chains exist once per policy that selects at least one local endpoint.
+
+A pod scheduled to this node gets its chains BEFORE its CNI ADD, under the interface name
+the plugin will give it (cni_plugin.naming): nothing in the filter table depends on its
+address (calc/dispatch.py), so the ADD only adds the address to ipsets, and the pod is
+protected from its first packet without an iptables-restore on the ADD's path.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
+from cni_plugin.naming import host_iface_name
+
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Hook
-from felix_agent.calc.dispatch import dispatch_chains
+from felix_agent.calc.dispatch import dispatch_chains, sources_set
 from felix_agent.calc.endpoints import endpoint_chains
 from felix_agent.calc.ipsets import SetSpec, desired_ipset
 from felix_agent.calc.names import (
@@ -31,6 +39,7 @@ from felix_agent.calc.names import (
     NAT_PREROUTING,
     TO_WL_DISPATCH,
     WL_IFACE_WILDCARD,
+    WL_SOURCES_SET,
     WL_TO_HOST,
 )
 from felix_agent.calc.nat import nat_chains, pool_sets
@@ -117,13 +126,27 @@ def local_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, errors: lis
     return out
 
 
+def scheduled_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, taken: set[str]) -> list[Endpoint]:
+    """Pods scheduled to this node that no CNI ADD has wired yet, each with the interface
+    the plugin will give it and no addresses (so nothing passes its anti-spoofing until
+    the ADD records them).  A name already taken by a wired endpoint is left to it."""
+    out = []
+    for ep in endpoints:
+        if ep.node == node_name and not ep.iface and ep.namespace:
+            iface = host_iface_name(ep.namespace, ep.pod)
+            if iface not in taken:
+                out.append(dataclasses.replace(ep, iface=iface, ips=(), floating_ips=()))
+    return out
+
+
 def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | None = None) -> DesiredState:
     """Desired chains, hooks and ipsets of node `config.node_name`.  Problems in the data
     (skipped rules, bad annotations...) are appended to `errors` when given."""
     errs: list[str] = errors if errors is not None else []
     errs.extend(cluster.problems())
     endpoints = cluster.endpoints()
-    local = local_endpoints(endpoints, config.node_name, errs)
+    wired = local_endpoints(endpoints, config.node_name, errs)
+    local = wired + scheduled_endpoints(endpoints, config.node_name, {ep.iface for ep in wired})
     everyone = SelectorIndex(endpoints, cluster.namespaces)
     here = SelectorIndex(local, cluster.namespaces)
 
@@ -149,5 +172,6 @@ def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | No
 
     ipsets = {spec.name: desired_ipset(spec, everyone) for spec in sets}
     ipsets.update(pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
-    nat = nat_chains(local, cluster.pools.values(), errs)
+    ipsets[WL_SOURCES_SET] = sources_set(wired)
+    nat = nat_chains(wired, cluster.pools.values(), errs)
     return DesiredState(chains={"filter": filt, "nat": nat}, hooks=HOOKS, ipsets=ipsets)

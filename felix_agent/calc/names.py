@@ -43,6 +43,7 @@ NETS_SET_PREFIX = "cali40e:"  # hash:net, the `except` CIDRs of an ipBlock
 ALL_POOLS_SET = "cali40all-ipam-pools"
 MASQ_POOLS_SET = "cali40masq-ipam-pools"
 ALL_HOSTS_SET = "cali40all-hosts-net"
+WL_SOURCES_SET = "cali40wl-src"  # hash:net,iface, "<ip>,<cali iface>" of wired local pods
 
 
 def to_wl_chain(iface: str) -> str:

@@ -11,6 +11,10 @@ pod i+1 ...), so that load from other work on the machine falls on all of them a
                 registration that waits for a dataplane pass, BIRD)
 The real agent has a lab node of its own (node2), so that it sees only its own pods'
 veths and routes, as on a real node with that many pods; the other variants share node1.
+Its pods are bound to node2 in etcd before the first ADD (as the scheduler binds a pod
+before kubelet asks for its sandbox), so the agent has programmed their chains already and
+an ADD adds addresses to ipsets only; --unscheduled skips that, for the slower path of a
+pod the agent has never seen.
 The timed commands run from one driver process (it enters node2's namespace with setns
 for the agent's variant), so `ip netns exec` is not part of the figures.  Prints p50/p90/p99 in ms, the ratios to ptp, and where
 the time of the real-agent ADD goes: the binary's own timestamps (debug lines in cni.log),
@@ -96,6 +100,22 @@ def drive(spec: dict) -> dict:
     for fd in nsfds.values():
         os.close(fd)
     return {"times": out, "stamps": stamps}
+
+
+def schedule(cluster, node, pods: list[str]) -> None:
+    """Bind the real agent's pods to its node before any ADD, as the scheduler does before
+    kubelet asks for a sandbox, and wait until the agent has programmed their chains (it
+    does so before their ADD: felix_agent/calc/filter.py)."""
+    from cni_plugin.naming import host_iface_name
+    from tests.lab.cluster import wait_for
+    from tests.lab.prober import census
+
+    cluster.apply([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p, "namespace": "bench"},
+                    "spec": {"nodeName": node.name, "containers": [{"name": "c", "image": "none"}]}}
+                   for p in pods])
+    last = host_iface_name("bench", pods[-1])
+    wait_for(lambda: f":cali-tw-{last}" in census(node.ns).text, timeout=60,
+             what="the agent to program the scheduled pods")
 
 
 # --- start-up costs -----------------------------------------------------------------------
@@ -270,6 +290,8 @@ def _run(args, binary: str, n: int, tmp: Path) -> dict:
             variants.append({"label": label, "argv": argv, "conf": conf, "pods": pods, "cid_prefix": prefix,
                              "node_ns": agent_node.ns if label == "tortie+agent" else node.ns})
 
+        if "tortie+agent" in args.variants and not args.unscheduled:
+            schedule(cluster, agent_node, [f"tortie-agent-{i}" for i in range(n)])
         metrics0 = metrics_apply(cluster.http(agent_node, "/metrics")[1])
         p = lab.exec(node.ns, sys.executable, os.path.abspath(__file__), "--driver",
                      input=json.dumps({"variants": variants}), timeout=1800)
@@ -352,6 +374,9 @@ def main() -> None:
     ap.add_argument("--binary", help="the CNI binary to measure (default: dist/tortie, rebuilt if stale)")
     ap.add_argument("--variants", default=",".join(LABELS), help="comma-separated subset of " + ", ".join(LABELS))
     ap.add_argument("--floor", action="store_true", help="also time an empty PyInstaller program")
+    ap.add_argument("--unscheduled", action="store_true",
+                    help="do not create the real agent's Pod objects first: each ADD then meets a pod the "
+                         "agent has never seen and programs its chains itself")
     ap.add_argument("--keep", action="store_true", help="keep the run's directory (agent and CNI logs)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--compare", help="a --json file of an earlier run: print before/after side by side")

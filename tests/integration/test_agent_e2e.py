@@ -1,8 +1,13 @@
 """The whole node stack in the lab: etcd, agents with BIRD, pods wired by the real CNI
 binary through the agent, and a policy taking effect."""
+import re
+
 import pytest
 
+from cni_plugin.naming import host_iface_name
 from tests.lab.cluster import wait_for
+from tests.lab.netns import sh
+from tests.lab.prober import census
 
 pytestmark = pytest.mark.root
 
@@ -34,3 +39,43 @@ spec:
     wait_for(lambda: c.probe(c3, b.ip, 80), timeout=10, what="node2 to admit the new pod c")
     late = c.add_pod("default", "late", "node1", labels={"app": "late"})
     assert not c.probe(late, b.ip, 80, timeout=0.5)
+
+
+def _plain(rules: str) -> str:
+    """iptables-save text without the agent's comment ids."""
+    return re.sub(r' -m comment --comment "?cali:[0-9a-f]+"?', "", rules)
+
+
+def test_a_scheduled_pod_is_programmed_before_its_add_which_touches_no_rule(make_cluster):
+    """The agent programs a pod's chains as soon as the Pod is bound to its node, under the
+    name the CNI plugin will give its veth, so the ADD only adds the pod's (address,
+    interface) pair and its address to ipsets: not one iptables rule changes on the ADD's
+    path, and the pod is still under its policy from the first packet."""
+    c = make_cluster(1)
+    node = c.lab.node("node1").ns
+    c.apply("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-cli, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: cli}}}]}]
+""")
+    cli = c.add_pod("default", "cli", "node1", labels={"app": "cli"})
+    other = c.add_pod("default", "other", "node1", labels={"app": "other"})
+    iface = host_iface_name("default", "web")
+    c.schedule_pod("default", "web", "node1", labels={"app": "web"})
+    wait_for(lambda: f"-A cali-tw-{iface} " in census(node).text, what="web's chains before its ADD")
+    rules_before = census(node).text
+    assert f"-A cali-from-wl-dispatch -i {iface} -g cali-fw-{iface}" in _plain(rules_before)
+    web = c.add_pod("default", "web", "node1", labels={"app": "web"}, register=False, serve=["tcp:80"])
+    assert web.iface == iface
+    assert census(node).text == rules_before  # the ADD changed no rule
+    assert f"{web.ip},{iface}" in sh("ipset", "list", "cali40wl-src", ns=node).stdout
+    assert c.probe(cli, web.ip, 80) and not c.probe(other, web.ip, 80, timeout=0.5)
+    # DEL: the pair goes at once, the chains stay while the Pod is bound here
+    assert c.del_pod(web).returncode == 0
+    assert f",{iface}" not in sh("ipset", "list", "cali40wl-src", ns=node).stdout
+    assert f"-A cali-tw-{iface} " in census(node).text
+    c.delete("Pod", "web", "default")
+    wait_for(lambda: iface not in census(node).text, what="web's chains to go with its Pod")

@@ -114,7 +114,7 @@ def test_the_rich_state_covers_every_shape(st):
     """Guards the test above against silently losing coverage when the calc changes."""
     text = "\n".join(r for table in st.chains.values() for rules in table.values() for r in rules)
     for needle in ("-p sctp -m sctp --dport", "-m multiport --dports", "80,8000:8100", "-m tcp --dport 3000:3100", "-p udp ",
-                   "dst,dst", "! --match-set cali40e:", "-g cali-from-wl-dispatch-", "-j DNAT", "-j SNAT",
+                   "dst,dst", "! --match-set cali40e:", "! --match-set cali40wl-src src,src", "-g cali-from-wl-dispatch-", "-j DNAT", "-j SNAT",
                    "-j MASQUERADE", "-s 10.0.0.0/8", "-d 172.16.5.5/32"):
         assert needle in text, needle
     assert any(s.type == "hash:ip,port" and any(",sctp:" in m for m in s.members) for s in st.ipsets.values())

@@ -11,6 +11,7 @@ filter table and ipsets shows instead:
 - every local endpoint costs the same fixed number of rules whatever M is, so the total
   is additive: rules(P2, M) - rules(P1, M) is the same for every M;
 - remote pods cost no rule at all, only ipset members;
+- a local pod's address is a member of one set (cali40wl-src, anti-spoofing), never a rule;
 - a label change moves ipset members and leaves every cali chain byte-for-byte the same.
 """
 from __future__ import annotations
@@ -65,8 +66,10 @@ def test_rules_grow_with_pods_plus_policies_not_pairs(make_cluster):
         def done():
             s = census(node)
             tw = sum(1 for ln in s.text.splitlines() if ln.startswith(":cali-tw-"))
-            ok = (s.policy_chains == 2 * m and tw == m + local_clients
-                  and max(s.sets.values(), default=0) == all_clients)
+            peers = max((v for n, v in s.sets.items() if n != "cali40wl-src"), default=0)
+            # cali40wl-src: one (address, interface) pair per local pod (m servers + clients)
+            ok = (s.policy_chains == 2 * m and tw == m + local_clients and peers == all_clients
+                  and s.sets.get("cali40wl-src") == m + local_clients)
             return s if ok else None
         return wait_for(done, timeout=60, interval=0.3, what=f"M={m} P={local_clients} programmed")
 

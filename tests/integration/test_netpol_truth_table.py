@@ -517,16 +517,18 @@ def _agent_save(node_ns: str) -> str:
 
 
 def _dispatch_drops(node_ns: str) -> int:
-    """Packets counted by the final DROP of cali-from-wl-dispatch (and its sub-chains)."""
-    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch\S*(?: -m comment --comment \S+)? -j DROP$", _agent_save(node_ns), re.M)
-    assert found, "cali-from-wl-dispatch has no DROP rule"
-    return sum(int(n) for n in found)
+    """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
+    source address and input interface that are not a pair of cali40wl-src)."""
+    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
+                       r"-m set ! --match-set cali40wl-src src,src -j DROP$", _agent_save(node_ns), re.M)
+    assert len(found) == 1, "cali-from-wl-dispatch has no anti-spoofing DROP rule"
+    return int(found[0])
 
 
 def test_spoofed_source_is_dropped_at_the_sender(world: World):
     """Anti-spoofing: x/a (node1) sends to y/c (node2) from an address it does not own, a
-    free pool address and its neighbour x/b's: the DROP of cali-from-wl-dispatch on node1
-    counts the packets and node2 never sees them; the same probe from its own address
+    free pool address and its neighbour x/b's: the anti-spoofing DROP of
+    cali-from-wl-dispatch on node1 counts the packets and node2 never sees them; the same probe from its own address
     passes.  No policy is involved: this holds for every pod."""
     src, dst = world.pods["x/a"], world.pods["y/c"]
     node1, node2 = (world.cluster.lab.node(n).ns for n in ("node1", "node2"))
@@ -545,7 +547,7 @@ def test_spoofed_source_is_dropped_at_the_sender(world: World):
         probes.append(Probe(dst.ip, 80, "tcp", 3.0))  # its own address
         assert world.probers["x/a"].run(probes) == [TIMEOUT] * 4 + [OK]
         dropped = _dispatch_drops(node1) - before
-        assert dropped >= 4, f"cali-from-wl-dispatch DROP counted {dropped} packets, expected the 4 spoofed ones"
+        assert dropped >= 4, f"the anti-spoofing DROP counted {dropped} packets, expected the 4 spoofed ones"
         raw = sh("iptables-save", "-c", "-t", "raw", ns=node2).stdout
         seen = [int(n) for n in re.findall(r"^\[(\d+):\d+\] -A PREROUTING -s \S+ -d \S+$", raw, re.M)]
         assert len(seen) == 2 and seen == [0, 0], f"spoofed packets reached node2: {raw}"

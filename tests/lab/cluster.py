@@ -213,6 +213,17 @@ class LabCluster:
         return subprocess.run(["ip", "netns", "exec", node.ns, *self.cni], input=json.dumps(conf or self.cni_conf(node)),
                               capture_output=True, text=True, env=env, timeout=timeout)
 
+    def schedule_pod(self, namespace: str, name: str, node: LabNode | str, labels: dict | None = None,
+                     ports: list[dict] | None = None, annotations: dict | None = None) -> None:
+        """The Pod object bound to `node` (what the scheduler leaves for kubelet), no CNI ADD."""
+        node = self.lab.node(node) if isinstance(node, str) else node
+        meta = {"name": name, "namespace": namespace, "labels": labels or {}}
+        if annotations:
+            meta["annotations"] = annotations
+        self.apply({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                    "spec": {"nodeName": node.name, "containers": [{"name": "c", "image": "none",
+                                                                    "ports": ports or []}]}})
+
     def add_pod(self, namespace: str, name: str, node: LabNode | str, labels: dict | None = None,
                 ports: list[dict] | None = None, annotations: dict | None = None, register: bool = True,
                 serve: list[str] | None = None) -> LabPod:
@@ -220,12 +231,7 @@ class LabCluster:
         ADD through the real plugin and start a server on `serve` ("tcp:80", "udp:80")."""
         node = self.lab.node(node) if isinstance(node, str) else node
         if register:
-            meta = {"name": name, "namespace": namespace, "labels": labels or {}}
-            if annotations:
-                meta["annotations"] = annotations
-            self.apply({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                        "spec": {"nodeName": node.name, "containers": [{"name": "c", "image": "none",
-                                                                        "ports": ports or []}]}})
+            self.schedule_pod(namespace, name, node, labels, ports, annotations)
         pod_ns = self.lab.add_pod_ns(f"{namespace[:6]}-{name[:10]}")
         cid = f"c-{namespace}-{name}-{os.urandom(3).hex()}"
         p = self.cni_run(node, "ADD", cid, f"/var/run/netns/{pod_ns}", namespace, name)

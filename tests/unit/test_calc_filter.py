@@ -55,16 +55,41 @@ def test_anti_spoof_dispatch():
     st = state(web_cluster(multi))
     f = st.chains["filter"]
     cli_if = iface_of("ns", "cli")
-    assert f["cali-from-wl-dispatch"] == tuple(sorted([
-        f"-s 10.0.0.1/32 -i {WEB_IF} -g cali-fw-{WEB_IF}",
-        f"-s 10.0.0.2/32 -i {cli_if} -g cali-fw-{cli_if}",
-        "-s 10.0.0.7/32 -i calimulti -g cali-fw-calimulti",
-        "-s 10.0.0.8/32 -i calimulti -g cali-fw-calimulti",
-    ], key=lambda r: r.split()[3])) + ("-j DROP",)  # anything else from cali+ dropped
+    # the (address, interface) pairs a local workload may send from: IPv4 only, none remote
+    src = st.ipsets["cali40wl-src"]
+    assert src.type == "hash:net,iface"
+    assert src.members == {f"10.0.0.1,{WEB_IF}", f"10.0.0.2,{cli_if}", "10.0.0.7,calimulti", "10.0.0.8,calimulti"}
+    # anything else from cali+ is dropped first; then each interface goes to its own chain
+    assert f["cali-from-wl-dispatch"] == (
+        "-m set ! --match-set cali40wl-src src,src -j DROP",
+        *sorted([f"-i {WEB_IF} -g cali-fw-{WEB_IF}", f"-i {cli_if} -g cali-fw-{cli_if}",
+                 "-i calimulti -g cali-fw-calimulti"], key=lambda r: r.split()[1]),
+        "-j DROP")
+    assert not any("10.0.0" in r for r in f["cali-from-wl-dispatch"])  # no address in any rule
     assert f["cali-to-wl-dispatch"][-1] == "-j DROP"
     assert f"-o {WEB_IF} -g cali-tw-{WEB_IF}" in f["cali-to-wl-dispatch"]
     # the remote pod has no chains here
     assert not any(iface_of("ns", "far") in name for name in f)
+
+
+def test_scheduled_pod_is_programmed_before_its_add_and_the_add_touches_only_ipsets():
+    """A pod scheduled here but not yet wired gets its chains under the name the CNI plugin
+    will give its veth, but no (address, interface) pair: nothing passes its dispatch yet.
+    Its ADD (the WorkloadEndpoint) then changes ipsets only, never a chain."""
+    pol = ingress("ns", "allow-cli", sel(app="web"), rule_(from_pods(sel(app="cli"))))
+    before = state(web_cluster(pol, *pod("ns", "new", "10.0.0.3", labels={"app": "web"}, wired=False)))
+    after = state(web_cluster(pol, *pod("ns", "new", "10.0.0.3", labels={"app": "web"})))
+    new_if = iface_of("ns", "new")
+    f = before.chains["filter"]
+    assert f[f"cali-tw-{new_if}"] == (CLEAR_ACCEPT_MARK, f"-j cali-pi-{pol.id}", RETURN_IF_ACCEPTED, "-j DROP")
+    assert f"-i {new_if} -g cali-fw-{new_if}" in f["cali-from-wl-dispatch"]
+    assert f"-o {new_if} -g cali-tw-{new_if}" in f["cali-to-wl-dispatch"]
+    assert not any(new_if in m for m in before.ipsets["cali40wl-src"].members)
+    assert before.chains == after.chains
+    assert after.ipsets["cali40wl-src"].members - before.ipsets["cali40wl-src"].members == {f"10.0.0.3,{new_if}"}
+    # a pod of another node, or one that runs in the host's network, gets nothing here
+    others = state(web_cluster(*pod("ns", "away", "10.0.1.9", node="n2", wired=False)))
+    assert not any(iface_of("ns", "away") in name for name in others.chains["filter"])
 
 
 def test_no_policy_means_allow():
@@ -115,7 +140,7 @@ def test_chains_grow_with_policies_and_endpoints_not_with_pairs():
     per_pol = (more_pols - base) / 10
     assert per_pod <= 2 * 10 + 4
     assert per_pol <= 2 + 2 * 10  # its chain + one jump/return per endpoint
-    assert sets == 20 + 3  # one peer set per policy, plus the three pool/host sets
+    assert sets == 20 + 4  # one peer set per policy, plus the pool/host sets and cali40wl-src
 
 
 def test_dispatch_is_split_with_many_endpoints():
@@ -123,13 +148,14 @@ def test_dispatch_is_split_with_many_endpoints():
     f = state(cluster_of(*recs)).chains["filter"]
     top = f["cali-from-wl-dispatch"]
     subs = [n for n in f if n.startswith("cali-from-wl-dispatch-")]
-    assert len(subs) == 16 and len(top) == 17 and top[-1] == "-j DROP"
+    assert len(subs) == 16 and len(top) == 18 and top[-1] == "-j DROP"
+    assert top[0] == "-m set ! --match-set cali40wl-src src,src -j DROP"  # before any split
     assert all(f[s][-1] == "-j DROP" for s in subs)
     assert sum(len(f[s]) - 1 for s in subs) == 200  # every endpoint exactly once
-    for rule in top[:-1]:
+    for rule in top[1:-1]:
         key = rule.split()[1][len("cali"):-1]
         assert rule == f"-i cali{key}+ -g cali-from-wl-dispatch-{key}"
-        assert all(f" -i cali{key}" in r for r in f[f"cali-from-wl-dispatch-{key}"][:-1])
+        assert all(r.startswith(f"-i cali{key}") for r in f[f"cali-from-wl-dispatch-{key}"][:-1])
     assert len([n for n in f if n.startswith("cali-to-wl-dispatch-")]) == 16
 
 
@@ -148,11 +174,15 @@ def test_bad_and_duplicate_interfaces_are_reported_and_left_out():
     long = WorkloadEndpoint("ns", "long", "n1", "c", "cali0123456789abc", ("10.0.0.10",))
     dup = WorkloadEndpoint("ns", "dup", "n1", "c", WEB_IF, ("10.0.0.11",))
     errors = []
-    f = state(web_cluster(bad, long, dup), errors=errors).chains["filter"]
+    st = state(web_cluster(bad, long, dup), errors=errors)
+    f = st.chains["filter"]
     # two endpoints on one interface: the first by key (ns/dup) keeps it, ns/web is reported
     assert [e.split(":")[0] for e in errors] == ["endpoint ns/bad", "endpoint ns/long", "endpoint ns/web"]
     assert "already used by ns/dup" in errors[2]
-    assert "cali-fw-eth0" not in f and not any("10.0.0.1/32" in r for r in f["cali-from-wl-dispatch"])
+    assert "cali-fw-eth0" not in f
+    # the skipped ns/web may not send from its address through the interface ns/dup kept
+    assert not any(m.startswith("10.0.0.1,") for m in st.ipsets["cali40wl-src"].members)
+    assert f"10.0.0.11,{WEB_IF}" in st.ipsets["cali40wl-src"].members
 
 
 def test_endpoint_of_another_node_in_wep_wins_over_pod_node():

@@ -46,6 +46,12 @@ def _in_set(ipset, pkt: Packet, dirs: str) -> bool:
     if ipset.type == "hash:ip,port":
         assert dirs == "dst,dst"
         return f"{pkt.dst},{pkt.proto}:{pkt.dport}" in ipset.members
+    if ipset.type == "hash:net,iface":  # the interface dimension: src = input, dst = output
+        ip_dir, if_dir = dirs.split(",")
+        ip = ipaddress.ip_address(pkt.src if ip_dir == "src" else pkt.dst)
+        iface = pkt.in_iface if if_dir == "src" else pkt.out_iface
+        return any(ip in ipaddress.ip_network(net) and iface == name
+                   for net, name in (m.split(",") for m in ipset.members))
     ip = ipaddress.ip_address(pkt.src if dirs == "src" else pkt.dst)
     return any(ip in ipaddress.ip_network(m) for m in ipset.members)
 
