@@ -11,6 +11,7 @@ server adds it); it is added here too, so selectors on it work whatever the data
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -62,16 +63,19 @@ def namespace_labels(name: str, namespace: Namespace | None) -> dict[str, str]:
     return labels
 
 
+@functools.lru_cache(maxsize=65536)
+def _is_ipv4(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).version == 4
+    except ValueError:
+        return False  # not an address: nothing can match it
+
+
 def ipv4_addresses(ips: Iterable[str]) -> list[str]:
-    """The IPv4 addresses among `ips` (the chains are IPv4; IPv6 has no v4 meaning)."""
-    out = []
-    for ip in ips:
-        try:
-            if ipaddress.ip_address(ip).version == 4:
-                out.append(ip)
-        except ValueError:
-            continue  # not an address: nothing can match it
-    return out
+    """The IPv4 addresses among `ips` (the chains are IPv4; IPv6 has no v4 meaning).
+    Every pass asks this for every pod's addresses, which rarely change: parsing is cached
+    (it was half of a whole pass's calc at 100 pods)."""
+    return [ip for ip in ips if _is_ipv4(ip)]
 
 
 class SelectorIndex:
