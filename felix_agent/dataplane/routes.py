@@ -42,6 +42,21 @@ def default_priority(version: int) -> int:
     return 0 if version == 4 else 1024
 
 
+def _same_family_address(r: Route, field: str, version: int) -> str:
+    """Route field `field` ("gateway" or "src") as the kernel prints it, "" when unset;
+    ValueError unless it is an address of the destination's family."""
+    value = getattr(r, field)
+    if not value:
+        return ""
+    try:
+        a = ipaddress.ip_address(value)
+    except ValueError as e:
+        raise ValueError(f"route {r.dst}: bad {field}: {e}") from None
+    if a.version != version:
+        raise ValueError(f"route {r.dst}: {field} {value} is not IPv{version}")
+    return str(a)
+
+
 def normalize(r: Route) -> Route:
     """Validate a desired route and return it in the form a kernel dump reads back as.
 
@@ -57,24 +72,8 @@ def normalize(r: Route) -> Route:
         raise ValueError(f"route {r.dst}: type must be one of {', '.join(TYPES)}, not {r.type!r}")
     if r.scope not in SCOPES:
         raise ValueError(f"route {r.dst}: scope must be one of {', '.join(SCOPES)}, not {r.scope!r}")
-    gw = ""
-    if r.gateway:
-        try:
-            g = ipaddress.ip_address(r.gateway)
-        except ValueError as e:
-            raise ValueError(f"route {r.dst}: bad gateway: {e}") from None
-        if g.version != dst.version:
-            raise ValueError(f"route {r.dst}: gateway {r.gateway} is not IPv{dst.version}")
-        gw = str(g)
-    src = ""
-    if r.src:
-        try:
-            s = ipaddress.ip_address(r.src)
-        except ValueError as e:
-            raise ValueError(f"route {r.dst}: bad src: {e}") from None
-        if s.version != dst.version:
-            raise ValueError(f"route {r.dst}: src {r.src} is not IPv{dst.version}")
-        src = str(s)
+    gw = _same_family_address(r, "gateway", dst.version)
+    src = _same_family_address(r, "src", dst.version)
     if r.dev and not _IFNAME_RE.match(r.dev):
         raise ValueError(f"route {r.dst}: bad device name {r.dev!r}")
     if r.type != "unicast" and (r.dev or gw or r.onlink):
