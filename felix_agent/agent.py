@@ -32,6 +32,13 @@ from .model import IPPool, SyncStatus, Update, WorkloadEndpoint
 
 log = logging.getLogger("tortie.agent")
 
+# run_publisher's pause after a failed pass, doubling up to the max (seconds).
+PUBLISH_RETRY_MIN = 0.5
+PUBLISH_RETRY_MAX = 10.0
+# How long the publisher lets a pending dataplane pass go first (seconds).
+PUBLISH_AFTER_PASS_WAIT = 1.0
+PUBLISH_AFTER_PASS_DELAY = 0.002
+
 
 @dataclass
 class Status:
@@ -73,6 +80,7 @@ class Agent:
         # whether that differs from _local_weps in a way _publish_endpoints must repair.
         self._ds_weps: dict[str, WorkloadEndpoint] = {}
         self._publish_due = False
+        self._publish_wake = asyncio.Event()  # run_publisher's
         # Host veths found at start-up (see set_startup_ifaces), until the first sync; and
         # endpoints deleted before it, which must not be adopted from a stale copy.
         self._startup_ifaces: set[str] | None = None
@@ -116,7 +124,7 @@ class Agent:
                 self._synced_once = True
                 self._startup_ifaces = None  # the first list is in: adoption is over
                 self._gone_before_sync.clear()
-                self._publish_due = True  # check what the datastore holds of this node
+                self._schedule_publish()  # check what the datastore holds of this node
                 self.generation += 1  # make sure readiness follows a programmed pass
         elif event.kind == "WorkloadEndpoint" and event.key.startswith(self.node + "/"):
             self._own_endpoint_event(event)
@@ -144,7 +152,7 @@ class Agent:
             # from a crash.  It is not wired, so it stays out of the model, and the
             # publisher removes it from the datastore.
             if value is not None:
-                self._publish_due = True
+                self._schedule_publish()
             return
         if value == local:
             return
@@ -154,7 +162,7 @@ class Agent:
             self._local_weps[key] = value
             self._inject(Update("WorkloadEndpoint", key, value))
             return
-        self._publish_due = True  # the datastore lost or garbled it: publish ours again
+        self._schedule_publish()  # the datastore lost or garbled it: publish ours again
 
     # -- IPAM ---------------------------------------------------------------------------
 
@@ -189,42 +197,34 @@ class Agent:
         self._startup_ifaces = set(names)
 
     async def register(self, wep: WorkloadEndpoint) -> None:
-        """Record a local endpoint and return once its policy is programmed (and the
-        endpoint published, or queued for the publisher when the datastore is away).
+        """Record a local endpoint and return once its policy is programmed.
 
-        The etcd write and the dataplane pass already overlap: the loop is woken before the
-        write is awaited, and waiting for the pass checks a level (applied_generation), so
-        the ADD waits for the slower of the two, not their sum.  Order that must hold: the
-        pod's labels are learnt before the endpoint enters the model (the pass programs the
-        right policy); a write that fails while the agent has never synced fails the ADD
-        before any wait (there is no policy to program the pod with: that pass never comes);
-        once synced, a failed write only marks the endpoint for the publisher."""
+        Publishing the endpoint to the datastore is the publisher task's job
+        (run_publisher), not the ADD's: the etcd write (2-3 ms here, an fsync on the etcd
+        side) would otherwise be on every ADD's path, and other nodes learn of the pod
+        through their watches after the write whenever it lands.  Order that must hold:
+        the pod's labels are learnt before the endpoint enters the model (the pass
+        programs the right policy).  One exception: an agent that has never synced writes
+        at once and fails the ADD if the datastore is unreachable, since it has no policy
+        to program the pod with and that pass would never come."""
         t0 = time.monotonic()
         await self._learn_pod(wep.namespace, wep.pod)
         t_learn = time.monotonic()
         self._local_weps[wep.key] = wep
         self._inject(Update("WorkloadEndpoint", wep.key, wep))
         target = self.generation
-        self.queue.put_nowait(None)  # wake the loop: its pass runs while we write to etcd
+        self.queue.put_nowait(None)  # wake the loop
         if self.store is not None:
-            try:
+            if self._synced_once:
+                self._schedule_publish()
+            else:
                 await self.store.put_record(wep)
                 self._ds_weps[wep.key] = wep
-            except ConnectionError as e:
-                if not self._synced_once:
-                    raise  # never synced: no policy to program the pod with, so fail now
-                # The datastore is away but the node knows its policy: wire the pod now and
-                # publish the endpoint once the datastore is back.
-                self._publish_due = True
-                log.warning("endpoint wired but not yet published: datastore unreachable",
-                            extra=kv(key=wep.key, error=e))
-        t_put = time.monotonic()
         await self.wait_programmed(target)
         if log.isEnabledFor(logging.DEBUG):
-            done = time.monotonic()
             log.debug("endpoint registered", extra=kv(
-                key=wep.key, learn_ms=f"{(t_learn - t0) * 1000:.1f}", publish_ms=f"{(t_put - t_learn) * 1000:.1f}",
-                wait_ms=f"{(done - t_put) * 1000:.1f}"))
+                key=wep.key, learn_ms=f"{(t_learn - t0) * 1000:.1f}",
+                wait_ms=f"{(time.monotonic() - t_learn) * 1000:.1f}"))
 
     async def _learn_pod(self, namespace: str, pod: str) -> None:
         """The pod's labels decide which policies select it; if its Pod record has not
@@ -242,6 +242,7 @@ class Agent:
             self._inject(Update("Pod", record.key, record))
 
     async def unregister(self, namespace: str, pod: str) -> None:
+        """Take a local endpoint out of the model; the publisher deletes its datastore copy."""
         key = f"{self.node}/{namespace}/{pod}"
         self._local_weps.pop(key, None)
         if self._startup_ifaces is not None:
@@ -249,24 +250,50 @@ class Agent:
         self._inject(Update("WorkloadEndpoint", key, None))
         self.queue.put_nowait(None)
         if self.store is not None:
-            try:
-                await self.store.delete("WorkloadEndpoint", key)
-                self._ds_weps.pop(key, None)
-            except Exception as e:  # the datastore may be down: the publisher removes it later
-                self._publish_due = True
-                log.warning("could not delete endpoint from the datastore", extra=kv(key=key, error=e))
+            self._schedule_publish()
+
+    # -- the publisher ------------------------------------------------------------------
+
+    def _schedule_publish(self) -> None:
+        self._publish_due = True
+        self._publish_wake.set()
+
+    async def run_publisher(self) -> None:
+        """Make the datastore's copies of this node's endpoints follow what it serves, on
+        its own task: ADDs and DELs do not wait for etcd, and being one task, a write of
+        one key never overtakes an earlier one.  Waits while the datastore is out of sync
+        (the next sync schedules a pass); a failed pass is retried with a growing pause."""
+        pause = PUBLISH_RETRY_MIN
+        while True:
+            await self._publish_wake.wait()
+            self._publish_wake.clear()
+            if not (self._publish_due and self.store is not None and self.status.in_sync):
+                continue
+            # The pass that wires the change comes first: a pod waits for it, nobody waits
+            # for the write, and both need this process (the write's gRPC work and the
+            # pass's netlink calls slow each other down by ~1 ms when they overlap).
+            if self.applied_generation < self.generation:
+                try:
+                    await self.wait_programmed(self.generation, timeout=PUBLISH_AFTER_PASS_WAIT)
+                except asyncio.TimeoutError:
+                    pass  # a slow or failing dataplane must not hold the datastore back
+                await asyncio.sleep(PUBLISH_AFTER_PASS_DELAY)  # and the ADD's answer goes out
+            await self._publish_endpoints()
+            if not self._publish_due:
+                pause = PUBLISH_RETRY_MIN
+                continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PUBLISH_RETRY_MAX)
+            self._publish_wake.set()
 
     async def _publish_endpoints(self) -> None:
-        """Make the datastore's copies of this node's endpoints equal what it serves."""
+        """Make the datastore's copies of this node's endpoints equal what it serves.
+        Deletions go first: an address released by a DEL and handed to a new pod must not
+        appear in two published endpoints (two label sets) at once."""
         from .datastore.etcd import encode_record, record_key
 
         self._publish_due = False
         try:
-            for key, wep in list(self._local_weps.items()):
-                if self._ds_weps.get(key) != wep:
-                    await self.store.put_record(wep)
-                    self._ds_weps[key] = wep  # the watch echoes the same value
-                    log.info("published endpoint", extra=kv(key=key, ips=",".join(wep.ips)))
             for key, old in list(self._ds_weps.items()):
                 if key in self._local_weps:
                     continue
@@ -278,8 +305,13 @@ class Agent:
                         await self.store.delete_if_value(etcd_key, raw)
                 self._ds_weps.pop(key, None)
                 log.info("removed endpoint this node no longer serves", extra=kv(key=key))
+            for key, wep in list(self._local_weps.items()):
+                if self._ds_weps.get(key) != wep:
+                    await self.store.put_record(wep)
+                    self._ds_weps[key] = wep  # the watch echoes the same value
+                    log.debug("published endpoint", extra=kv(key=key, ips=",".join(wep.ips)))
         except Exception as e:
-            self._publish_due = True  # retried on the next pass
+            self._publish_due = True  # retried by run_publisher
             metrics.ERRORS.labels(kind="datastore").inc()
             log.warning("could not publish this node's endpoints", extra=kv(error=e))
 
@@ -308,8 +340,6 @@ class Agent:
                 pass
             kinds, self._changed_kinds = self._changed_kinds, set()
             await self._sync_ipam(kinds)
-            if self._publish_due and self.store is not None and self.status.in_sync:
-                await self._publish_endpoints()
             resync_due = time.monotonic() >= next_resync
             if not self._synced_once:
                 next_resync = time.monotonic() + 0.5

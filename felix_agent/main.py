@@ -146,7 +146,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(syncer.run(agent.emit), name="syncer"),
-             asyncio.create_task(agent.run_loop(stop), name="loop")]
+             asyncio.create_task(agent.run_loop(stop), name="loop"),
+             asyncio.create_task(agent.run_publisher(), name="publisher")]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     for t in done:

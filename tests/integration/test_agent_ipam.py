@@ -140,8 +140,10 @@ def assert_node_state(c: LabCluster, node: str, pods: list[LabPod]) -> None:
     assert set(blocks) == owned, f"{node}: local blocks {blocks} vs etcd {owned}"
     for p in mine.values():
         assert in_blocks(p.ip, owned), f"{p.key} has {p.ip}, outside {node}'s blocks {sorted(owned)}"
-    weps = etcd_get(c, f"/tortie/workloadendpoints/{node}/")
-    assert len(weps) == len(mine), f"{node}: {len(weps)} endpoints in etcd for {len(mine)} pods"
+    # The agent's publisher writes endpoints behind the ADDs and DELs (they do not wait
+    # for etcd), so the datastore follows within moments.
+    wait_for(lambda: len(etcd_get(c, f"/tortie/workloadendpoints/{node}/")) == len(mine), timeout=10,
+             what=f"{node}: as many endpoints in etcd as pods ({len(mine)})")
 
 
 # --- 1. concurrency and a killed agent ------------------------------------------------

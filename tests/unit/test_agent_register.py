@@ -47,22 +47,41 @@ def test_known_pod_is_not_read_again_and_outage_is_tolerated():
     assert a.store.calls == [("Pod", "y", "b")] and "y/b" not in a.cluster.pods
 
 
-# --- the etcd write and the dataplane pass overlap ---------------------------------------
+# --- the ADD waits for the pass, not for the etcd write ---------------------------------
 
 class PublishStore(FakeStore):
-    """put_record waits on `release` (the test decides when the etcd write 'returns')."""
+    """Stands in for EtcdStore's writes: put_record waits on `release` (the test decides
+    when the etcd write 'returns'); deletes compare the stored value like etcd's txn."""
+
+    prefix = "/tortie"
 
     def __init__(self, fail=False):
         super().__init__({})
-        self.put_fail, self.puts = fail, []
+        self.put_fail, self.puts, self.log = fail, [], []
+        self.values: dict[str, bytes] = {}
         self.release = asyncio.Event()
 
     async def put_record(self, record):
+        from felix_agent.datastore.etcd import encode_record, record_key
         self.puts.append(record.key)
         await self.release.wait()
         if self.put_fail:
             raise ConnectionError("etcd down")
+        self.values[record_key(self.prefix, record)] = encode_record(record)
+        self.log.append(("put", record.key, record.ips))
         return record.key
+
+    async def delete_if_value(self, key, value):
+        if self.put_fail:
+            raise ConnectionError("etcd down")
+        if self.values.get(key) != value:
+            return False
+        del self.values[key]
+        self.log.append(("delete", key, ()))
+        return True
+
+    async def get_value(self, key):
+        return self.values.get(key)
 
 
 async def one_pass(a):
@@ -73,41 +92,45 @@ async def one_pass(a):
         a._applied.notify_all()
 
 
-def wep(pod="a"):
+def wep(pod="a", ip="10.65.0.7"):
     from felix_agent.model import WorkloadEndpoint
-    return WorkloadEndpoint("x", pod, "n1", f"c-{pod}", f"cali-{pod}", ("10.65.0.7",))
+    return WorkloadEndpoint("x", pod, "n1", f"c-{pod}", f"cali-{pod}", (ip,))
 
 
-def test_pass_runs_while_the_write_is_in_flight():
-    """The loop is woken before the etcd write is awaited, so the pass can complete while
-    the write is pending; register returns once both are done."""
+async def until(pred, timeout=5.0):
+    """Let the agent's tasks run until `pred()` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+def synced_agent(store):
+    a = agent(store)
+    a._synced_once = a.status.in_sync = True
+    return a
+
+
+def test_add_returns_after_the_pass_while_the_write_is_still_in_flight():
+    """register waits for the dataplane pass only; the publisher task writes the endpoint
+    (here: its write is held back and still pending when the ADD has its answer)."""
     async def main():
         store = PublishStore()
         store.pods["x/a"] = Pod("x", "a", node="n1")
-        a = agent(store)
-        a._synced_once = True
+        a = synced_agent(store)
+        publisher = asyncio.ensure_future(a.run_publisher())
         reg = asyncio.ensure_future(a.register(wep()))
-        await one_pass(a)  # the pass finishes first ...
-        await asyncio.sleep(0)
-        assert store.puts == ["n1/x/a"] and not reg.done()  # ... the write is still pending
-        store.release.set()
-        await asyncio.wait_for(reg, 5)
-        assert a._ds_weps["n1/x/a"] == wep() and not a._publish_due
-    asyncio.run(main())
-
-
-def test_write_finishing_first_still_waits_for_the_pass():
-    async def main():
-        store = PublishStore()
-        store.release.set()
-        a = agent(store)
-        a._synced_once = True
-        reg = asyncio.ensure_future(a.register(wep()))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert store.puts and not reg.done()  # published, pass not done: no answer yet
+        await asyncio.sleep(0.05)
+        # No pass yet: no answer, and the publisher lets the pass go first (no write yet).
+        assert not reg.done() and store.puts == []
         await one_pass(a)
         await asyncio.wait_for(reg, 5)
+        await until(lambda: store.puts == ["n1/x/a"])
+        assert "n1/x/a" not in a._ds_weps  # the write is pending; the ADD had its answer
+        store.release.set()
+        await until(lambda: "n1/x/a" in a._ds_weps)
+        assert a._ds_weps["n1/x/a"] == wep() and not a._publish_due
+        publisher.cancel()
     asyncio.run(main())
 
 
@@ -122,14 +145,58 @@ def test_unreachable_datastore_before_first_sync_fails_the_add():
     asyncio.run(main())
 
 
-def test_unreachable_datastore_after_sync_wires_and_publishes_later():
+def test_unreachable_datastore_after_sync_wires_and_publishes_later(monkeypatch):
+    import felix_agent.agent as agent_mod
+    monkeypatch.setattr(agent_mod, "PUBLISH_RETRY_MIN", 0.01)
+
     async def main():
         store = PublishStore(fail=True)
         store.release.set()
-        a = agent(store)
-        a._synced_once = True
+        a = synced_agent(store)
+        publisher = asyncio.ensure_future(a.run_publisher())
         reg = asyncio.ensure_future(a.register(wep()))
         await one_pass(a)
-        await asyncio.wait_for(reg, 5)
+        await asyncio.wait_for(reg, 5)  # wired although etcd refuses the write
+        await asyncio.sleep(0.05)
         assert a._publish_due and "n1/x/a" in a._local_weps and "n1/x/a" not in a._ds_weps
+        store.put_fail = False  # etcd is back: the retry publishes it
+        await asyncio.sleep(0.1)
+        assert a._ds_weps["n1/x/a"] == wep() and not a._publish_due
+        publisher.cancel()
+    asyncio.run(main())
+
+
+def test_publisher_deletes_before_it_writes_and_keeps_each_keys_order():
+    """A DEL then an ADD that reuses the address: the old endpoint leaves the datastore
+    before the new one arrives, so no moment has one address under two pods' labels; and
+    an endpoint added then deleted before the publisher ran is never written at all."""
+    async def main():
+        store = PublishStore()
+        store.release.set()
+        a = synced_agent(store)
+        publisher = asyncio.ensure_future(a.run_publisher())
+        reg = asyncio.ensure_future(a.register(wep("old", "10.65.0.9")))
+        await one_pass(a)
+        await reg
+        await until(lambda: store.log)
+        assert store.log == [("put", "n1/x/old", ("10.65.0.9",))]
+        # The publisher is busy elsewhere while a DEL and the next ADD come in.
+        a._publish_wake.clear()
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await a.unregister("x", "old")
+        await one_pass(a)
+        for pod in ("new", "brief"):
+            reg = asyncio.ensure_future(a.register(wep(pod, "10.65.0.9" if pod == "new" else "10.65.0.10")))
+            await one_pass(a)
+            await reg
+        await a.unregister("x", "brief")
+        await one_pass(a)
+        publisher = asyncio.ensure_future(a.run_publisher())
+        await until(lambda: len(store.log) >= 3)
+        await asyncio.sleep(0.01)
+        assert store.log[1:] == [("delete", "/tortie/workloadendpoints/n1/x/old", ()),
+                                 ("put", "n1/x/new", ("10.65.0.9",))]
+        assert list(store.values) == ["/tortie/workloadendpoints/n1/x/new"]
+        publisher.cancel()
     asyncio.run(main())
