@@ -221,10 +221,13 @@ class Dataplane:
                 summary["routes"] = str(rc)
             if not getattr(rc, "failed", None):  # a device that appears later needs the next pass
                 done("routes", routes)
-        if plan.bird_conf is not None:
+        # Between resyncs bird is left alone while its config stands (checking that it
+        # runs reads three files a pass); a full pass restarts it if it died.
+        if plan.bird_conf is not None and due("bird", plan.bird_conf):
             outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf))
             if outcome != "unchanged":
                 summary["bird"] = outcome
+            done("bird", plan.bird_conf)
         metrics.IPSETS.set(len(st.ipsets))
         metrics.IPSET_MEMBERS.set(sum(len(s.members) for s in st.ipsets.values()))
         for t in TABLES:
