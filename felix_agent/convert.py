@@ -354,7 +354,8 @@ def _pod(ctx: _Ctx, obj: dict) -> Pod:
     elif status.get("podIP"):
         ips.append(ctx.address(status["podIP"], "status.podIP"))
     # A finished pod's address may already belong to a new pod: it must not match policy.
-    if status.get("phase") in ("Succeeded", "Failed"):
+    finished = status.get("phase") in ("Succeeded", "Failed")
+    if finished:
         ips = []
     return Pod(
         namespace=ns, name=name,
@@ -364,6 +365,7 @@ def _pod(ctx: _Ctx, obj: dict) -> Pod:
         annotations=model.labels_of({str(k): str(v) for k, v in annotations.items()}),
         host_network=ctx.boolean(spec.get("hostNetwork"), "spec.hostNetwork"),
         uid=ctx.string(meta.get("uid"), "metadata.uid"),
+        finished=finished,
     )
 
 
@@ -620,6 +622,8 @@ def to_k8s(record: Record) -> dict:
         o = _obj("Pod", r.name, spec, r.namespace, uid=r.uid, labels=dict(r.labels),
                  annotations=dict(r.annotations))
         o["status"] = ({"podIP": r.ips[0], "podIPs": [{"ip": ip} for ip in r.ips]} if r.ips else {})
+        if r.finished:  # the model keeps only that the pod ended, not how
+            o["status"]["phase"] = "Succeeded"
         return o
     if isinstance(r, Node):
         ann = {ANN_IPV4: r.ip, ANN_IPV6: r.ip6,

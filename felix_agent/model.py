@@ -121,6 +121,7 @@ class Pod:
     annotations: Labels = ()
     host_network: bool = False
     uid: str = ""
+    finished: bool = False  # phase Succeeded or Failed: its containers have all ended
 
     @property
     def key(self) -> str:

@@ -186,7 +186,9 @@ class Cluster:
         if pod is not None and pod.host_network:
             return None, ""  # policy does not apply to host-network pods
         wep = self._pick_wep(pid, pod)
-        if pod is None and wep is None:
+        if wep is None and (pod is None or pod.finished):
+            # A finished pod that no sandbox wires any more has no network: no endpoint,
+            # so no chains are kept for it while the Pod object lingers (Jobs keep theirs).
             return None, ""
         floating, problem = parse_floating_ips(pod) if pod is not None else ((), "")
         ep = Endpoint(

@@ -77,5 +77,15 @@ spec:
     assert c.del_pod(web).returncode == 0
     assert f",{iface}" not in sh("ipset", "list", "cali40wl-src", ns=node).stdout
     assert f"-A cali-tw-{iface} " in census(node).text
-    c.delete("Pod", "web", "default")
-    wait_for(lambda: iface not in census(node).text, what="web's chains to go with its Pod")
+    # Its containers end (as a Job's pod does): the chains go, though the Pod object stays.
+    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "default",
+                                                             "labels": {"app": "web"}},
+             "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "none"}]},
+             "status": {"phase": "Succeeded"}})
+    wait_for(lambda: iface not in census(node).text, what="web's chains to go once it finished")
+    # A pod bound here that never ran: its chains go when its Pod is deleted.
+    idle_if = host_iface_name("default", "idle")
+    c.schedule_pod("default", "idle", "node1", labels={"app": "web"})
+    wait_for(lambda: f"-A cali-tw-{idle_if} " in census(node).text, what="idle's chains")
+    c.delete("Pod", "idle", "default")
+    wait_for(lambda: idle_if not in census(node).text, what="idle's chains to go with its Pod")

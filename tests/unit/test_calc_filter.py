@@ -92,6 +92,24 @@ def test_scheduled_pod_is_programmed_before_its_add_and_the_add_touches_only_ips
     assert not any(iface_of("ns", "away") in name for name in others.chains["filter"])
 
 
+def test_finished_pod_keeps_chains_only_while_a_sandbox_wires_it():
+    """A Job's completed pod (phase Succeeded/Failed) lingers as a Pod object: once its
+    sandbox is gone (no WorkloadEndpoint) it has no chains and matches no policy; while its
+    endpoint still exists (DEL not yet run) its chains stay."""
+    import dataclasses
+    pol = ingress("ns", "allow-cli", sel(app="web"), rule_(from_pods(sel(app="cli"))))
+    done_pod, done_wep = pod("ns", "done", "10.0.0.4", labels={"app": "web"})
+    finished = dataclasses.replace(done_pod, finished=True, ips=())
+    done_if = iface_of("ns", "done")
+    gone = state(web_cluster(pol, finished)).chains["filter"]
+    assert not any(done_if in name or done_if in " ".join(rules) for name, rules in gone.items())
+    # the same pod before it finished, not yet wired: chains programmed ahead of its ADD
+    assert f"cali-tw-{done_if}" in state(web_cluster(pol, done_pod)).chains["filter"]
+    kept = state(web_cluster(pol, finished, done_wep))
+    assert f"cali-tw-{done_if}" in kept.chains["filter"]
+    assert f"10.0.0.4,{done_if}" in kept.ipsets["cali40wl-src"].members
+
+
 def test_no_policy_means_allow():
     f = state(web_cluster()).chains["filter"]
     assert f[f"cali-tw-{WEB_IF}"] == () and f[f"cali-fw-{WEB_IF}"] == ()

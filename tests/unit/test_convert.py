@@ -315,8 +315,11 @@ def test_pod_dual_stack_podip_fallback_and_host_network():
     assert p.annotations == (("k", "v"),)
     obj["status"] = {"phase": "Running", "podIP": "10.0.0.2"}
     assert from_k8s(obj).ips == ("10.0.0.2",)
+    assert not from_k8s(obj).finished
     obj["status"] = {"phase": "Succeeded", "podIP": "10.0.0.2"}
-    assert from_k8s(obj).ips == ()
+    assert from_k8s(obj).ips == () and from_k8s(obj).finished
+    obj["status"] = {"phase": "Failed"}
+    assert from_k8s(obj).finished
     obj["status"] = {"podIP": "10.0.0.300"}
     with pytest.raises(ConvertError, match=r"Pod n/p: status.podIP: '10.0.0.300'"):
         from_k8s(obj)
