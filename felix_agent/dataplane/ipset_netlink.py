@@ -48,7 +48,8 @@ class IpsetNetlink:
         return self._sock
 
     def apply(self, ops: list[tuple[str, str, str]], kinds: dict[str, tuple[str, str]]) -> None:
-        """`ops`: (add|del, set, canonical member); `kinds`: set -> (type, family).  As
+        """`ops`: (add|del, set, canonical member); `kinds`: set -> (its dimensions as
+        pyroute2 names them, e.g. "net,iface"; family).  As
         `ipset restore -exist`: adding a present member or deleting an absent one is no
         error.  Raises CommandError (what the kernel refused, e.g. a set someone
         destroyed); the members changed before the refusal stay changed, as with restore."""
@@ -56,9 +57,9 @@ class IpsetNetlink:
         try:
             s = self._socket()
             for verb, name, member in ops:
-                set_type, family = kinds[name]
+                etype, family = kinds[name]
                 call = s.add if verb == "add" else s.delete
-                call(name, member.split(","), etype=set_type.split(":", 1)[1], exclusive=False,
+                call(name, member.split(","), etype=etype, exclusive=False,
                      family=socket.AF_INET6 if family == "inet6" else socket.AF_INET)
                 self.ops += 1
         except (NetlinkError, OSError) as e:
@@ -88,7 +89,7 @@ def member_ops(lines: list[str], kinds: dict[str, tuple[str, str]], limit: int
         if len(parts) != 3 or parts[0] not in ("add", "del") or parts[1] not in kinds:
             return None
         verb, name, member = parts
-        if not set(kinds[name][0].split(":", 1)[1].split(",")) <= DIMENSIONS:
+        if not set(kinds[name][0].split(",")) <= DIMENSIONS:
             return None
         ops.append((verb, name, member))
     return ops

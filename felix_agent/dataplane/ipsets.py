@@ -350,7 +350,7 @@ class IpsetDriver:
 
     def _write(self, lines: list[str], ch: IpsetChanges) -> None:
         """One batch: over netlink when it only changes a few members, else one restore."""
-        kinds = {n: (s.type, s.family) for n, s in self._desired.items()}
+        kinds = {n: (",".join(_dims(s.type)), s.family) for n, s in self._desired.items()}
         ops = member_ops(lines, kinds, NETLINK_MAX_OPS)
         if ops is None:
             self._restore(lines)

@@ -175,8 +175,8 @@ def test_unchanged_sets_keep_their_canonical_members():
 
 def test_member_ops_takes_only_small_member_batches_of_netlink_kinds():
     from felix_agent.dataplane.ipset_netlink import member_ops
-    kinds = {"cali40wl-src": ("hash:net,iface", "inet"), "cali60s:b": ("hash:ip", "inet6"),
-             "cali40n:p": ("hash:ip,port", "inet")}
+    kinds = {"cali40wl-src": ("net,iface", "inet"), "cali60s:b": ("ip", "inet6"),
+             "cali40n:p": ("ip,port", "inet")}
     lines = ["del cali40wl-src 10.0.0.1,cali1", "add cali60s:b 2001:db8::1"]
     assert member_ops(lines, kinds, 16) == [("del", "cali40wl-src", "10.0.0.1,cali1"),
                                             ("add", "cali60s:b", "2001:db8::1")]
@@ -184,6 +184,6 @@ def test_member_ops_takes_only_small_member_batches_of_netlink_kinds():
     assert member_ops([], kinds, 16) is None
     assert member_ops(["add cali40n:p 10.0.0.1,tcp:80"], kinds, 16) is None  # a port dimension
     assert member_ops(["create cali40x hash:net family inet maxelem 1048576",
-                       "add cali40x 10.0.0.0/24"], {**kinds, "cali40x": ("hash:net", "inet")}, 16) is None
+                       "add cali40x 10.0.0.0/24"], {**kinds, "cali40x": ("net", "inet")}, 16) is None
     assert member_ops(["destroy cali40wl-src"], kinds, 16) is None
     assert member_ops(["add cali40unknown 10.0.0.1"], kinds, 16) is None
