@@ -5,7 +5,7 @@ import re
 import pytest
 
 from cni_plugin.naming import host_iface_name
-from tests.lab.cluster import wait_for
+from tests.lab.cluster import ingress_only_from, wait_for
 from tests.lab.netns import sh
 from tests.lab.prober import census
 
@@ -20,14 +20,7 @@ def test_pods_on_two_nodes_talk_then_policy_denies(make_cluster):
     wait_for(lambda: "proto bird" in c.routes("node1"), what="a BGP route on node1")
     assert c.ping(a, b.ip) and c.ping(b, a.ip)
     assert c.probe(a, b.ip, 80) and c.probe(b, a.ip, 80)
-    c.apply("""
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: only-a, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: c}}}]}]
-""")
+    c.apply(ingress_only_from("only-a", "b", "c"))
     wait_for(lambda: not c.probe(a, b.ip, 80, timeout=0.5), what="the policy to deny a -> b")
     assert c.probe(b, a.ip, 80)  # a has no policy
     st = c.status("node2")
@@ -53,14 +46,7 @@ def test_a_scheduled_pod_is_programmed_before_its_add_which_touches_no_rule(make
     path, and the pod is still under its policy from the first packet."""
     c = make_cluster(1)
     node = c.lab.node("node1").ns
-    c.apply("""
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-from-cli, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: cli}}}]}]
-""")
+    c.apply(ingress_only_from("web-from-cli", "web", "cli"))
     cli = c.add_pod("default", "cli", "node1", labels={"app": "cli"})
     other = c.add_pod("default", "other", "node1", labels={"app": "other"})
     iface = host_iface_name("default", "web")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.lab.cluster import VENV_BIN, LabCluster, wait_for
+from tests.lab.cluster import VENV_BIN, LabCluster, ingress_only_from, wait_for
 from tests.lab.etcd import free_port
 from tests.lab.netns import sh
 
@@ -18,14 +18,7 @@ pytestmark = pytest.mark.root
 
 OUTAGE = 20.0  # seconds etcd is away
 
-POLICY = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: only-c, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: c}}}]}]
-"""
+POLICY = ingress_only_from("only-c", "b", "c")
 
 
 def dataplane_snapshot(c: LabCluster, node: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.lab.cluster import LabCluster, wait_for
+from tests.lab.cluster import LabCluster, ingress_only_from, wait_for
 from tests.lab.netns import sh, tcp_probe
 
 pytestmark = pytest.mark.root
@@ -129,14 +129,7 @@ def test_tcp_stream_survives_agent_restarts_on_both_ends(make_cluster, tmp_path)
     a = c.add_pod("default", "a", "node1", labels={"app": "a"})
     b = c.add_pod("default", "b", "node2", labels={"app": "b"})
     # A policy, so the restarted agents have per-policy chains and ipsets to get right.
-    c.apply("""
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-from-b, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
-""")
+    c.apply(ingress_only_from("a-from-b", "a", "b"))
     accepts = str(tmp_path / "accepts.log")
     server = c.lab.popen(a.ns, [sys.executable, "-c", SERVER, accepts, str(ECHO_PORT), str(SINK_PORT)],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

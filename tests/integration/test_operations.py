@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lab import sh
-from tests.lab.cluster import LabCluster, wait_for
+from tests.lab.cluster import LabCluster, ingress_only_from, wait_for
 from tests.lab.cnibin import ROOT
 
 pytestmark = pytest.mark.root
@@ -22,14 +22,7 @@ pytestmark = pytest.mark.root
 # `ts level logger msg key=value ...` (felix_agent/logs.py)
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (debug|info|warning|error|critical) [\w.]+ \S")
 
-POLICY = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: only-a, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]
-"""
+POLICY = ingress_only_from("only-a", "b", "a")
 
 
 def scrape(c: LabCluster, node: str) -> dict[str, list]:

@@ -285,6 +285,19 @@ class LabCluster:
         return sh("ip", "route", "show", *selector, ns=node.ns).stdout
 
 
+def ingress_only_from(name: str, to_app: str, from_app: str, namespace: str = "default") -> str:
+    """A NetworkPolicy (YAML, for LabCluster.apply): pods labelled app=<to_app> accept
+    connections only from pods labelled app=<from_app> of their namespace."""
+    return f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  podSelector: {{matchLabels: {{app: {to_app}}}}}
+  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {from_app}}}}}}}]}}]
+"""
+
+
 def wait_for(pred, timeout: float = 30, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last = None
