@@ -2,7 +2,7 @@
 NetworkPolicies), for testing tortie's Kubernetes datastore without a cluster.
 
 It stands in for exactly what the real server did in the recordings under
-../shared/k8s-api (see its README.md):
+tests/fixtures/k8s-api (see its README.md):
 
 - Replay. While a resource has not been changed by the test, every recorded request is
   answered with the RECORDED body, byte for byte: the lists (pods.json; with limit=4 the
@@ -40,16 +40,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-def _data_dir() -> str:
-    """The recorded responses: $TORTIE_K8S_API_DATA, else ../shared/k8s-api beside the
-    repository (where CI and every checkout have it)."""
-    if os.environ.get("TORTIE_K8S_API_DATA"):
-        return os.environ["TORTIE_K8S_API_DATA"]
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(os.path.dirname(repo), "shared", "k8s-api")
-
-
-DATA_DIR = _data_dir()
+# The recorded responses, kept in the repository (tests/fixtures/k8s-api/README.md says how
+# they were recorded and how to record them again): the tests read nothing outside it.
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "fixtures", "k8s-api")
 
 # Headers every recorded response carried (values from headers.txt).
 _PF_HEADERS = {

@@ -1,6 +1,6 @@
 """Whole tortie-agents in kubernetes-datastore mode, as they run on kind, against
 tests/fakes/apiserver.py: a stand-in for kube-apiserver v1.28 that replays real recorded
-responses (../shared/k8s-api; no kube-apiserver can run on these machines). Each agent
+responses (tests/fixtures/k8s-api; no kube-apiserver can run on these machines). Each agent
 reaches it through its node's own loopback (tests/lab/nsproxy.py)."""
 import json
 import os

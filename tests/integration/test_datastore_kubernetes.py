@@ -1,5 +1,5 @@
 """The Kubernetes datastore against the stand-in kube-apiserver (tests/fakes/apiserver.py),
-which replays the real v1.28 recordings in ../shared/k8s-api: paginated lists, the four
+which replays the real v1.28 recordings in tests/fixtures/k8s-api: paginated lists, the four
 watch streams with their bookmarks, 410 Gone for a list, a continue token and a watch,
 401 and 403. The syncer talks to it through the official client and a kubeconfig.
 No root needed; everything is on loopback."""

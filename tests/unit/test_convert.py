@@ -10,7 +10,7 @@ import pytest
 from felix_agent import model
 from felix_agent.convert import ConvertError, from_k8s, key_from_k8s, kind_of, to_k8s
 
-from tests.fakes.apiserver import DATA_DIR as DATA  # ../shared/k8s-api beside the repo
+from tests.fakes.apiserver import DATA_DIR as DATA  # tests/fixtures/k8s-api
 
 
 def _load(name):
