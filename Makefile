@@ -3,20 +3,34 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-plugins \
-                iperf3 conntrack iputils-ping tcpdump procps psmisc
-# the commands those packages provide; apt runs only when one is missing
-APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
+# Every outside command the product, the tests, the demo and the benches run, as
+# command:Debian-package; tests/unit/test_make_deps.py fails when the code and this list drift apart.
+APT_TOOLS := ip:iproute2 ss:iproute2 bridge:iproute2 sysctl:procps ping:iputils-ping \
+             iptables:iptables iptables-save:iptables iptables-restore:iptables iptables-legacy:iptables iptables-nft:iptables \
+             iptables-legacy-save:iptables iptables-legacy-restore:iptables \
+             iptables-nft-save:iptables iptables-nft-restore:iptables ip6tables-nft:iptables \
+             ip6tables-legacy-save:iptables ip6tables-legacy-restore:iptables \
+             ip6tables-nft-save:iptables ip6tables-nft-restore:iptables \
+             ipset:ipset bird:bird2 birdc:bird2 etcd:etcd-server etcdctl:etcd-client \
+             iperf3:iperf3 conntrack:conntrack
+# files the tests and benches run that are not on PATH: Debian's reference CNI plugins
+APT_FILES := /usr/lib/cni/host-local:containernetworking-plugins /usr/lib/cni/portmap:containernetworking-plugins \
+             /usr/lib/cni/ptp:containernetworking-plugins
+APT_PACKAGES := $(sort $(foreach t,$(APT_TOOLS) $(APT_FILES),$(lastword $(subst :, ,$(t)))))
 PYTEST_ARGS ?=
 
 .PHONY: deps test unit integration bench demo demo-down cni-binary image clean
 
 deps: $(VENV)/.installed
-	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
-	[ -x /usr/lib/cni/host-local ] || missing="$$missing host-local"; \
+	@# apt runs only when a command or file is missing, and installs only the packages that ship them
+	@have() { case $$1 in /*) [ -x $$1 ] ;; *) command -v $$1 >/dev/null ;; esac; }; \
+	missing=""; for e in $(APT_TOOLS) $(APT_FILES); do have $${e%%:*} || missing="$$missing $$e"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "deps: installing apt packages (missing:$$missing)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  pkgs=$$(for e in $$missing; do echo $${e##*:}; done | sort -u | tr '\n' ' '); \
+	  echo "deps: installing apt packages $$pkgs(missing:$$(for e in $$missing; do printf ' %s' $${e%%:*}; done))"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null || exit 1; \
+	  still=""; for e in $$missing; do have $${e%%:*} || still="$$still $${e%%:*} (apt package $${e##*:})"; done; \
+	  if [ -n "$$still" ]; then echo "deps: still missing after apt-get install:$$still" >&2; exit 1; fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import shutil
 
-# tool -> Debian package that ships it
+# tool -> Debian package that ships it (the same pairs as the Makefile's APT_TOOLS, which
+# tests/unit/test_make_deps.py checks)
 TOOLS = {
     "ip": "iproute2", "ss": "iproute2", "iptables": "iptables", "iptables-restore": "iptables",
     "ipset": "ipset", "bird": "bird2", "birdc": "bird2", "etcd": "etcd-server",
-    "ping": "iputils-ping", "iperf3": "iperf3", "conntrack": "conntrack",
+    "etcdctl": "etcd-client", "ping": "iputils-ping", "iperf3": "iperf3", "conntrack": "conntrack",
 }
 CNI_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 
