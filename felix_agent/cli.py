@@ -1,7 +1,7 @@
 """tortiectl: the command line for a tortie cluster in etcd mode.
 
     tortiectl [--etcd-endpoints HOST:PORT] [--prefix /tortie] apply -f FILE|-
-    tortiectl get KIND [NAME] [-n NS] [-o json|yaml|wide]
+    tortiectl get KIND [NAME] [-n NS | -A] [-o json|yaml|wide]
     tortiectl delete KIND NAME [-n NS]
     tortiectl delete -f FILE|-
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -219,8 +220,25 @@ def _name_args(kind: str, name: str, namespace: str | None) -> tuple[str, str]:
     return name, ""
 
 
+async def _with_wired_ips(store: EtcdStore, pods: list[model.Pod]) -> list[model.Pod]:
+    """Pods as tables show them: in etcd mode no kubelet writes status.podIPs, so a Pod
+    applied with tortiectl has none; its addresses are those its CNI ADDs wired, which the
+    agents publish as WorkloadEndpoints. Display only: the stored Pod stays as applied."""
+    if all(p.ips for p in pods):
+        return pods
+    wired: dict[tuple[str, str], list[str]] = {}
+    for wep in sorted(await store.get_all("WorkloadEndpoint"), key=lambda w: w.key):
+        wired.setdefault((wep.namespace, wep.pod), []).extend(wep.ips)
+    return [p if p.ips or (p.namespace, p.name) not in wired
+            else dataclasses.replace(p, ips=tuple(wired[(p.namespace, p.name)])) for p in pods]
+
+
 async def cmd_get(store: EtcdStore, args) -> int:
     kind = resolve_kind(args.kind)
+    if args.all_namespaces:  # kubectl's rules: -A wins over -n, and takes no NAME
+        if args.name:
+            raise CliError("a resource cannot be retrieved by name across all namespaces")
+        args.namespace = None
     if args.name:
         name, ns = _name_args(kind, args.name, args.namespace)
         rec = await store.get(kind, name, ns)
@@ -232,6 +250,8 @@ async def cmd_get(store: EtcdStore, args) -> int:
         if args.namespace and kind in keys.NAMESPACED:
             records = [r for r in records if r.namespace == args.namespace]
         records.sort(key=lambda r: r.key)
+    if kind == "Pod" and (args.output or "table") in ("table", "wide"):
+        records = await _with_wired_ips(store, records)
     print(render(kind, records, args.output or "table", single=bool(args.name)))
     return 0
 
@@ -283,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "workloadendpoints, blockaffinities (or kubectl's short names)")
     g.add_argument("name", nargs="?")
     g.add_argument("-n", "--namespace", help="only this namespace (default for a NAME: default)")
+    g.add_argument("-A", "--all-namespaces", action="store_true",
+                   help="every namespace, as kubectl; also what a list without -n shows")
     g.add_argument("-o", "--output", choices=("json", "yaml", "wide"))
     g.set_defaults(func=cmd_get)
 

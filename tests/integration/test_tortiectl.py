@@ -213,3 +213,45 @@ def test_apply_more_objects_than_one_etcd_transaction_holds(etcd):
                          capture_output=True, text=True, timeout=60)
     names = {o["metadata"]["name"] for o in json.loads(got.stdout)["items"]}
     assert {f"bulk-{i}" for i in range(300)} <= names
+
+
+def test_get_pods_all_namespaces_and_wired_addresses(etcd):
+    """-A / --all-namespaces as kubectl has them; a Pod applied without status (nobody plays
+    kubelet in etcd mode) shows the addresses its CNI ADD wired, from its WorkloadEndpoint."""
+    docs = MANIFEST.replace("status:\n  podIP: 10.65.0.10\n", "") + textwrap.dedent("""\
+        ---
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: db, namespace: store}
+        spec: {nodeName: node-1, containers: [{name: c}]}
+        ---
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: unwired, namespace: store}
+        spec: {nodeName: node-1, containers: [{name: c}]}
+        """)
+    assert "status" not in docs
+    assert ctl(etcd, "apply", "-f", "-", stdin=docs).returncode == 0
+
+    async def wire():
+        async with EtcdStore("127.0.0.1", etcd.port) as s:
+            await s.put_records([
+                model.WorkloadEndpoint("shop", "frontend", "node-1", "c1", "cali1", ("10.65.0.7",)),
+                model.WorkloadEndpoint("store", "db", "node-1", "c2", "cali2", ("10.65.0.8", "fd00::8"))])
+    asyncio.run(wire())
+    want = {("shop", "frontend"): "10.65.0.7", ("store", "db"): "10.65.0.8,fd00::8",
+            ("store", "unwired"): "<none>"}
+    for flags in (["-A", "-o", "wide"], ["--all-namespaces"], ["-A", "-n", "shop"], []):
+        r = ctl(etcd, "get", "pods", *flags)
+        assert r.returncode == 0, r.stderr
+        rows = [ln.split() for ln in r.stdout.splitlines()]
+        assert rows[0][:4] == ["NAMESPACE", "NAME", "NODE", "IPS"]
+        assert {(x[0], x[1]): x[3] for x in rows[1:]} == want, (flags, r.stdout)
+    r = ctl(etcd, "get", "pods", "-n", "store")
+    assert [ln.split()[1] for ln in r.stdout.splitlines()[1:]] == ["db", "unwired"]
+    r = ctl(etcd, "get", "pod", "db", "-n", "store")
+    assert r.stdout.splitlines()[1].split() == ["store", "db", "node-1", "10.65.0.8,fd00::8"]
+    # the stored Pod stays as applied: no status invented in json/yaml
+    assert "podIP" not in ctl(etcd, "get", "pod", "db", "-n", "store", "-o", "json").stdout
+    r = ctl(etcd, "get", "pod", "db", "-A")
+    assert r.returncode == 1 and "cannot be retrieved by name across all namespaces" in r.stderr
