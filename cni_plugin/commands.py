@@ -91,6 +91,7 @@ def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) 
     from . import ipam_exec
     from .attachments import Attachment, AttachmentStore
     store = AttachmentStore(conf.state_dir, conf.name)
+    prior = _refuse_taken_ifname(env, nsfd, store)  # before the record, IPAM or any change
     att = Attachment(env.container_id, env.ifname, _host_ifname(env), env.netns, conf.ipam_type, raw_args)
     store.save(att)  # the intent first: GC can undo an ADD that dies half-way
     allocated = False
@@ -116,8 +117,37 @@ def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) 
             _quietly(lambda: plumbing.teardown(None, env.ifname, att.host_ifname), "teardown")
         if allocated:
             _quietly(lambda: ipam_exec.ipam_del(conf, env, raw_args), "IPAM DEL")
-        _quietly(lambda: store.remove(env.container_id, env.ifname), "record removal")
+        if prior is not None:  # a repeated ADD that failed: the live attachment keeps its record
+            _quietly(lambda: store.save(prior), "record restore")
+        else:
+            _quietly(lambda: store.remove(env.container_id, env.ifname), "record removal")
         raise
+
+
+def _refuse_taken_ifname(env: CniEnv, nsfd: int, store):
+    """CNI_IFNAME already exists in the pod's namespace: a repeated ADD of the container
+    that made it goes on as always (setup() re-wires it; its record is returned, so a
+    failure can put it back); anyone else's is refused here, so the existing pod keeps its
+    interface, address, routes and reservation."""
+    from . import plumbing  # netlink on its own socket, stdlib only
+    held = plumbing.occupant(nsfd, env.ifname)
+    if held is None:
+        return None
+    mine = store.load(env.container_id, env.ifname)
+    if held and mine is not None and mine.host_ifname == held:
+        return mine
+    owner = next((a.container_id for a in store.all() if held and a.host_ifname == held), None)
+    raise plumbing.taken_error(env.ifname, env.netns, owner)
+
+
+def _claimed_by_another(store, env: CniEnv, host_ifname: str):
+    """The attachment record of another container that holds `host_ifname`, or this
+    netns's CNI_IFNAME: a DEL without a record of its own must leave those alone."""
+    for a in store.all():
+        if a.container_id != env.container_id and (
+                a.host_ifname == host_ifname or (env.netns and a.netns == env.netns and a.ifname == env.ifname)):
+            return a
+    return None
 
 
 def _quietly(fn, what: str) -> None:
@@ -138,7 +168,11 @@ def cmd_del(conf: NetConf, env: CniEnv, raw_args: str) -> None:
     store = AttachmentStore(conf.state_dir, conf.name)
     rec = store.load(env.container_id, env.ifname)
     host_ifname = rec.host_ifname if rec else _host_ifname(env)
-    if conf.uses_agent:
+    other = None if rec else _claimed_by_another(store, env, host_ifname)
+    if other is not None:  # e.g. the DEL of an ADD that was refused for that reason
+        log.info("DEL %s/%s: %s belongs to container %s; leaving it", env.container_id, env.ifname,
+                 host_ifname, other.container_id)
+    elif conf.uses_agent:
         _agent(conf, _request("DEL", conf, env, rec.ips if rec else []))
     elif _host_iface_exists(host_ifname) or (env.netns and nsutil.namespace_exists(env.netns)):
         from . import plumbing  # only when there is something to remove (a repeated DEL is cheap)

@@ -185,6 +185,38 @@ def _free_from_retired(host: Rtnl, pod: Rtnl, ifname: str) -> bool:
     return pod.link(ifname) is None
 
 
+def occupant(netns: str | int, ifname: str) -> str | None:
+    """Who holds `ifname` in the pod's namespace, asked before an ADD allocates or changes
+    anything: None when nobody does (or only the far end of a retired veth, which setup()
+    frees), else the name of the host-side veth it is wired to ("" when it is not a veth
+    with a peer here: not ours at all).  The caller knows which container owns that name;
+    an ADD must never replace another container's interface."""
+    with ExitStack() as stack:
+        nsfd = stack.enter_context(nsutil.opened(netns))
+        host = _host_rtnl(stack)
+        pod = _rtnl_in(stack, nsfd)
+        link = pod.link(ifname)
+        if link is None:
+            return None
+        if link.kind != "veth" or not link.peer_index:
+            return ""
+        peer = host.link(index=link.peer_index)
+        if peer is None:
+            return ""
+        if peer.group == RETIRED_GROUP and peer.name.startswith(RETIRED_PREFIX):
+            return None
+        return peer.name
+
+
+def taken_error(ifname: str, sandbox: str, owner: str | None) -> CNIError:
+    """The refusal of an ADD whose interface name another container already uses."""
+    whose = f"container {owner}" if owner else "something that is not this container's"
+    return CNIError(DATAPLANE_FAILURE, f"interface {ifname} already exists in {sandbox or 'the pod namespace'} "
+                                       f"({whose}); nothing was changed",
+                    "an ADD never replaces another container's interface: DEL that container first, "
+                    "or use another CNI_IFNAME")
+
+
 def setup(netns: str | int, ifname: str, host_ifname: str, ips: list[str], mtu: int = 1500,
           sandbox: str = "") -> dict:
     """Wire one pod attachment.  On any failure everything made here is removed again

@@ -493,6 +493,14 @@ class CNIService:
         host_if = naming.host_iface_for(req.namespace, req.pod, req.container_id, req.ifname)
         allocated: Allocation | None = None
         plumbing_tried = registered = False
+        if not req.ips and netns_fd is not None:
+            # Before allocating or changing anything: the pod's CNI_IFNAME may be another
+            # container's (with host-local IPAM the binary, which keeps those records, asks).
+            held = await self._run(self.plumbing.occupant, netns_fd, req.ifname)
+            if held is not None:
+                owner = self._owner_of(held) if held else None
+                if owner != req.container_id:
+                    raise self.plumbing.taken_error(req.ifname, req.netns, owner)
         try:
             if req.ips:
                 cidrs = list(req.ips)
