@@ -87,12 +87,27 @@ def validate_conflist_main() -> None:
     sys.exit(0)
 
 
+USAGE = """usage: tortie                        (run by a container runtime, not by hand)
+       tortie --validate-conflist < CONFLIST
+       tortie --help
+
+tortie is a CNI plugin (CNI 0.3.0-1.1.0): the runtime runs it with CNI_COMMAND (ADD, DEL,
+CHECK, VERSION, STATUS, GC), CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_PATH and CNI_ARGS
+in the environment and the network config as JSON on stdin; it prints the result, or a CNI
+error as JSON, on stdout. Logs go to the config's log_file_path (/var/log/tortie/cni.log).
+Try:  echo '{"cniVersion":"1.1.0"}' | CNI_COMMAND=VERSION tortie
+"""
+
+
 def main(entry_time: float = 0.0) -> None:
     """`entry_time`: CLOCK_MONOTONIC at the very start of the entry script, if it took it."""
     global _entry_time, _main_time
     _entry_time, _main_time = entry_time, time.monotonic()
     if sys.argv[1:] == ["--validate-conflist"]:
         validate_conflist_main()
+    if sys.argv[1:2] in (["--help"], ["-h"]):  # a person, not a runtime (which passes no arguments)
+        sys.stdout.write(USAGE)
+        sys.exit(0)
     try:
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
     except OSError as e:
