@@ -130,19 +130,25 @@ spec:
             print("    " + line)
         took = time.monotonic() - t_start
         n1 = lab.nodes[0]
-        some_pod = pods["frontend/client"]
-        print(f"""
-The cluster is running ({took:.0f} s to build). Try:
-  ip netns exec {some_pod.ns} ping -c1 {pods['backend/db'].ip}     # a pod's shell: ip netns exec {some_pod.ns} sh
-  ip netns exec {n1.ns} ip route                                  # routes on node1 (proto bird)
-  ip netns exec {n1.ns} iptables-save | grep cali-                # node1's policy chains
-  {VENV_BIN}/tortiectl --etcd-endpoints {ep} get pods -A
-  {VENV_BIN}/tortiectl --etcd-endpoints {ep} get networkpolicies -A
-  ip netns exec {n1.ns} {VENV_BIN}/tortiectl status                 # node1's agent: sync, endpoints, BGP
-  ip netns exec {n1.ns} {VENV_BIN}/tortiectl ipam show
-  make demo-down                                                  # removes everything
-Agent logs: {work}/node*/agent.log
-""")
+        client, web = pods["frontend/client"], pods["frontend/web"]
+        # Every line below is run by tests/integration/test_demo.py as printed: keep them true
+        # for the policies above (frontend has none; backend lets only web reach db on TCP 80).
+        tries = [
+            (f"ip netns exec {client.ns} ping -c1 {web.ip}", "frontend/client -> frontend/web: allowed"),
+            (f"ip netns exec {client.ns} sh", "a shell inside frontend/client (exit to leave)"),
+            (f"ip netns exec {n1.ns} ip route", "routes on node1 (proto bird)"),
+            (f"ip netns exec {n1.ns} iptables-save | grep cali-", "node1's policy chains"),
+            (f"{VENV_BIN}/tortiectl --etcd-endpoints {ep} get pods -A -o wide", "pods and their addresses"),
+            (f"{VENV_BIN}/tortiectl --etcd-endpoints {ep} get networkpolicies -A", ""),
+            (f"ip netns exec {n1.ns} {VENV_BIN}/tortiectl status", "node1's agent: sync, endpoints, BGP"),
+            (f"ip netns exec {n1.ns} {VENV_BIN}/tortiectl ipam show", ""),
+            ("make demo-down", "removes everything"),
+        ]
+        width = max(len(cmd) for cmd, _ in tries)
+        print(f"\nThe cluster is running ({took:.0f} s to build). Try (as root, from this directory):")
+        for cmd, why in tries:
+            print(f"  {cmd.ljust(width)}  # {why}" if why else f"  {cmd}")
+        print(f"Agent logs: {work}/node*/agent.log\n")
     except BaseException:
         say("demo failed; removing what it created")
         lab.teardown()

@@ -1,5 +1,6 @@
 """`make demo` as a user runs it: deploy/demo.py up prints the reachability matrix before
-and after the policies, and deploy/demo.py down leaves nothing behind."""
+and after the policies, every command it then suggests works as printed, and `make
+demo-down` leaves nothing behind."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,60 @@ def proc_identity(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else f"{pid}:{fields[19]}"
 
 
+def hints(out: str) -> list[str]:
+    """The commands the demo tells its user to try, as printed (comments dropped)."""
+    lines = out.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith("The cluster is running"))
+    cmds = []
+    for ln in lines[i + 1:]:
+        if not ln.startswith("  "):
+            break
+        cmds.append(ln.split("  #")[0].strip())
+    return cmds
+
+
+def run_hint(cmd: str) -> subprocess.CompletedProcess:
+    """One hint as a user pastes it into a root shell in the repository (pipes included);
+    the pod shell hint gets a command on stdin and ends at EOF."""
+    return subprocess.run(["bash", "-c", cmd], cwd=ROOT, input="ip -o -4 addr show dev eth0\n",
+                          capture_output=True, text=True, timeout=120)
+
+
+def check_hint(cmd: str, p: subprocess.CompletedProcess, pods: dict) -> str:
+    """Assert what the hint shows; returns which kind of hint it was."""
+    out = p.stdout
+    assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-2000:])
+    node1 = {k for k, v in pods.items() if v["node"] == "node1"}
+    if " ping " in cmd:
+        assert " 0% packet loss" in out, out
+        return "ping"
+    if cmd.endswith(" sh"):
+        assert f"inet {pods['frontend/client']['ip']}/32" in out, out
+        return "shell"
+    if cmd.endswith(" ip route"):
+        assert "proto bird" in out, out
+        return "routes"
+    if "iptables-save | grep cali-" in cmd:
+        assert "cali-FORWARD" in out and "cali-tw-" in out, out
+        return "chains"
+    if cmd.endswith("get pods -A -o wide"):
+        rows = {tuple(r.split()[:2]): r.split()[3] for r in out.splitlines()[1:]}
+        assert rows == {tuple(k.split("/")): v["ip"] for k, v in pods.items()}, out
+        return "pods"
+    if cmd.endswith("get networkpolicies -A"):
+        assert {tuple(r.split()[:2]) for r in out.splitlines()[1:]} == {
+            ("backend", "default-deny"), ("backend", "allow-web-to-db")}, out
+        return "policies"
+    if cmd.endswith("tortiectl status"):
+        assert "in sync" in out and f"Endpoints on this node: {len(node1)}" in out, out
+        assert all(pods[k]["ip"] in out for k in node1), out
+        return "status"
+    if cmd.endswith("tortiectl ipam show"):
+        assert all(pods[k]["ip"] in out for k in node1), out
+        return "ipam"
+    raise AssertionError(f"a demo hint no test checks: {cmd!r} (add it to check_hint)")
+
+
 def demo(cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, DEMO, cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -82,8 +137,17 @@ def test_demo_up_shows_the_policy_then_down_removes_everything():
         assert denied == {(s, d) for s in PODS for d in PODS if not allowed(s, d)}
         assert set(after.values()) == {"ok", "--"}
         print(f"\n{len(denied)} of {len(after)} cells denied after the policies:", sorted(denied))
+
+        # Every hint the demo prints works as printed; the last one takes the demo down.
+        tried = hints(up.stdout)
+        assert tried[-1] == "make demo-down", tried
+        kinds = [check_hint(cmd, run_hint(cmd), state["pods"]) for cmd in tried[:-1]]
+        assert sorted(kinds) == sorted({"ping", "shell", "routes", "chains", "pods", "policies", "status",
+                                        "ipam"}), kinds
+        down = run_hint(tried[-1])
     finally:
-        down = demo("down", timeout=120)
+        if os.path.exists(STATE_FILE):
+            down = demo("down", timeout=120)
     assert down.returncode == 0 and "demo-down: removed 8 namespaces" in down.stdout, down.stdout + down.stderr
     assert not os.path.exists(STATE_FILE)
     assert not [ns for ns in list_namespaces() if ns.startswith(prefix + "-")]
