@@ -144,10 +144,9 @@ spec:
             (f"ip netns exec {n1.ns} {VENV_BIN}/tortiectl ipam show", ""),
             ("make demo-down", "removes everything"),
         ]
-        width = max(len(cmd) for cmd, _ in tries)
         print(f"\nThe cluster is running ({took:.0f} s to build). Try (as root, from this directory):")
         for cmd, why in tries:
-            print(f"  {cmd.ljust(width)}  # {why}" if why else f"  {cmd}")
+            print(f"  {cmd}  # {why}" if why else f"  {cmd}")
         print(f"Agent logs: {work}/node*/agent.log\n")
     except BaseException:
         say("demo failed; removing what it created")
