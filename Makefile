@@ -35,6 +35,8 @@ deps: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@command -v python3 >/dev/null || (apt-get update -qq && apt-get install -y -qq python3 python3-venv)
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "deps: tortie needs Python >= 3.11, this python3 is $$(python3 -V 2>&1) (Debian 12 'bookworm' has 3.11)" >&2; exit 1; }
 	@# Debian's python3 needs python3-venv for ensurepip; install it only when venv fails.
 	@test -x $(PY) || python3 -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-dev >/dev/null \
