@@ -4,8 +4,9 @@
 ipsets, routes, the VXLAN device's wanted state and BIRD's config text).
 `Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls the
 drivers in the order that keeps every reference valid:
-    ipsets (create/update) -> iptables filter, nat -> ipsets (delete stale)
+    ipsets (create/update) -> iptables filter, nat, raw; ip6tables raw -> ipsets (delete stale)
     -> vxlan device, ipip device -> routes -> BIRD
+Full passes also reset route_localnet on cali veths (dataplane/sysctls.py).
 
 Who owns which routes between nodes: the agent (proto 80) for direct and vxlan pools,
 BIRD (proto bird) for bgp pools and, when BIRD runs, for ipip pools too (BIRD's kernel
@@ -30,16 +31,19 @@ from .calc import routes as route_calc
 from .calc.cluster import Cluster
 from .calc.desired import DesiredState
 from .calc.filter import CalcConfig, dataplane_state
-from .dataplane.backend import detect
+from .dataplane.backend import BackendError, detect, require_backend
+from .dataplane.cmd import CommandError
 from .dataplane.ipsets import IpsetDriver
 from .dataplane.iptables import IptablesTable
 from .dataplane.routes import RouteDriver
+from .dataplane.sysctls import reset_route_localnet
 from .dataplane.tunnels import IpipDevice, KernelModuleMissing, VxlanDevice
 from .logs import kv
 from .model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
-TABLES = ("filter", "nat")
+TABLES = ("filter", "nat", "raw")
+TABLES6 = ("raw",)  # ip6tables: the loopback guard only (the policy calc is IPv4-only)
 _NOTHING = object()
 
 
@@ -76,6 +80,13 @@ class Dataplane:
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
         self.tables = {t: IptablesTable(t, det.backend, netns) for t in TABLES}
+        self.tables6: dict[str, IptablesTable] = {}
+        try:
+            require_backend(det.backend, 6)
+            self.tables6 = {t: IptablesTable(t, det.backend, netns, ip_version=6) for t in TABLES6}
+        except BackendError as e:
+            log.warning("no ip6tables: the IPv6 loopback guard is not programmed (the kernel still "
+                        "drops ::1 from pods)", extra=kv(error=e))
         self.ipsets = IpsetDriver(netns)
         self.routes = RouteDriver(netns)
         self.vxlan = VxlanDevice(netns)
@@ -186,6 +197,32 @@ class Dataplane:
                 if ch:
                     summary[f"iptables_{t}"] = str(ch)
                 done(f"iptables-{t}", want)
+        for t, table in self.tables6.items():
+            want6 = (st.chains6.get(t, {}), tuple(h for h in st.hooks6 if h.table == t))
+            if due(f"ip6tables-{t}", want6):
+                table.set_desired(want6[0], list(want6[1]))
+                try:
+                    ch = timed(f"ip6tables-{t}", lambda table=table: table.apply(full=full))
+                except CommandError as e:
+                    # A node without IPv6 (ipv6.disable=1) has no ip6tables tables: say so,
+                    # program everything else.
+                    msg = f"ip6tables {t} table cannot be programmed: {e}"
+                    if self.problems.get("ip6tables") != msg:
+                        log.error("IPv6 loopback guard unavailable", extra=kv(error=msg))
+                    self.problems["ip6tables"] = msg
+                    continue
+                self.problems.pop("ip6tables", None)
+                if ch:
+                    summary[f"ip6tables_{t}"] = str(ch)
+                done(f"ip6tables-{t}", want6)
+        if full:
+            # Veths wired by older versions had route_localnet=1 (calc/raw.py); the guard
+            # drops those packets anyway, this takes away the second way in.
+            reset = timed("sysctls", lambda: reset_route_localnet(self.netns))
+            if reset:
+                log.warning("route_localnet was on for pod interfaces; turned off",
+                            extra=kv(interfaces=",".join(reset)))
+                summary["route_localnet_reset"] = len(reset)
         if ipsets_due:
             dels = timed("ipsets", lambda: self.ipsets.apply_deletions(full))
             if dels:
