@@ -110,8 +110,15 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     store = None
     if cfg.datastore == "etcd":
         from .datastore.etcd import EtcdStore, EtcdSyncer
+        from .datastore.etcd_tls import EtcdTLS, TLSConfigError
 
-        store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix)
+        tls = EtcdTLS(cfg.etcd_ca_file, cfg.etcd_cert_file, cfg.etcd_key_file) if cfg.etcd_tls else None
+        if tls is not None:
+            try:
+                tls.check()
+            except TLSConfigError as e:
+                raise config.ConfigError(str(e)) from None
+        store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix, tls=tls)
         syncer = EtcdSyncer(store)
         backend = EtcdBackend(store)
     else:
