@@ -55,6 +55,8 @@ class AgentConfig:
                                "https:// etcd endpoint")
     etcd_cert_file: str = _f("", "client certificate (PEM) for etcd's client-cert auth (with etcd_key_file)")
     etcd_key_file: str = _f("", "private key (PEM) of etcd_cert_file")
+    bgp_password_file: str = _f("", "file holding the TCP MD5 password of the node-to-node BGP sessions "
+                                    "(mesh / route reflectors); every node needs the same")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -87,6 +89,8 @@ class AgentConfig:
         if not self.etcd_tls and (self.etcd_ca_file or self.etcd_cert_file or self.etcd_key_file):
             raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is plaintext but TLS files are set; "
                               "write it as https://host:port")
+        if self.bgp_password_file and not self.bgp_password_file.startswith("/"):
+            raise ConfigError(f"bgp_password_file: {self.bgp_password_file!r} must be an absolute path")
         if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
             raise ConfigError("etcd_cert_file, etcd_key_file: set both or neither")
 

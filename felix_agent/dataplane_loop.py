@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 from . import metrics
 from .bgp.bird import BirdDaemon
-from .bgp.config import bird_config
+from .bgp.config import bird_config, password_include, sessions
+from .bgp.secrets import md5_counters, write_includes
 from .calc import routes as route_calc
 from .calc.cluster import Cluster
 from .calc.desired import DesiredState
@@ -61,6 +62,8 @@ class Plan:
     vxlan: VxlanWanted | None = None
     bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
     ipip_addr: str | None = None  # tunl0's address (first address of my first ipip block)
+    # BIRD include file -> the node-local password file it is made from (paths only)
+    bird_secrets: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -69,7 +72,7 @@ class Dataplane:
                  iptables_backend: str = "auto", wl_to_host_action: str = "ACCEPT",
                  run_dir: str = "/var/run/tortie", bird: bool = True,
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
-                 derive_vteps: bool = False):
+                 derive_vteps: bool = False, bgp_password_file: str = ""):
         self.node = node_name
         self.uplink = uplink
         self.netns = netns
@@ -100,6 +103,9 @@ class Dataplane:
         self.bird_enabled = bird
         os.makedirs(run_dir, exist_ok=True)
         self.bird = BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin, birdc_bin=birdc_bin)
+        self.bgp_password_file = bgp_password_file  # the mesh (node-to-node) sessions' password
+        self.secrets_dir = os.path.join(self.bird.run_dir, "secrets")
+        self._passworded: set[str] = set()  # BGP protocols with a password, for status hints
         self.calc_cfg = CalcConfig(node_name=node_name, wl_to_host_action=wl_to_host_action)
         self.modes: tuple[str, ...] = ()
 
@@ -131,7 +137,13 @@ class Dataplane:
         if self.bird_enabled and me is not None and me.address and any(p.mode in ("bgp", "ipip") for p in enabled):
             try:
                 plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, self.node,
-                                             uplink=self.uplink, default_as=self.default_as)
+                                             uplink=self.uplink, default_as=self.default_as,
+                                             mesh_password_file=self.bgp_password_file,
+                                             secrets_dir=self.secrets_dir)
+                plan.bird_secrets = {
+                    password_include(self.secrets_dir, s.name): s.password_file
+                    for s in sessions(nodes, cluster.bgp_peers, self.node, default_as=self.default_as,
+                                      mesh_password_file=self.bgp_password_file) if s.password_file}
             except ValueError as e:
                 errors.append(f"BIRD config: {e}")
         if plan.bird_conf is not None:
@@ -261,7 +273,18 @@ class Dataplane:
         # Between resyncs bird is left alone while its config stands (checking that it
         # runs reads three files a pass); a full pass restarts it if it died.
         if plan.bird_conf is not None and due("bird", plan.bird_conf):
-            outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf))
+            # Password files are re-read on every full pass (a rotated password lands
+            # within a resync); a changed include makes BIRD re-read its config.
+            secrets_changed, secret_problems = write_includes(plan.bird_secrets, self.secrets_dir)
+            self._passworded = {os.path.basename(p)[:-len(".conf")] for p in plan.bird_secrets}
+            if secret_problems:
+                msg = "BGP password: " + "; ".join(secret_problems.values())
+                if self.problems.get("bgp_password") != msg:
+                    log.error("BGP password unusable", extra=kv(error=msg))
+                self.problems["bgp_password"] = msg
+            else:
+                self.problems.pop("bgp_password", None)
+            outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf, reload=secrets_changed))
             if outcome != "unchanged":
                 summary["bird"] = outcome
             done("bird", plan.bird_conf)
@@ -295,9 +318,20 @@ class Dataplane:
         if not self.bird.running():
             return []
         try:
-            return self.bird.protocols()
+            rows = self.bird.protocols()
         except Exception as e:  # birdc unreachable mid-restart: report, do not fail status
             return [{"name": "bird", "state": "unknown", "info": str(e)}]
+        down = [r for r in rows if r["name"] in self._passworded and not r["info"].startswith("Established")]
+        if down:
+            # With TCP MD5 the kernel drops the peer's segments that fail the check before
+            # BIRD sees them, so BIRD can only say it gets no answer: the counters say why.
+            c = md5_counters() if self.netns is None else {}
+            why = (f"TCP MD5 password set; kernel: {c.get('TCPMD5Failure', 0)} segments with a wrong "
+                   f"signature (the peer's password differs), {c.get('TCPMD5NotFound', 0)} without one "
+                   "(the peer has no password)")
+            for r in down:
+                r["info"] = f"{r['info']} ({why})".strip()
+        return rows
 
 
 def _ipip_remote(r, pools) -> bool:
