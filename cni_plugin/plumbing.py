@@ -16,7 +16,7 @@ Layout, as Calico has it:
         default via 169.254.1.1 dev <ifname>, default via fe80::ecee:eeff:feee:eeee (v6)
   host: cali... with MAC ee:ee:ee:ee:ee:ee (so its v6 link-local is the pod's v6 gateway),
         proxy_arp=1 + proxy_delay=0 (it answers ARP for 169.254.1.1 at once), forwarding,
-        route_localnet, proxy_ndp; `<ip> dev cali... scope link` for each pod address.
+        route_localnet=0, proxy_ndp; `<ip> dev cali... scope link` for each pod address.
 
 Retiring (the agent's fast DEL): retire() takes the host veth down, renames it out of the
 way and puts it in RETIRED_GROUP in one request; reap_retired() later deletes the whole
@@ -53,7 +53,10 @@ HOST_SYSCTLS_V4 = (
     ("ipv4/conf/{if}/proxy_arp", "1"),
     ("ipv4/neigh/{if}/proxy_delay", "0"),
     ("ipv4/conf/{if}/forwarding", "1"),
-    ("ipv4/conf/{if}/route_localnet", "1"),
+    # Off, explicitly (a node whose conf/default has it on would pass it on): with it on,
+    # a frame to 127.0.0.1 from the pod reaches the node's loopback services.  Nothing of
+    # tortie's needs it; the portmap plugin sets it where its hostPort SNAT does.
+    ("ipv4/conf/{if}/route_localnet", "0"),
 )
 HOST_SYSCTLS_V6 = (
     ("ipv6/conf/{if}/accept_ra", "0"),

@@ -18,10 +18,11 @@ for d in "$HOST_ROOT/var/lib/tortie" "$HOST_ROOT/var/run/tortie"; do
   rmdir "$d" 2>/dev/null || true
 done
 failed=0
-for b in legacy nft; do
-  command -v "iptables-$b-save" >/dev/null || continue
+for bv in legacy nft legacy:6 nft:6; do
+  b=${bv%:6}; ipt=iptables; [ "$b" = "$bv" ] || ipt=ip6tables  # ip6tables: the raw loopback guard
+  command -v "$ipt-$b-save" >/dev/null || continue
   for t in filter nat raw mangle; do
-    rules=$("iptables-$b-save" -t "$t" 2>/dev/null) || continue
+    rules=$("$ipt-$b-save" -t "$t" 2>/dev/null) || continue
     echo "$rules" | grep -q 'cali-' || continue
     # One restore per table: drop every jump/goto into a cali- chain from chains that are
     # not ours (built-in or foreign: a reference left behind would block the deletion),
@@ -32,7 +33,7 @@ for b in legacy nft; do
       echo "$rules" | grep -oE '^:cali-[^ ]+' | sed 's/^:/-F /'
       echo "$rules" | grep -oE '^:cali-[^ ]+' | sed 's/^:/-X /'
       echo "COMMIT"
-    } | "iptables-$b-restore" --noflush -w 5 || { echo "uninstall: $b $t cleanup failed" >&2; failed=1; }
+    } | "$ipt-$b-restore" --noflush -w 5 || { echo "uninstall: $ipt-$b $t cleanup failed" >&2; failed=1; }
   done
 done
 # Our ipsets, after the rules that used them are gone (tortie's names all start cali40).

@@ -26,6 +26,7 @@ from . import model
 from .convert import ConvertError, from_k8s, to_k8s
 from .datastore import keys
 from .datastore.etcd import EtcdStore, EtcdUnavailable, record_key
+from .datastore.etcd_tls import EtcdTLS
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 APPLICABLE = ("Pod", "Namespace", "Node", "NetworkPolicy", "IPPool", "BGPPeer")
@@ -292,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="etcd client URL host:port (env TORTIE_ETCD_ENDPOINTS; default %(default)s)")
     p.add_argument("--prefix", default=os.environ.get("TORTIE_ETCD_PREFIX", keys.DEFAULT_PREFIX),
                    help="key prefix of the cluster's objects (env TORTIE_ETCD_PREFIX; default %(default)s)")
+    for name, what in (("ca-file", "CA that signed etcd's server certificate (with an https:// endpoint)"),
+                       ("cert-file", "client certificate for etcd's client-cert auth"),
+                       ("key-file", "key of --etcd-cert-file")):
+        env = "TORTIE_ETCD_" + name.upper().replace("-", "_")
+        p.add_argument(f"--etcd-{name}", default=os.environ.get(env, ""), help=f"{what} (env {env})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("apply", help="create or update objects from Kubernetes YAML")
@@ -324,7 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        store = EtcdStore.from_endpoint(args.etcd_endpoints, args.prefix)
+        tls = None
+        if args.etcd_endpoints.strip().startswith("https://"):
+            if not args.etcd_ca_file:
+                raise ValueError("an https:// etcd endpoint needs --etcd-ca-file (or TORTIE_ETCD_CA_FILE)")
+            tls = EtcdTLS(args.etcd_ca_file, args.etcd_cert_file, args.etcd_key_file)
+            tls.check()  # a TLSConfigError is a ValueError naming the file
+        elif args.etcd_ca_file or args.etcd_cert_file or args.etcd_key_file:
+            raise ValueError(f"etcd endpoint {args.etcd_endpoints!r} is plaintext but TLS files are given; "
+                             "write it as https://host:port")
+        store = EtcdStore.from_endpoint(args.etcd_endpoints, args.prefix, tls=tls)
     except ValueError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
@@ -340,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except EtcdUnavailable as e:
-        print(f"Error: cannot reach {e}; set --etcd-endpoints or TORTIE_ETCD_ENDPOINTS", file=sys.stderr)
+        hint = "" if "TLS:" in str(e) else "; set --etcd-endpoints or TORTIE_ETCD_ENDPOINTS"
+        print(f"Error: cannot reach {e}{hint}", file=sys.stderr)
         return 1
 
 

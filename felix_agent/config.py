@@ -26,7 +26,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
 class AgentConfig:
     node_name: str = _f("", "this node's name in the datastore (default: the hostname)")
     datastore: str = _f("etcd", "where the cluster state lives", ("etcd", "kubernetes"))
-    etcd_endpoints: str = _f("127.0.0.1:2379", "etcd client endpoint host:port (etcd datastore)")
+    etcd_endpoints: str = _f("127.0.0.1:2379", "etcd client endpoint host:port, http://host:port or "
+                             "https://host:port (TLS) (etcd datastore)")
     etcd_prefix: str = _f("/tortie", "key prefix of every tortie object in etcd")
     kubeconfig: str = _f("", "kubeconfig path (kubernetes datastore; empty: in-cluster config)")
     socket_path: str = _f("/var/run/tortie/agent.sock", "Unix socket the CNI binary talks to")
@@ -50,6 +51,12 @@ class AgentConfig:
     default_pool: str = _f("", "create this IPv4 pool (CIDR) if the datastore has no pool (etcd mode)")
     default_pool_mode: str = _f("bgp", "routing mode of the default pool", ("bgp", "direct", "vxlan", "ipip"))
     register_node: bool = _f(True, "publish this node's address, AS and VTEP on its Node record (etcd mode)")
+    etcd_ca_file: str = _f("", "CA certificate (PEM) that signed etcd's server certificate; needed with an "
+                               "https:// etcd endpoint")
+    etcd_cert_file: str = _f("", "client certificate (PEM) for etcd's client-cert auth (with etcd_key_file)")
+    etcd_key_file: str = _f("", "private key (PEM) of etcd_cert_file")
+    bgp_password_file: str = _f("", "file holding the TCP MD5 password of the node-to-node BGP sessions "
+                                    "(mesh / route reflectors); every node needs the same")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -72,17 +79,39 @@ class AgentConfig:
                 ipaddress.IPv4Network(self.default_pool)
             except ValueError:
                 raise ConfigError(f"default_pool: {self.default_pool!r} is not an IPv4 CIDR") from None
-        host, _, port = self.etcd_endpoints.rpartition(":")
+        host, _, port = self.etcd_endpoint.rpartition(":")
         if not host or not port.isdigit():
-            raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is not host:port")
+            raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is not host:port, http://host:port "
+                              "or https://host:port")
+        if self.etcd_tls and not self.etcd_ca_file:
+            raise ConfigError(f"etcd_ca_file: an https:// etcd endpoint ({self.etcd_endpoints}) needs the CA "
+                              "that signed etcd's server certificate")
+        if not self.etcd_tls and (self.etcd_ca_file or self.etcd_cert_file or self.etcd_key_file):
+            raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is plaintext but TLS files are set; "
+                              "write it as https://host:port")
+        if self.bgp_password_file and not self.bgp_password_file.startswith("/"):
+            raise ConfigError(f"bgp_password_file: {self.bgp_password_file!r} must be an absolute path")
+        if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
+            raise ConfigError("etcd_cert_file, etcd_key_file: set both or neither")
+
+    @property
+    def etcd_tls(self) -> bool:
+        """TLS to etcd: the endpoint is an https:// URL."""
+        return self.etcd_endpoints.strip().startswith("https://")
+
+    @property
+    def etcd_endpoint(self) -> str:
+        """The first endpoint without its scheme: host:port."""
+        ep = self.etcd_endpoints.split(",")[0].strip()
+        return ep.split("://", 1)[1].rstrip("/") if "://" in ep else ep
 
     @property
     def etcd_host(self) -> str:
-        return self.etcd_endpoints.rpartition(":")[0]
+        return self.etcd_endpoint.rpartition(":")[0].strip("[]")
 
     @property
     def etcd_port(self) -> int:
-        return int(self.etcd_endpoints.rpartition(":")[2])
+        return int(self.etcd_endpoint.rpartition(":")[2])
 
     @property
     def name(self) -> str:

@@ -454,12 +454,22 @@ def _ip_pool(ctx: _Ctx, obj: dict) -> IPPool:
 
 
 def _bgp_peer(ctx: _Ctx, obj: dict) -> BGPPeer:
-    name, _, spec = _own_spec(ctx, obj, ("peerIP", "asNumber", "node"))
+    name, _, spec = _own_spec(ctx, obj, ("peerIP", "asNumber", "node", "passwordFile", "password"))
     if not name:
         raise ctx.fail("metadata.name", "is required")
+    if "password" in spec:
+        # Calico's secretKeyRef would need the agent to read Secrets; tortie keeps its RBAC
+        # read-only on pods/namespaces/nodes/policies and BGPPeers live in etcd.
+        raise ctx.fail("spec.password", "is not supported: put the password in a file on the nodes (e.g. a "
+                                        "Secret mounted into the tortie-node pod) and set spec.passwordFile")
+    pw_file = ctx.string(spec.get("passwordFile"), "spec.passwordFile")
+    if pw_file and not pw_file.startswith("/"):
+        raise ctx.fail("spec.passwordFile", f"must be an absolute path on the node, not {pw_file!r}")
+    if '"' in pw_file or "\n" in pw_file:
+        raise ctx.fail("spec.passwordFile", "must not contain quotes or newlines")
     return BGPPeer(name=name, peer_ip=ctx.address(spec.get("peerIP"), "spec.peerIP"),
                    as_number=ctx.integer(spec.get("asNumber"), "spec.asNumber", 1, MAX_AS),
-                   node=ctx.string(spec.get("node"), "spec.node"))
+                   node=ctx.string(spec.get("node"), "spec.node"), password_file=pw_file)
 
 
 def wep_name(node: str, namespace: str, pod: str) -> str:
@@ -650,6 +660,8 @@ def to_k8s(record: Record) -> dict:
         spec = {"peerIP": r.peer_ip, "asNumber": r.as_number}
         if r.node:
             spec["node"] = r.node
+        if r.password_file:
+            spec["passwordFile"] = r.password_file
         return _obj("BGPPeer", r.name, spec)
     if isinstance(r, WorkloadEndpoint):
         return _obj("WorkloadEndpoint", wep_name(r.node, r.namespace, r.pod),

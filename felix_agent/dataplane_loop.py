@@ -4,8 +4,9 @@
 ipsets, routes, the VXLAN device's wanted state and BIRD's config text).
 `Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls the
 drivers in the order that keeps every reference valid:
-    ipsets (create/update) -> iptables filter, nat -> ipsets (delete stale)
+    ipsets (create/update) -> iptables filter, nat, raw; ip6tables raw -> ipsets (delete stale)
     -> vxlan device, ipip device -> routes -> BIRD
+Full passes also reset route_localnet on cali veths (dataplane/sysctls.py).
 
 Who owns which routes between nodes: the agent (proto 80) for direct and vxlan pools,
 BIRD (proto bird) for bgp pools and, when BIRD runs, for ipip pools too (BIRD's kernel
@@ -25,21 +26,25 @@ from dataclasses import dataclass, field
 
 from . import metrics
 from .bgp.bird import BirdDaemon
-from .bgp.config import bird_config
+from .bgp.config import bird_config, password_include, sessions
+from .bgp.secrets import md5_counters, write_includes
 from .calc import routes as route_calc
 from .calc.cluster import Cluster
 from .calc.desired import DesiredState
 from .calc.filter import CalcConfig, dataplane_state
-from .dataplane.backend import detect
+from .dataplane.backend import BackendError, detect, require_backend
+from .dataplane.cmd import CommandError
 from .dataplane.ipsets import IpsetDriver
 from .dataplane.iptables import IptablesTable
 from .dataplane.routes import RouteDriver
+from .dataplane.sysctls import reset_route_localnet
 from .dataplane.tunnels import IpipDevice, KernelModuleMissing, VxlanDevice
 from .logs import kv
 from .model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
-TABLES = ("filter", "nat")
+TABLES = ("filter", "nat", "raw")
+TABLES6 = ("raw",)  # ip6tables: the loopback guard only (the policy calc is IPv4-only)
 _NOTHING = object()
 
 
@@ -57,6 +62,8 @@ class Plan:
     vxlan: VxlanWanted | None = None
     bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
     ipip_addr: str | None = None  # tunl0's address (first address of my first ipip block)
+    # BIRD include file -> the node-local password file it is made from (paths only)
+    bird_secrets: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -65,7 +72,7 @@ class Dataplane:
                  iptables_backend: str = "auto", wl_to_host_action: str = "ACCEPT",
                  run_dir: str = "/var/run/tortie", bird: bool = True,
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
-                 derive_vteps: bool = False):
+                 derive_vteps: bool = False, bgp_password_file: str = ""):
         self.node = node_name
         self.uplink = uplink
         self.netns = netns
@@ -76,6 +83,13 @@ class Dataplane:
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
         self.tables = {t: IptablesTable(t, det.backend, netns) for t in TABLES}
+        self.tables6: dict[str, IptablesTable] = {}
+        try:
+            require_backend(det.backend, 6)
+            self.tables6 = {t: IptablesTable(t, det.backend, netns, ip_version=6) for t in TABLES6}
+        except BackendError as e:
+            log.warning("no ip6tables: the IPv6 loopback guard is not programmed (the kernel still "
+                        "drops ::1 from pods)", extra=kv(error=e))
         self.ipsets = IpsetDriver(netns)
         self.routes = RouteDriver(netns)
         self.vxlan = VxlanDevice(netns)
@@ -89,6 +103,9 @@ class Dataplane:
         self.bird_enabled = bird
         os.makedirs(run_dir, exist_ok=True)
         self.bird = BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin, birdc_bin=birdc_bin)
+        self.bgp_password_file = bgp_password_file  # the mesh (node-to-node) sessions' password
+        self.secrets_dir = os.path.join(self.bird.run_dir, "secrets")
+        self._passworded: set[str] = set()  # BGP protocols with a password, for status hints
         self.calc_cfg = CalcConfig(node_name=node_name, wl_to_host_action=wl_to_host_action)
         self.modes: tuple[str, ...] = ()
 
@@ -120,7 +137,13 @@ class Dataplane:
         if self.bird_enabled and me is not None and me.address and any(p.mode in ("bgp", "ipip") for p in enabled):
             try:
                 plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, self.node,
-                                             uplink=self.uplink, default_as=self.default_as)
+                                             uplink=self.uplink, default_as=self.default_as,
+                                             mesh_password_file=self.bgp_password_file,
+                                             secrets_dir=self.secrets_dir)
+                plan.bird_secrets = {
+                    password_include(self.secrets_dir, s.name): s.password_file
+                    for s in sessions(nodes, cluster.bgp_peers, self.node, default_as=self.default_as,
+                                      mesh_password_file=self.bgp_password_file) if s.password_file}
             except ValueError as e:
                 errors.append(f"BIRD config: {e}")
         if plan.bird_conf is not None:
@@ -186,6 +209,32 @@ class Dataplane:
                 if ch:
                     summary[f"iptables_{t}"] = str(ch)
                 done(f"iptables-{t}", want)
+        for t, table in self.tables6.items():
+            want6 = (st.chains6.get(t, {}), tuple(h for h in st.hooks6 if h.table == t))
+            if due(f"ip6tables-{t}", want6):
+                table.set_desired(want6[0], list(want6[1]))
+                try:
+                    ch = timed(f"ip6tables-{t}", lambda table=table: table.apply(full=full))
+                except CommandError as e:
+                    # A node without IPv6 (ipv6.disable=1) has no ip6tables tables: say so,
+                    # program everything else.
+                    msg = f"ip6tables {t} table cannot be programmed: {e}"
+                    if self.problems.get("ip6tables") != msg:
+                        log.error("IPv6 loopback guard unavailable", extra=kv(error=msg))
+                    self.problems["ip6tables"] = msg
+                    continue
+                self.problems.pop("ip6tables", None)
+                if ch:
+                    summary[f"ip6tables_{t}"] = str(ch)
+                done(f"ip6tables-{t}", want6)
+        if full:
+            # Veths wired by older versions had route_localnet=1 (calc/raw.py); the guard
+            # drops those packets anyway, this takes away the second way in.
+            reset = timed("sysctls", lambda: reset_route_localnet(self.netns))
+            if reset:
+                log.warning("route_localnet was on for pod interfaces; turned off",
+                            extra=kv(interfaces=",".join(reset)))
+                summary["route_localnet_reset"] = len(reset)
         if ipsets_due:
             dels = timed("ipsets", lambda: self.ipsets.apply_deletions(full))
             if dels:
@@ -224,7 +273,18 @@ class Dataplane:
         # Between resyncs bird is left alone while its config stands (checking that it
         # runs reads three files a pass); a full pass restarts it if it died.
         if plan.bird_conf is not None and due("bird", plan.bird_conf):
-            outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf))
+            # Password files are re-read on every full pass (a rotated password lands
+            # within a resync); a changed include makes BIRD re-read its config.
+            secrets_changed, secret_problems = write_includes(plan.bird_secrets, self.secrets_dir)
+            self._passworded = {os.path.basename(p)[:-len(".conf")] for p in plan.bird_secrets}
+            if secret_problems:
+                msg = "BGP password: " + "; ".join(secret_problems.values())
+                if self.problems.get("bgp_password") != msg:
+                    log.error("BGP password unusable", extra=kv(error=msg))
+                self.problems["bgp_password"] = msg
+            else:
+                self.problems.pop("bgp_password", None)
+            outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf, reload=secrets_changed))
             if outcome != "unchanged":
                 summary["bird"] = outcome
             done("bird", plan.bird_conf)
@@ -258,9 +318,20 @@ class Dataplane:
         if not self.bird.running():
             return []
         try:
-            return self.bird.protocols()
+            rows = self.bird.protocols()
         except Exception as e:  # birdc unreachable mid-restart: report, do not fail status
             return [{"name": "bird", "state": "unknown", "info": str(e)}]
+        down = [r for r in rows if r["name"] in self._passworded and not r["info"].startswith("Established")]
+        if down:
+            # With TCP MD5 the kernel drops the peer's segments that fail the check before
+            # BIRD sees them, so BIRD can only say it gets no answer: the counters say why.
+            c = md5_counters() if self.netns is None else {}
+            why = (f"TCP MD5 password set; kernel: {c.get('TCPMD5Failure', 0)} segments with a wrong "
+                   f"signature (the peer's password differs), {c.get('TCPMD5NotFound', 0)} without one "
+                   "(the peer has no password)")
+            for r in down:
+                r["info"] = f"{r['info']} ({why})".strip()
+        return rows
 
 
 def _ipip_remote(r, pools) -> bool:

@@ -106,12 +106,19 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
                           wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
-                          derive_vteps=cfg.datastore == "kubernetes")
+                          derive_vteps=cfg.datastore == "kubernetes", bgp_password_file=cfg.bgp_password_file)
     store = None
     if cfg.datastore == "etcd":
         from .datastore.etcd import EtcdStore, EtcdSyncer
+        from .datastore.etcd_tls import EtcdTLS, TLSConfigError
 
-        store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix)
+        tls = EtcdTLS(cfg.etcd_ca_file, cfg.etcd_cert_file, cfg.etcd_key_file) if cfg.etcd_tls else None
+        if tls is not None:
+            try:
+                tls.check()
+            except TLSConfigError as e:
+                raise config.ConfigError(str(e)) from None
+        store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix, tls=tls)
         syncer = EtcdSyncer(store)
         backend = EtcdBackend(store)
     else:

@@ -212,6 +212,9 @@ class BGPPeer:
     peer_ip: str
     as_number: int
     node: str = ""
+    # A file on the node holding the session's TCP MD5 password (never the password itself:
+    # the datastore, the calc and the logs only ever see this path).
+    password_file: str = ""
 
     @property
     def key(self) -> str:

@@ -140,11 +140,12 @@ class BirdDaemon:
     def running(self) -> bool:
         return self.pid() is not None
 
-    def ensure(self, config_text: str) -> Outcome:
+    def ensure(self, config_text: str, reload: bool = False) -> Outcome:
         """Make bird run `config_text`: "started" (it was not running, or had died),
-        "reloaded" (running, text changed: `birdc configure`), or "unchanged"."""
+        "reloaded" (running, text changed or `reload`, e.g. a file it includes changed:
+        `birdc configure`), or "unchanged"."""
         if self.running():
-            if self.current_config() == config_text:
+            if self.current_config() == config_text and not reload:
                 return "unchanged"
             self._write(config_text)
             out = self.birdc("configure")

@@ -21,6 +21,10 @@ Sessions: full mesh when no node has route_reflector_cluster_id (Mesh_<ip>); oth
 reflectors peer with everyone (rr client for non-reflectors of the same AS) and the
 others peer only with reflectors (Node_<ip>).  BGPPeer records add Peer_<name>
 sessions, for every node (node "") or one node.
+Passwords (TCP MD5): a session with a password file (BGPPeer passwordFile, or the agent's
+mesh password file for node-to-node sessions) gets `include "<secrets_dir>/<protocol>.conf";`
+in its protocol block; the agent writes `password "...";` into that file (mode 0600) from the
+password file.  The rendered text, the plan, logs and status therefore only ever hold paths.
 """
 from __future__ import annotations
 
@@ -46,6 +50,12 @@ class Session:
     peer_as: int
     rr_client: bool = False
     multihop: bool = False
+    password_file: str = ""  # the node-local file holding this session's password
+
+
+def password_include(secrets_dir: str, session: str) -> str:
+    """The file BIRD includes for `session`'s password line (written by the agent)."""
+    return f"{secrets_dir.rstrip('/')}/{session}.conf"
 
 
 def protocol_name(prefix: str, ident: str) -> str:
@@ -65,7 +75,8 @@ def _cluster_id(node: Node) -> str:
                          "IPv4-style id like 244.0.0.1 (or a 32-bit number)") from None
 
 
-def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me: str, *, default_as: int = DEFAULT_AS) -> list[Session]:
+def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me: str, *, default_as: int = DEFAULT_AS,
+             mesh_password_file: str = "") -> list[Session]:
     """The BGP sessions node `me` opens, sorted by name (see the module doc)."""
     nodes = [n for n in records(nodes) if n.address]
     mine = next((n for n in nodes if n.name == me), None)
@@ -89,7 +100,8 @@ def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me:
             continue  # two non-reflectors never peer directly
         rr_client = me in reflectors and n.name not in reflectors and peer_as == my_as
         out[ip] = Session(name, ip, peer_as, rr_client=rr_client,
-                          multihop=peer_as != my_as and not same_subnet(mine, n))
+                          multihop=peer_as != my_as and not same_subnet(mine, n),
+                          password_file=mesh_password_file)
     for p in sorted(records(peers), key=lambda p: p.name):
         if p.node not in ("", me):
             continue
@@ -100,7 +112,7 @@ def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me:
             raise ValueError(f"BGPPeer {p.name}: AS number {p.as_number} is out of range")
         near = ipaddress.ip_address(ip) in ipaddress.ip_interface(mine.ip).network
         out[ip] = Session(protocol_name("Peer", p.name), ip, p.as_number,
-                          multihop=p.as_number != my_as and not near)
+                          multihop=p.as_number != my_as and not near, password_file=p.password_file)
     return sorted(out.values(), key=lambda s: s.name)
 
 
@@ -117,7 +129,8 @@ def _match(cidrs: list[str]) -> str:
 def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], pools: Pools,
                 blocks: Blocks, me: str, *, listen_port: int = 179,
                 uplink: str = "eth0", default_as: int = DEFAULT_AS,
-                local_route: str = "blackhole") -> str:
+                local_route: str = "blackhole", mesh_password_file: str = "",
+                secrets_dir: str = "") -> str:
     """The bird2 configuration text for node `me` (see the module doc).  Raises
     ValueError for input that cannot make a valid config (unknown node, non-IPv4
     address, bad cluster id, out-of-range port)."""
@@ -128,7 +141,9 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", uplink):
         raise ValueError(f"uplink {uplink!r} is not an interface name")
     nodes = records(nodes)
-    sess = sessions(nodes, peers, me, default_as=default_as)
+    sess = sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file)
+    if any(s.password_file for s in sess) and not secrets_dir.startswith("/"):
+        raise ValueError(f"secrets_dir {secrets_dir!r} must be an absolute path when sessions have passwords")
     mine = next(n for n in nodes if n.name == me)
     my_ip = mine.address
     my_as = mine.as_number or default_as
@@ -222,5 +237,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
         if s.rr_client:
             w("  rr client;")
             w(f"  rr cluster id {_cluster_id(mine)};")
+        if s.password_file:
+            w(f'  include "{password_include(secrets_dir, s.name)}";  # password from {s.password_file}')
         w("}")
     return "\n".join(L) + "\n"

@@ -63,3 +63,6 @@ class DesiredState:
     hooks: tuple[Hook, ...] = ()
     ipsets: dict[str, IpSet] = field(default_factory=dict)
     routes: frozenset[Route] = frozenset()
+    # IPv6 iptables (ip6tables): today only the raw table's loopback guard.
+    chains6: Chains = field(default_factory=dict)
+    hooks6: tuple[Hook, ...] = ()

@@ -8,6 +8,7 @@ filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl
                                  -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-pi-<id>
          OUTPUT  -> cali-OUTPUT  (empty: the node may always reach its own pods)
 nat:     see calc/nat.py
+raw:     PREROUTING -> cali-PREROUTING: the loopback guard (calc/raw.py), IPv4 and IPv6
 Only this node's endpoints get endpoint chains; the ipsets hold pods of every node.
 Policy chains exist once per policy that selects at least one local endpoint.
 
@@ -44,6 +45,8 @@ from felix_agent.calc.names import (
 )
 from felix_agent.calc.nat import nat_chains, pool_sets
 from felix_agent.calc.policy import policy_chains
+from felix_agent.calc.raw import HOOKS as RAW_HOOKS
+from felix_agent.calc.raw import raw_chains
 from felix_agent.calc.selectors import PeerSelector, SelectorIndex
 from felix_agent.model import Endpoint
 
@@ -58,6 +61,7 @@ HOOKS = (
     Hook("nat", "PREROUTING", NAT_PREROUTING),
     Hook("nat", "OUTPUT", NAT_OUTPUT),
     Hook("nat", "POSTROUTING", NAT_POSTROUTING),
+    *RAW_HOOKS,
 )
 
 CT_ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED"
@@ -174,4 +178,5 @@ def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | No
     ipsets.update(pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
     ipsets[WL_SOURCES_SET] = sources_set(wired)
     nat = nat_chains(wired, cluster.pools.values(), errs)
-    return DesiredState(chains={"filter": filt, "nat": nat}, hooks=HOOKS, ipsets=ipsets)
+    return DesiredState(chains={"filter": filt, "nat": nat, "raw": raw_chains(4)}, hooks=HOOKS, ipsets=ipsets,
+                        chains6={"raw": raw_chains(6)}, hooks6=RAW_HOOKS)

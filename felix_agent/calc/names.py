@@ -36,6 +36,10 @@ FIP_DNAT = "cali-fip-dnat"
 FIP_SNAT = "cali-fip-snat"
 NAT_OUTGOING = "cali-nat-outgoing"
 
+# --- raw table (IPv4 and IPv6) ---------------------------------------------------------------
+# The loopback guard: drops pod packets addressed to the node's loopback before routing.
+RAW_PREROUTING = "cali-PREROUTING"
+
 # --- ipsets ------------------------------------------------------------------------------
 SELECTOR_SET_PREFIX = "cali40s:"  # hash:net, pod IPs a selector picks
 NAMED_PORT_SET_PREFIX = "cali40n:"  # hash:ip,port, "ip,proto:port" of a named port

@@ -21,6 +21,7 @@ from ..convert import from_k8s, to_k8s
 from ..model import Record
 from . import keys
 from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log
+from .etcd_tls import EtcdTLS, TLSClient, explain
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +85,24 @@ class EtcdStore:
     etcd cannot be reached; the next call reconnects."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2379,
-                 prefix: str = keys.DEFAULT_PREFIX, timeout: float = 5.0):
+                 prefix: str = keys.DEFAULT_PREFIX, timeout: float = 5.0, tls: EtcdTLS | None = None):
         self.host, self.port = host, port
+        self.tls = tls  # None: plaintext
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self._client: aetcd.Client | None = None
 
     @classmethod
-    def from_endpoint(cls, endpoint: str, prefix: str = keys.DEFAULT_PREFIX) -> "EtcdStore":
+    def from_endpoint(cls, endpoint: str, prefix: str = keys.DEFAULT_PREFIX,
+                      tls: EtcdTLS | None = None) -> "EtcdStore":
         host, port = parse_endpoint(endpoint)
-        return cls(host, port, prefix)
+        return cls(host, port, prefix, tls=tls)
 
     @property
     def client(self) -> aetcd.Client:
         if self._client is None:
-            self._client = aetcd.Client(host=self.host, port=self.port, timeout=self.timeout,
-                                        options=dict(_GRPC_OPTIONS))
+            kw = dict(host=self.host, port=self.port, timeout=self.timeout, options=dict(_GRPC_OPTIONS))
+            self._client = TLSClient(self.tls, **kw) if self.tls else aetcd.Client(**kw)
         return self._client
 
     async def reset(self) -> None:
@@ -126,7 +129,7 @@ class EtcdStore:
         except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                 etcd_errors.WatchTimeoutError, asyncio.TimeoutError) as e:
             await self.reset()
-            raise EtcdUnavailable(f"etcd at {self.host}:{self.port}: {e or type(e).__name__}") from e
+            raise EtcdUnavailable(f"etcd at {self.host}:{self.port}: {explain(self.tls, e) or type(e).__name__}") from e
 
     # --- objects ---
 
@@ -281,7 +284,7 @@ class EtcdSyncer:
                 log.info("etcd watch under %s hit compaction (%s); relisting", prefix, e)
                 await self.store.reset()
             except Exception as e:
-                reason = f"etcd {self.store.host}:{self.store.port}: {e or type(e).__name__}"
+                reason = f"etcd {self.store.host}:{self.store.port}: {explain(self.store.tls, e) or type(e).__name__}"
                 if state.in_sync or self.lists == 0:
                     log.warning("lost etcd connection: %s; retrying", reason)
                 state.set_in_sync(False, reason)

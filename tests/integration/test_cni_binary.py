@@ -49,7 +49,7 @@ def test_add_check_del(make_lab, tmp_path, runner):
     assert sysctl(net, f"ipv4/conf/{cali}/proxy_arp") == "1"
     assert sysctl(net, f"ipv4/neigh/{cali}/proxy_delay") == "0"
     assert sysctl(net, f"ipv4/conf/{cali}/forwarding") == "1"
-    assert sysctl(net, f"ipv4/conf/{cali}/route_localnet") == "1"
+    assert sysctl(net, f"ipv4/conf/{cali}/route_localnet") == "0"
 
     # Real packets both ways.
     assert lab.ping(node.ns, ip) and lab.ping(pod, node.ip)

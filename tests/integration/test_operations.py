@@ -238,7 +238,8 @@ def test_uninstall_node_removes_tortie_and_nothing_else(make_cluster, tmp_path):
     assert "tortie removed" in p.stdout and not p.stderr.strip(), p.stderr
 
     for b in ("nft", "legacy"):
-        saved = "\n".join(sh(f"iptables-{b}-save", "-t", t, ns=ns, check=False).stdout for t in ("filter", "nat"))
+        saved = "\n".join(sh(f"{v}-{b}-save", "-t", t, ns=ns, check=False).stdout
+                          for v in ("iptables", "ip6tables") for t in ("filter", "nat", "raw"))
         assert "cali" not in saved, (b, [ln for ln in saved.splitlines() if "cali" in ln][:5])
     kept = sh(f"{ipt}-save", ns=ns).stdout
     assert ":FOREIGN-FW" in kept and "-A FORWARD -j FOREIGN-FW" in kept

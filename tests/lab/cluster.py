@@ -85,7 +85,8 @@ class LabCluster:
     # -- datastore ----------------------------------------------------------------------
 
     def tortiectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run([os.path.join(VENV_BIN, "tortiectl"), "--etcd-endpoints", self.etcd.endpoint, *args],
+        p = subprocess.run([os.path.join(VENV_BIN, "tortiectl"), "--etcd-endpoints", self.etcd.endpoint,
+                            *self.etcd.client_args, *args],
                            capture_output=True, text=True, input=input, timeout=60)
         if check and p.returncode != 0:
             raise RuntimeError(f"tortiectl {' '.join(args)}: {p.stderr.strip() or p.stdout.strip()}")
@@ -131,7 +132,8 @@ class LabCluster:
             self._proxied.add(node.ns)
         log = open(os.path.join(d, "agent.log"), "ab")
         p = self.lab.popen(node.ns, [os.path.join(VENV_BIN, "tortie-agent"), "--node-name", node.name,
-                                     "--etcd-endpoints", "127.0.0.1:2379", "--socket-path", self.socket_path(node),
+                                     "--etcd-endpoints", f"{self.etcd.scheme}127.0.0.1:2379", *self.etcd.client_args,
+                                     "--socket-path", self.socket_path(node),
                                      "--state-dir", f"{d}/state", "--run-dir", f"{d}/run",
                                      "--http-port", str(AGENT_HTTP_PORT),
                                      "--resync-interval", str(self.resync_interval), *self.agent_args, *extra],

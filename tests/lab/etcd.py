@@ -6,6 +6,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -41,7 +42,8 @@ class Etcd:
     """`with Etcd() as e:` starts etcd (client port e.port) and removes its data afterwards.
     stop()/start() keep the data dir, so a test can take etcd away and bring it back."""
 
-    def __init__(self, data_dir: str | None = None, port: int | None = None):
+    def __init__(self, data_dir: str | None = None, port: int | None = None, certs=None):
+        self.certs = certs  # tests.lab.certs.LabCerts: TLS with client-cert auth
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="tortie-etcd-")
         self.port = port or free_port()
@@ -51,19 +53,39 @@ class Etcd:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.scheme}127.0.0.1:{self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https://" if self.certs else ""
+
+    @property
+    def client_args(self) -> list[str]:
+        """The TLS flags for tortiectl and tortie-agent (none for plaintext)."""
+        if not self.certs:
+            return []
+        cert, key = self.certs.client
+        return ["--etcd-ca-file", self.certs.ca, "--etcd-cert-file", cert, "--etcd-key-file", key]
 
     def start(self, timeout: float = 20) -> "Etcd":
         if shutil.which("etcd") is None:
             raise RuntimeError("etcd is not installed (apt package etcd-server; run `make deps`)")
-        url = f"http://127.0.0.1:{self.port}"
+        url = f"{'https' if self.certs else 'http'}://127.0.0.1:{self.port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls: list[str] = []
+        ctx = None
+        if self.certs:
+            cert, key = self.certs.server
+            tls = ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", self.certs.ca,
+                   "--client-cert-auth"]
+            ctx = ssl.create_default_context(cafile=self.certs.ca)
+            ctx.load_cert_chain(*self.certs.client)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             ["etcd", "--name", "lab", "--data-dir", os.path.join(self.data_dir, "data"),
              "--listen-client-urls", url, "--advertise-client-urls", url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"lab={peer}", "--log-level", "warn"],
+             "--initial-cluster", f"lab={peer}", "--log-level", "warn", *tls],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -71,7 +93,7 @@ class Etcd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited ({self.proc.returncode}): {self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                with urllib.request.urlopen(f"{url}/health", timeout=1, context=ctx) as r:
                     if b'"true"' in r.read():
                         return self
             except OSError:

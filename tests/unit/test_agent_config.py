@@ -31,6 +31,10 @@ def test_json_file_and_booleans(tmp_path):
     (["--node-ip", "300.1.1.1/24"], {}, None, "node_ip"),
     (["--etcd-endpoints", "nohostport"], {}, None, "etcd_endpoints"),
     (["--resync-interval", "0"], {}, None, "resync_interval"),
+    (["--etcd-endpoints", "https://10.0.0.1:2379"], {}, None, "etcd_ca_file"),
+    (["--etcd-ca-file", "/ca.pem"], {}, None, "https://"),
+    (["--etcd-endpoints", "https://e:2379", "--etcd-ca-file", "/ca", "--etcd-cert-file", "/c"], {}, None,
+     "etcd_key_file"),
 ])
 def test_bad_config_names_the_key(tmp_path, argv, env, filetext, named):
     if filetext is not None:
@@ -40,6 +44,14 @@ def test_bad_config_names_the_key(tmp_path, argv, env, filetext, named):
     with pytest.raises(config.ConfigError) as e:
         config.load(argv, environ=env)
     assert named in str(e.value)
+
+
+def test_etcd_endpoint_forms():
+    plain = config.load(["--etcd-endpoints", "http://10.0.0.1:2379"], environ={})
+    assert (plain.etcd_host, plain.etcd_port, plain.etcd_tls) == ("10.0.0.1", 2379, False)
+    tls = config.load([], environ={"TORTIE_ETCD_ENDPOINTS": "https://etcd.example:2379,https://b:2379",
+                                   "TORTIE_ETCD_CA_FILE": "/ca.pem"})
+    assert (tls.etcd_host, tls.etcd_port, tls.etcd_tls) == ("etcd.example", 2379, True)
 
 
 def test_help_documents_every_key(capsys):

@@ -211,3 +211,41 @@ def test_daemon_rejects_bad_config_and_keeps_good_one(tmp_path):
     with pytest.raises(BirdError, match="BIRD rejected the config"):
         d.ensure("router id banana;\n")
     assert d.current_config() == good and not d.running()
+
+
+@needs_bird
+def test_passwords_are_includes_never_text(tmp_path):
+    """Sessions with a password file include a file the agent writes; the rendered config
+    holds only paths.  The mesh password covers node sessions; a BGPPeer its own."""
+    from felix_agent.bgp.secrets import write_includes
+
+    secrets = tmp_path / "secrets"
+    peer = BGPPeer("tor", "192.168.100.1", 65001, password_file=str(tmp_path / "tor.pw"))
+    text = bird_config(N[:2], [peer], POOLS, BLOCKS, "node1", mesh_password_file=str(tmp_path / "mesh.pw"),
+                       secrets_dir=str(secrets))
+    mesh, tor = protocol_block(text, "Mesh_192_168_100_12"), protocol_block(text, "Peer_tor")
+    assert f'include "{secrets}/Mesh_192_168_100_12.conf";' in mesh and "mesh.pw" in mesh
+    assert f'include "{secrets}/Peer_tor.conf";' in tor
+    (tmp_path / "mesh.pw").write_text("m3sh-Secret\n")
+    (tmp_path / "tor.pw").write_text('bad"quote')
+    wanted = {f"{secrets}/Mesh_192_168_100_12.conf": str(tmp_path / "mesh.pw"),
+              f"{secrets}/Peer_tor.conf": str(tmp_path / "tor.pw")}
+    changed, problems = write_includes(wanted, str(secrets))
+    assert changed and list(problems.values()) == [
+        f"password in {tmp_path}/tor.pw has a quote, a backslash or a control character, which BIRD cannot take"]
+    assert (secrets / "Mesh_192_168_100_12.conf").read_text() == 'password "m3sh-Secret";\n'
+    assert oct(os.stat(secrets / "Mesh_192_168_100_12.conf").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(secrets).st_mode & 0o777) == "0o700"
+    assert "m3sh-Secret" not in text and "bad" not in text
+    bird_parses(text, tmp_path)
+    assert write_includes(wanted, str(secrets)) == (False, problems)  # nothing to rewrite
+    (tmp_path / "mesh.pw").write_text("rotated")
+    assert write_includes(wanted, str(secrets))[0]
+    # without passwords: no include, and stale include files are removed
+    assert "include" not in bird_config(N[:2], [], POOLS, BLOCKS, "node1")
+    assert write_includes({}, str(secrets))[0] and os.listdir(secrets) == []
+
+
+def test_password_without_secrets_dir_is_an_error():
+    with pytest.raises(ValueError, match="secrets_dir"):
+        bird_config(N[:2], [], POOLS, BLOCKS, "node1", mesh_password_file="/etc/pw")

@@ -23,7 +23,8 @@ def test_hooks_and_static_chains():
     assert set(st.hooks) == {
         Hook("filter", "INPUT", "cali-INPUT"), Hook("filter", "FORWARD", "cali-FORWARD"),
         Hook("filter", "OUTPUT", "cali-OUTPUT"), Hook("nat", "PREROUTING", "cali-PREROUTING"),
-        Hook("nat", "OUTPUT", "cali-OUTPUT"), Hook("nat", "POSTROUTING", "cali-POSTROUTING")}
+        Hook("nat", "OUTPUT", "cali-OUTPUT"), Hook("nat", "POSTROUTING", "cali-POSTROUTING"),
+        Hook("raw", "PREROUTING", "cali-PREROUTING")}
     f = st.chains["filter"]
     assert f["cali-FORWARD"][:2] == ("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                                      "-m conntrack --ctstate INVALID -j DROP")
@@ -33,6 +34,16 @@ def test_hooks_and_static_chains():
     assert f["cali-wl-to-host"] == ("-j cali-from-wl-dispatch", "-j ACCEPT")
     assert f["cali-OUTPUT"] == ()  # the node reaches its own pods unhindered
     assert st.routes == frozenset()
+
+
+@pytest.mark.parametrize("action", ["ACCEPT", "DROP"])
+def test_loopback_guard_in_raw_for_both_families_whatever_the_settings(action):
+    """Pods' packets to 127/8 and ::1 are dropped in raw PREROUTING before any routing
+    decision, under every wl_to_host_action and with no endpoint at all."""
+    for st in (state(web_cluster(), wl_to_host_action=action), state(cluster_of())):
+        assert st.chains["raw"] == {"cali-PREROUTING": ("-i cali+ -d 127.0.0.0/8 -j DROP",)}
+        assert st.chains6 == {"raw": {"cali-PREROUTING": ("-i cali+ -d ::1/128 -j DROP",)}}
+        assert st.hooks6 == (Hook("raw", "PREROUTING", "cali-PREROUTING"),)
 
 
 @pytest.mark.parametrize("action", ["ACCEPT", "DROP"])

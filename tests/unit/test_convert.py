@@ -431,6 +431,17 @@ def test_bgp_peer():
         from_k8s(_own("BGPPeer", "tor", {"peerIP": "192.168.100.0/24", "asNumber": 65000}))
 
 
+def test_bgp_peer_password_is_a_node_local_file():
+    spec = {"peerIP": "192.168.100.1", "asNumber": 65000, "passwordFile": "/etc/tortie/tor.pw"}
+    p = from_k8s(_own("BGPPeer", "tor", spec))
+    assert p.password_file == "/etc/tortie/tor.pw" and from_k8s(to_k8s(p)) == p
+    with pytest.raises(ConvertError, match=r"BGPPeer tor: spec.passwordFile: must be an absolute path"):
+        from_k8s(_own("BGPPeer", "tor", {**spec, "passwordFile": "tor.pw"}))
+    secret_ref = {"secretKeyRef": {"name": "bgp", "key": "tor"}}
+    with pytest.raises(ConvertError, match=r"BGPPeer tor: spec.password: is not supported.*passwordFile"):
+        from_k8s(_own("BGPPeer", "tor", {"peerIP": "192.168.100.1", "asNumber": 65000, "password": secret_ref}))
+
+
 def test_workload_endpoint():
     spec = {"node": "node-1.lab", "namespace": "x", "pod": "a", "containerID": "abc",
             "iface": "cali0123456789a", "ips": ["10.65.1.2/32", "fd00::2"], "mac": "EE:EE:EE:EE:EE:EE"}
