@@ -68,7 +68,10 @@ class Agent:
         self.syncer = syncer
         self.store = store
         self.ipam = ipam
-        self.health = Health(liveness_timeout=max(60.0, cfg.resync_interval * 6))
+        self.liveness_timeout = cfg.liveness_timeout or max(60.0, cfg.resync_interval * 6)
+        self.health = Health(liveness_timeout=self.liveness_timeout, watchdog=self.stalls)
+        self._beat: float | None = None  # the event loop's heartbeat (see _heartbeat)
+        self._pass_since: float | None = None  # when the running dataplane pass started
         self.status = Status(node=self.node, datastore=cfg.datastore)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.generation = 0  # bumped on every model change
@@ -322,8 +325,34 @@ class Agent:
 
     # -- the loop -----------------------------------------------------------------------
 
+    # -- liveness -----------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Runs on the event loop every second: stale, it says the loop is blocked."""
+        self._beat = time.monotonic()
+        asyncio.get_running_loop().call_later(1.0, self._heartbeat)
+
+    def stalls(self) -> dict[str, str]:
+        """{part: why} for each part stuck although it has work, for /livez (read from the
+        HTTP thread): the event loop (no heartbeat), the dataplane worker (one pass running
+        for too long), the datastore watcher (no event, probe or reconnect attempt).  The
+        agent's loop itself is Health's tick.  A datastore that is down is not a stall: the
+        watcher keeps trying, and /readyz says so."""
+        now, limit, out = time.monotonic(), self.liveness_timeout, {}
+        if self._beat is not None and now - self._beat > limit:
+            out["event_loop"] = f"blocked for {now - self._beat:.0f}s"
+        since = self._pass_since
+        if since is not None and now - since > limit:
+            out["dataplane"] = f"one pass has been running for {now - since:.0f}s"
+        progress = getattr(self.syncer, "last_progress", None)
+        if progress is not None and now - progress > limit:
+            out["datastore"] = f"the watcher made no progress for {now - progress:.0f}s"
+        return out
+
     async def run_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        if self._beat is None:
+            self._heartbeat()
         next_resync = 0.0
         while not stop.is_set():
             self.health.tick()
@@ -349,8 +378,11 @@ class Agent:
             target = self.generation
             try:
                 plan = self.dataplane.calculate(self.cluster)
-                t0 = time.monotonic()
-                summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
+                t0 = self._pass_since = time.monotonic()
+                try:
+                    summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
+                finally:
+                    self._pass_since = None
                 took = time.monotonic() - t0
                 self.status.last_apply, self.status.last_apply_seconds = time.time(), took
                 self.status.applies += 1

@@ -337,6 +337,7 @@ class EtcdSyncer:
         state = self._state
         prefix = self.store.prefix
         while True:
+            self.last_progress = time.monotonic()  # an attempt is progress; a hang is not
             try:
                 revision = await self._list(state)
                 if self.after_list is not None:
@@ -390,7 +391,9 @@ class EtcdSyncer:
     async def _watch(self, state: EmittedState, start_revision: int) -> None:
         prefix = self.store.prefix + "/"
         async with self.store.connection() as c:
-            watch = await c.watch_prefix(_b(prefix), start_revision=start_revision)
+            # aetcd bounds the wait for "created", not its queueing before: bound both.
+            watch = await asyncio.wait_for(c.watch_prefix(_b(prefix), start_revision=start_revision),
+                                           self.store.timeout * 2)
             self.last_progress = time.monotonic()
             failed: list[BaseException] = []
             probe = asyncio.create_task(self._probe(c, watch, failed))
@@ -417,7 +420,7 @@ class EtcdSyncer:
         while True:
             await asyncio.sleep(self.probe_interval)
             if time.monotonic() - self.last_progress < self.probe_interval:
-                continue
+                continue  # events came: the stream works
             try:
                 # aetcd's private stream task: done means no event will ever arrive.
                 handler = getattr(getattr(c, "_watcher", None), "_request_handler", None)
