@@ -38,6 +38,9 @@ PUBLISH_RETRY_MAX = 10.0
 # How long the publisher lets a pending dataplane pass go first (seconds).
 PUBLISH_AFTER_PASS_WAIT = 1.0
 PUBLISH_AFTER_PASS_DELAY = 0.002
+# How often the loop checks that BIRD, once started, still runs (seconds; three small
+# /proc reads each time).
+BIRD_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -354,9 +357,15 @@ class Agent:
         if self._beat is None:
             self._heartbeat()
         next_resync = 0.0
+        next_bird_check = 0.0
         while not stop.is_set():
             self.health.tick()
-            timeout = max(0.0, next_resync - time.monotonic())
+            now = time.monotonic()
+            if now >= next_bird_check:
+                next_bird_check = now + BIRD_CHECK_INTERVAL
+                if self._pass_since is None and self.dataplane.bird_died():
+                    self.generation += 1  # the next pass, incremental or not, restarts it
+            timeout = max(0.0, min(next_resync, next_bird_check) - time.monotonic())
             try:
                 first = await asyncio.wait_for(self.queue.get(), timeout=timeout)
                 batch = [first]
@@ -390,7 +399,10 @@ class Agent:
                 self.status.last_error = "; ".join(getattr(self.dataplane, "problems", {}).values())
                 if summary:
                     log.info("dataplane programmed", extra=kv(seconds=f"{took:.3f}", **summary))
-                next_resync = time.monotonic() + self.cfg.resync_interval
+                if resync_due:
+                    # Full passes keep their own timer: event passes (pods churning every
+                    # second) must not postpone the one that repairs drift.
+                    next_resync = t0 + self.cfg.resync_interval
             except Exception as e:
                 metrics.ERRORS.labels(kind="dataplane").inc()
                 self.status.last_error = f"{type(e).__name__}: {e}"

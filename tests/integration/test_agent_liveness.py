@@ -49,6 +49,9 @@ class BlockingDataplane:
     def bgp_status(self):
         return []
 
+    def bird_died(self):
+        return False
+
 
 def livez(port: int) -> tuple[int, str]:
     try:
