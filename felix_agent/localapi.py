@@ -335,6 +335,15 @@ class LocalAPI:
             return {"ok": True, "result": result}
         except CNIError as e:
             return error_response(e)
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise  # the agent is stopping
+            # Something below (a gRPC call whose channel closed) raised CancelledError into
+            # this request: it is a failure of the request, which gets an answer.
+            log.error("local API: %s was cancelled from below", obj.get("command"))
+            return error_response(CNIError(TRY_AGAIN_LATER, f"{obj.get('command')} failed: an internal call "
+                                                            "was cancelled (datastore connection lost?)",
+                                           "see the agent's log"))
         except Exception as e:  # noqa: BLE001 - the binary must always get an answer
             log.exception("local API: %s failed unexpectedly", obj.get("command"))
             return error_response(CNIError(INTERNAL, f"internal error: {type(e).__name__}: {e}",
@@ -512,7 +521,7 @@ class CNIService:
                 await asyncio.wait_for(self.registry.register(wep), self.register_timeout)
         except BaseException as e:
             await self._rollback(req, namespace, pod, host_if, allocated, plumbing_tried, registered)
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(e, asyncio.CancelledError) and _being_cancelled():
                 raise
             if isinstance(e, asyncio.TimeoutError):
                 raise CNIError(DATAPLANE_FAILURE, f"the endpoint's policy was not programmed within "
@@ -648,6 +657,12 @@ class CNIService:
                                               f"{len(errors)} interfaces", "; ".join(errors))
 
 
+def _being_cancelled() -> bool:
+    """The current task itself is being cancelled (not a CancelledError from below)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _host_cidr(ip: str) -> str:
     return f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
 
@@ -680,5 +695,7 @@ def _as_cni_error(e: BaseException, command: str) -> CNIError:
     if isinstance(e, OSError):
         return CNIError(DATAPLANE_FAILURE, f"{command} failed: {e}")
     if isinstance(e, asyncio.CancelledError):
-        return CNIError(INTERNAL, f"{command} was cancelled")
+        # Not the agent stopping (that re-raises): a call below was cancelled under us.
+        return CNIError(TRY_AGAIN_LATER, f"{command} failed: an internal call was cancelled "
+                                         "(datastore connection lost?)")
     return CNIError(DATAPLANE_FAILURE, f"{command} failed: {type(e).__name__}: {e}")
