@@ -98,6 +98,8 @@ class Agent:
         # Nothing is written to the kernel before the first complete sync: a restarted
         # agent with a half-known model would otherwise tear down live pods' chains.
         self._synced_once = False
+        if hasattr(syncer, "on_bad_record"):
+            syncer.on_bad_record = self._bad_record_seen
         if cfg.default_pool:
             self._inject(Update("IPPool", "default-pool", IPPool(
                 name="default-pool", cidr=cfg.default_pool, mode=cfg.default_pool_mode)))
@@ -169,6 +171,19 @@ class Agent:
             self._inject(Update("WorkloadEndpoint", key, value))
             return
         self._schedule_publish()  # the datastore lost or garbled it: publish ours again
+
+    def _bad_record_seen(self, key: str) -> None:
+        """The syncer found a key that holds no valid record; one under this node's own
+        endpoints is ours to remove (the publisher does it)."""
+        if self.store is not None and key.startswith(self._own_wep_prefix()):
+            self._schedule_publish()
+
+    def _own_wep_prefix(self) -> str:
+        return f"{self.store.prefix}/workloadendpoints/{self.node}/"
+
+    def bad_records(self) -> dict[str, str]:
+        """key -> why, for every datastore key the syncer could not decode."""
+        return {k: why for k, (why, _) in list(getattr(self.syncer, "bad_records", {}).items())}
 
     # -- IPAM ---------------------------------------------------------------------------
 
@@ -300,6 +315,13 @@ class Agent:
 
         self._publish_due = False
         try:
+            own = self._own_wep_prefix()
+            for key, (why, raw) in list(getattr(self.syncer, "bad_records", {}).items()):
+                if key.startswith(own):
+                    # Garbage under this node's own endpoints (only this agent writes
+                    # there): compare-and-delete, so a valid write meanwhile stays.
+                    await self.store.delete_if_value(key, raw)
+                    log.warning("removed a malformed endpoint record of this node", extra=kv(key=key, why=why))
             for key, old in list(self._ds_weps.items()):
                 if key in self._local_weps:
                     continue
@@ -432,6 +454,11 @@ class Agent:
         """What `tortiectl status` shows (served at /status; called from the HTTP thread)."""
         st = self.status
         bgp = self.dataplane.bgp_status()
+        bad = self.bad_records()
+        bad_text = ""
+        if bad:
+            key, why = sorted(bad.items())[0]
+            bad_text = f"datastore: {len(bad)} record(s) could not be decoded, e.g. {key}: {why}"
         ipam = (self.ipam.show({w.container_id for w in list(self._local_weps.values())})
                 if self.ipam is not None else None)
         return {
@@ -439,7 +466,8 @@ class Agent:
             "in_sync": st.in_sync, "sync_reason": st.sync_reason, "ready": self.health.ready,
             "iptables_backend": self.dataplane.backend, "routing_modes": list(self.dataplane.modes),
             "last_apply": st.last_apply, "last_apply_seconds": round(st.last_apply_seconds, 4),
-            "applies": st.applies, "last_error": st.last_error,
+            "applies": st.applies, "last_error": "; ".join(e for e in (st.last_error, bad_text) if e),
+            "bad_records": [{"key": k, "why": why} for k, why in sorted(bad.items())],
             "endpoints": [{"namespace": w.namespace, "pod": w.pod, "iface": w.iface, "ips": list(w.ips),
                            "container_id": w.container_id} for w in sorted(self._local_weps.values(),
                                                                             key=lambda w: w.key)],

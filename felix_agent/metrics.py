@@ -45,7 +45,7 @@ CNI_REQUESTS = Histogram("tortie_cni_request_seconds", "Local API requests from 
 
 # Known error kinds are exported from the start (at 0), so a rate() or an alert on them
 # works before the first error rather than seeing "no data".
-ERROR_KINDS = ("dataplane", "datastore", "metrics")
+ERROR_KINDS = ("dataplane", "datastore", "metrics", "datastore_decode")
 for _kind in ERROR_KINDS:
     ERRORS.labels(kind=_kind)
 

@@ -19,7 +19,8 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 
 from .. import model
-from ..convert import from_k8s, to_k8s
+from .. import metrics
+from ..convert import ConvertError, from_k8s, to_k8s
 from ..model import Record
 from . import keys
 from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log
@@ -288,23 +289,30 @@ async def _close_client(c: aetcd.Client) -> None:
 
 
 def _decode(key: str, value: bytes, kind: str) -> Record | None:
-    """The record a key holds, or None (logged) when the value is not valid JSON, does not
+    """The record a key holds, or None (logged) when it holds none (see _decode_checked)."""
+    rec = _decode_checked(key, value, kind)
+    if isinstance(rec, str):
+        log.warning("skipping %s: %s", key, rec)
+        return None
+    return rec
+
+
+def _decode_checked(key: str, value: bytes, kind: str) -> Record | str:
+    """The record a key holds, or why it holds none: the value is not valid JSON, does not
     convert, or belongs under a different key (which would break deletions)."""
     try:
         obj = json.loads(value)
     except ValueError as e:
-        log.warning("skipping %s: not JSON (%s)", key, e)
-        return None
-    rec = convert_or_log(obj, kind, key)
-    if rec is None:
-        return None
+        return f"not JSON ({e})"
+    try:
+        rec = from_k8s(obj, kind)
+    except ConvertError as e:
+        return f"invalid object: {e}"
     if model.KIND_OF[type(rec)] != kind:
-        log.warning("skipping %s: holds a %s, not a %s", key, model.KIND_OF[type(rec)], kind)
-        return None
+        return f"holds a {model.KIND_OF[type(rec)]}, not a {kind}"
     prefix = key[: key.index("/" + keys.PLURAL[kind] + "/")]
     if record_key(prefix, rec) != key:
-        log.warning("skipping %s: the object inside belongs at %s", key, record_key(prefix, rec))
-        return None
+        return f"the object inside belongs at {record_key(prefix, rec)}"
     return rec
 
 
@@ -325,6 +333,11 @@ class EtcdSyncer:
         self.lists = 0  # how many times the prefix was listed (initial + relists)
         self._key_ids: dict[str, RecordId] = {}
         self._state: EmittedState | None = None
+        # Keys whose value is no record: key -> (why, raw value).  Counted, shown in the
+        # agent's status, and (its own endpoints) removed by the agent's publisher, which
+        # on_bad_record wakes.
+        self.bad_records: dict[str, tuple[str, bytes]] = {}
+        self.on_bad_record: Callable[[str], None] | None = None
         self.probe_interval = probe_interval
         # When the watch last showed it works (an event, or a probe that got through):
         # the agent's liveness reads it.
@@ -367,11 +380,12 @@ class EtcdSyncer:
         self.lists += 1
         snapshot: dict[RecordId, Record] = {}
         key_ids: dict[str, RecordId] = {}
+        bad: dict[str, tuple[str, bytes]] = {}
         for key, value in items:
             kind = keys.kind_of_key(self.store.prefix, key)
             if kind is None:
                 continue  # not a model object (e.g. IPAM's own bookkeeping keys)
-            rec = _decode(key, value, kind)
+            rec = self._decode(key, value, kind, bad)
             if rec is None:
                 # Keep what the consumer has for an object that turned invalid.
                 old = self._key_ids.get(key)
@@ -383,10 +397,23 @@ class EtcdSyncer:
             snapshot[rid] = rec
             key_ids[key] = rid
         self._key_ids = key_ids
+        self.bad_records = bad
         state.replace(snapshot)
         state.set_in_sync(True)
         self.backoff.reset()
         return revision
+
+    def _decode(self, key: str, value: bytes, kind: str, bad: dict) -> Record | None:
+        rec = _decode_checked(key, value, kind)
+        if not isinstance(rec, str):
+            bad.pop(key, None)
+            return rec
+        metrics.ERRORS.labels(kind="datastore_decode").inc()
+        log.warning("skipping %s: %s", key, rec)
+        bad[key] = (rec, value)
+        if self.on_bad_record is not None:
+            self.on_bad_record(key)
+        return None
 
     async def _watch(self, state: EmittedState, start_revision: int) -> None:
         prefix = self.store.prefix + "/"
@@ -447,11 +474,12 @@ class EtcdSyncer:
         if kind is None:
             return
         if ev.kind == "DELETE":
+            self.bad_records.pop(key, None)
             rid = self._key_ids.pop(key, None)
             if rid is not None:
                 state.update(rid, None)
             return
-        rec = _decode(key, ev.kv.value, kind)
+        rec = self._decode(key, ev.kv.value, kind, self.bad_records)
         if rec is None:
             return  # logged; the consumer keeps the last valid version
         rid = (kind, rec.key)
