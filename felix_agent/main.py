@@ -101,6 +101,7 @@ class NodeRegistrar:
 async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     from .dataplane_loop import Dataplane
     from .ipam import IPAM, EtcdBackend, PodCIDRBackend
+    from .intents import IntentLog
     from .localapi import CNIService, LocalAPI
 
     log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
@@ -137,7 +138,9 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
-    service = CNIService(ipam, agent, cfg.name, executor)
+    service = CNIService(ipam, agent, cfg.name, executor,
+                         intents=IntentLog(os.path.join(cfg.state_dir, "intents")))
+    await service.recover_interrupted()  # ADDs a crash cut short: rolled back before serving
     if service.reaper is not None:
         await service.reaper.flush()  # veths retired by DELs just before a crash or restart
     api = LocalAPI(cfg.socket_path, service)
