@@ -9,7 +9,7 @@ APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-pl
 APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit integration bench demo demo-down cni-binary image clean
+.PHONY: deps test unit integration bench chaos demo demo-down cni-binary image clean
 
 deps: $(VENV)/.installed
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -38,6 +38,11 @@ unit: deps
 
 bench: deps cni-binary
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# Faults under churn on the lab (root; not part of `make test`): CHAOS_MINUTES (default 10),
+# CHAOS_SEED to rerun a schedule.
+chaos: deps cni-binary
+	$(PY) tests/chaos/chaos.py
 
 demo: deps cni-binary
 	$(PY) deploy/demo.py up
