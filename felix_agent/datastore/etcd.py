@@ -18,8 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import aetcd
 from aetcd import exceptions as etcd_errors
 
-from .. import model
-from .. import metrics
+from .. import metrics, model
 from ..convert import ConvertError, from_k8s, to_k8s
 from ..model import Record
 from . import keys
