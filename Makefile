@@ -19,7 +19,7 @@ APT_FILES := /usr/lib/cni/host-local:containernetworking-plugins /usr/lib/cni/po
 APT_PACKAGES := $(sort $(foreach t,$(APT_TOOLS) $(APT_FILES),$(lastword $(subst :, ,$(t)))))
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit integration bench demo demo-down cni-binary image clean
+.PHONY: deps test unit integration bench chaos demo demo-down cni-binary image clean
 
 deps: $(VENV)/.installed
 	@# apt runs only when a command or file is missing, and installs only the packages that ship them
@@ -54,6 +54,11 @@ unit: deps
 
 bench: deps cni-binary
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# Faults under churn on the lab (root; not part of `make test`): CHAOS_MINUTES (default 10),
+# CHAOS_SEED to rerun a schedule.
+chaos: deps cni-binary
+	$(PY) tests/chaos/chaos.py
 
 demo: deps cni-binary
 	$(PY) deploy/demo.py up

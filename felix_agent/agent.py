@@ -38,6 +38,9 @@ PUBLISH_RETRY_MAX = 10.0
 # How long the publisher lets a pending dataplane pass go first (seconds).
 PUBLISH_AFTER_PASS_WAIT = 1.0
 PUBLISH_AFTER_PASS_DELAY = 0.002
+# How often the loop checks that BIRD, once started, still runs (seconds; three small
+# /proc reads each time).
+BIRD_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -68,7 +71,10 @@ class Agent:
         self.syncer = syncer
         self.store = store
         self.ipam = ipam
-        self.health = Health(liveness_timeout=max(60.0, cfg.resync_interval * 6))
+        self.liveness_timeout = cfg.liveness_timeout or max(60.0, cfg.resync_interval * 6)
+        self.health = Health(liveness_timeout=self.liveness_timeout, watchdog=self.stalls)
+        self._beat: float | None = None  # the event loop's heartbeat (see _heartbeat)
+        self._pass_since: float | None = None  # when the running dataplane pass started
         self.status = Status(node=self.node, datastore=cfg.datastore)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.generation = 0  # bumped on every model change
@@ -92,6 +98,8 @@ class Agent:
         # Nothing is written to the kernel before the first complete sync: a restarted
         # agent with a half-known model would otherwise tear down live pods' chains.
         self._synced_once = False
+        if hasattr(syncer, "on_bad_record"):
+            syncer.on_bad_record = self._bad_record_seen
         if cfg.default_pool:
             self._inject(Update("IPPool", "default-pool", IPPool(
                 name="default-pool", cidr=cfg.default_pool, mode=cfg.default_pool_mode)))
@@ -163,6 +171,19 @@ class Agent:
             self._inject(Update("WorkloadEndpoint", key, value))
             return
         self._schedule_publish()  # the datastore lost or garbled it: publish ours again
+
+    def _bad_record_seen(self, key: str) -> None:
+        """The syncer found a key that holds no valid record; one under this node's own
+        endpoints is ours to remove (the publisher does it)."""
+        if self.store is not None and key.startswith(self._own_wep_prefix()):
+            self._schedule_publish()
+
+    def _own_wep_prefix(self) -> str:
+        return f"{self.store.prefix}/workloadendpoints/{self.node}/"
+
+    def bad_records(self) -> dict[str, str]:
+        """key -> why, for every datastore key the syncer could not decode."""
+        return {k: why for k, (why, _) in list(getattr(self.syncer, "bad_records", {}).items())}
 
     # -- IPAM ---------------------------------------------------------------------------
 
@@ -294,6 +315,13 @@ class Agent:
 
         self._publish_due = False
         try:
+            own = self._own_wep_prefix()
+            for key, (why, raw) in list(getattr(self.syncer, "bad_records", {}).items()):
+                if key.startswith(own):
+                    # Garbage under this node's own endpoints (only this agent writes
+                    # there): compare-and-delete, so a valid write meanwhile stays.
+                    await self.store.delete_if_value(key, raw)
+                    log.warning("removed a malformed endpoint record of this node", extra=kv(key=key, why=why))
             for key, old in list(self._ds_weps.items()):
                 if key in self._local_weps:
                     continue
@@ -322,12 +350,44 @@ class Agent:
 
     # -- the loop -----------------------------------------------------------------------
 
+    # -- liveness -----------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Runs on the event loop every second: stale, it says the loop is blocked."""
+        self._beat = time.monotonic()
+        asyncio.get_running_loop().call_later(1.0, self._heartbeat)
+
+    def stalls(self) -> dict[str, str]:
+        """{part: why} for each part stuck although it has work, for /livez (read from the
+        HTTP thread): the event loop (no heartbeat), the dataplane worker (one pass running
+        for too long), the datastore watcher (no event, probe or reconnect attempt).  The
+        agent's loop itself is Health's tick.  A datastore that is down is not a stall: the
+        watcher keeps trying, and /readyz says so."""
+        now, limit, out = time.monotonic(), self.liveness_timeout, {}
+        if self._beat is not None and now - self._beat > limit:
+            out["event_loop"] = f"blocked for {now - self._beat:.0f}s"
+        since = self._pass_since
+        if since is not None and now - since > limit:
+            out["dataplane"] = f"one pass has been running for {now - since:.0f}s"
+        progress = getattr(self.syncer, "last_progress", None)
+        if progress is not None and now - progress > limit:
+            out["datastore"] = f"the watcher made no progress for {now - progress:.0f}s"
+        return out
+
     async def run_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        if self._beat is None:
+            self._heartbeat()
         next_resync = 0.0
+        next_bird_check = 0.0
         while not stop.is_set():
             self.health.tick()
-            timeout = max(0.0, next_resync - time.monotonic())
+            now = time.monotonic()
+            if now >= next_bird_check:
+                next_bird_check = now + BIRD_CHECK_INTERVAL
+                if self._pass_since is None and self.dataplane.bird_died():
+                    self.generation += 1  # the next pass, incremental or not, restarts it
+            timeout = max(0.0, min(next_resync, next_bird_check) - time.monotonic())
             try:
                 first = await asyncio.wait_for(self.queue.get(), timeout=timeout)
                 batch = [first]
@@ -349,8 +409,11 @@ class Agent:
             target = self.generation
             try:
                 plan = self.dataplane.calculate(self.cluster)
-                t0 = time.monotonic()
-                summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
+                t0 = self._pass_since = time.monotonic()
+                try:
+                    summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
+                finally:
+                    self._pass_since = None
                 took = time.monotonic() - t0
                 self.status.last_apply, self.status.last_apply_seconds = time.time(), took
                 self.status.applies += 1
@@ -358,7 +421,10 @@ class Agent:
                 self.status.last_error = "; ".join(getattr(self.dataplane, "problems", {}).values())
                 if summary:
                     log.info("dataplane programmed", extra=kv(seconds=f"{took:.3f}", **summary))
-                next_resync = time.monotonic() + self.cfg.resync_interval
+                if resync_due:
+                    # Full passes keep their own timer: event passes (pods churning every
+                    # second) must not postpone the one that repairs drift.
+                    next_resync = t0 + self.cfg.resync_interval
             except Exception as e:
                 metrics.ERRORS.labels(kind="dataplane").inc()
                 self.status.last_error = f"{type(e).__name__}: {e}"
@@ -388,6 +454,11 @@ class Agent:
         """What `tortiectl status` shows (served at /status; called from the HTTP thread)."""
         st = self.status
         bgp = self.dataplane.bgp_status()
+        bad = self.bad_records()
+        bad_text = ""
+        if bad:
+            key, why = sorted(bad.items())[0]
+            bad_text = f"datastore: {len(bad)} record(s) could not be decoded, e.g. {key}: {why}"
         ipam = (self.ipam.show({w.container_id for w in list(self._local_weps.values())})
                 if self.ipam is not None else None)
         return {
@@ -395,7 +466,8 @@ class Agent:
             "in_sync": st.in_sync, "sync_reason": st.sync_reason, "ready": self.health.ready,
             "iptables_backend": self.dataplane.backend, "routing_modes": list(self.dataplane.modes),
             "last_apply": st.last_apply, "last_apply_seconds": round(st.last_apply_seconds, 4),
-            "applies": st.applies, "last_error": st.last_error,
+            "applies": st.applies, "last_error": "; ".join(e for e in (st.last_error, bad_text) if e),
+            "bad_records": [{"key": k, "why": why} for k, why in sorted(bad.items())],
             "endpoints": [{"namespace": w.namespace, "pod": w.pod, "iface": w.iface, "ips": list(w.ips),
                            "container_id": w.container_id} for w in sorted(self._local_weps.values(),
                                                                             key=lambda w: w.key)],

@@ -52,6 +52,9 @@ def render_status(st: dict) -> str:
     ]
     if st.get("last_error"):
         lines.append(f"Last error:       {st['last_error']}")
+    if st.get("bad_records"):
+        lines.append(f"Bad records:      {len(st['bad_records'])} in the datastore, skipped "
+                     f"(first: {st['bad_records'][0]['key']})")
     eps = st.get("endpoints") or []
     lines += ["", f"Endpoints on this node: {len(eps)}"]
     if eps:

@@ -57,6 +57,9 @@ class AgentConfig:
     etcd_key_file: str = _f("", "private key (PEM) of etcd_cert_file")
     bgp_password_file: str = _f("", "file holding the TCP MD5 password of the node-to-node BGP sessions "
                                     "(mesh / route reflectors); every node needs the same")
+    liveness_timeout: float = _f(0.0, "seconds the event loop, the dataplane worker (with work pending) or the "
+                                      "datastore watcher may go without progress before /livez fails "
+                                      "(0: max(60, 6 x resync_interval))")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -65,6 +68,8 @@ class AgentConfig:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.resync_interval <= 0:
             raise ConfigError(f"resync_interval: must be > 0, got {self.resync_interval}")
+        if self.liveness_timeout < 0:
+            raise ConfigError(f"liveness_timeout: must be >= 0, got {self.liveness_timeout}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: {self.http_port} is not a port")
         if not 68 <= self.mtu <= 65535:

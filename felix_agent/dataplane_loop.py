@@ -101,6 +101,7 @@ class Dataplane:
         self._applied: dict[str, object] = {}  # driver -> desired state it last applied cleanly
         self._warned_off_subnet: dict[str, tuple[str, ...]] = {}
         self.bird_enabled = bird
+        self._bird_seen = False  # bird ran (or was started) under this process
         os.makedirs(run_dir, exist_ok=True)
         self.bird = BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin, birdc_bin=birdc_bin)
         self.bgp_password_file = bgp_password_file  # the mesh (node-to-node) sessions' password
@@ -287,12 +288,25 @@ class Dataplane:
             outcome = timed("bird", lambda: self.bird.ensure(plan.bird_conf, reload=secrets_changed))
             if outcome != "unchanged":
                 summary["bird"] = outcome
+            if outcome == "started" and self._bird_seen:
+                metrics.BIRD_RESTARTS.inc()
+                log.warning("bird was not running; restarted it")
+            self._bird_seen = True
             done("bird", plan.bird_conf)
         metrics.IPSETS.set(len(st.ipsets))
         metrics.IPSET_MEMBERS.set(sum(len(s.members) for s in st.ipsets.values()))
         for t in TABLES:
             metrics.IPTABLES_RULES.labels(table=t).set(sum(len(r) for r in st.chains.get(t, {}).values()))
         return summary
+
+    def bird_died(self) -> bool:
+        """True (once) when bird was running under this agent and its process is gone:
+        the next pass starts it again.  Called by the agent's loop every second, between
+        passes (the pass thread owns _applied while it runs)."""
+        if "bird" not in self._applied or self.bird.running():
+            return False
+        self._applied.pop("bird", None)
+        return True
 
     def _apply_ipip(self, addr: str, summary: dict, timed) -> bool:
         """Put `addr` on tunl0; False (problem recorded, logged once) when the kernel has

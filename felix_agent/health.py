@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,13 +27,27 @@ class Health:
     last_tick: float = field(default_factory=time.monotonic)
     liveness_timeout: float = 60.0
     reasons: dict[str, str] = field(default_factory=dict)
+    # Returns {part: why} for every part stuck although it has work (the agent's
+    # stalls()); called from the HTTP thread, so a stuck event loop is seen too.
+    watchdog: Callable[[], dict[str, str]] | None = None
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
 
+    def stalls(self) -> dict[str, str]:
+        out = {}
+        if time.monotonic() - self.last_tick >= self.liveness_timeout:
+            out["loop"] = f"no tick for more than {self.liveness_timeout:.0f}s"
+        if self.watchdog is not None:
+            try:
+                out.update(self.watchdog())
+            except Exception as e:  # noqa: BLE001 - a probe must answer
+                out["watchdog"] = f"{type(e).__name__}: {e}"
+        return out
+
     @property
     def live(self) -> bool:
-        return time.monotonic() - self.last_tick < self.liveness_timeout
+        return not self.stalls()
 
     @property
     def ready(self) -> bool:
@@ -41,13 +56,14 @@ class Health:
     def report(self) -> dict:
         # An operator reading a failed probe (kubectl describe pod) should see why.
         reasons = dict(self.reasons)
-        if not self.live:
-            reasons.setdefault("loop", f"no tick for more than {self.liveness_timeout:.0f}s")
+        stalls = self.stalls()
+        for part, why in stalls.items():
+            reasons.setdefault(part, why)
         if not self.in_sync:
             reasons.setdefault("datastore", "not in sync yet")
         elif not self.programmed:
             reasons.setdefault("dataplane", "not programmed since the datastore synced")
-        return {"live": self.live, "ready": self.ready, "in_sync": self.in_sync,
+        return {"live": not stalls, "ready": self.ready, "in_sync": self.in_sync,
                 "programmed": self.programmed, "reasons": reasons}
 
 

@@ -41,6 +41,7 @@ from cni_plugin.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
 from cni_plugin.result import Interface, IPConfig, Result, Route
 
 from . import metrics
+from .intents import AddIntent, IntentLog
 from .ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
 from .model import WorkloadEndpoint
 from .retired_links import RetiredLinkReaper
@@ -335,6 +336,15 @@ class LocalAPI:
             return {"ok": True, "result": result}
         except CNIError as e:
             return error_response(e)
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise  # the agent is stopping
+            # Something below (a gRPC call whose channel closed) raised CancelledError into
+            # this request: it is a failure of the request, which gets an answer.
+            log.error("local API: %s was cancelled from below", obj.get("command"))
+            return error_response(CNIError(TRY_AGAIN_LATER, f"{obj.get('command')} failed: an internal call "
+                                                            "was cancelled (datastore connection lost?)",
+                                           "see the agent's log"))
         except Exception as e:  # noqa: BLE001 - the binary must always get an answer
             log.exception("local API: %s failed unexpectedly", obj.get("command"))
             return error_response(CNIError(INTERNAL, f"internal error: {type(e).__name__}: {e}",
@@ -427,7 +437,7 @@ class CNIService:
 
     def __init__(self, ipam: IPAM, registry: EndpointRegistry, node_name: str,
                  executor: concurrent.futures.Executor, *, plumbing: Any = None,
-                 register_timeout: float = 30.0):
+                 register_timeout: float = 30.0, intents: IntentLog | None = None):
         if plumbing is None:
             from cni_plugin import plumbing as _plumbing
             plumbing = _plumbing
@@ -437,6 +447,7 @@ class CNIService:
         self.executor = executor
         self.plumbing = plumbing
         self.register_timeout = register_timeout
+        self.intents = intents  # None: no crash recovery (tests of the service alone)
         # host veth -> container id of the sandbox that owns it now.  A pod's veth name
         # depends only on namespace/pod, so a late DEL of a replaced sandbox must not tear
         # down its successor's veth.  After a restart, IPAM's records stand in for this.
@@ -491,6 +502,37 @@ class CNIService:
     async def add(self, req: CNIRequest, netns_fd: int | None) -> dict:
         namespace, pod = _k8s_or_default(req.namespace, req.pod, req.container_id)
         host_if = naming.host_iface_for(req.namespace, req.pod, req.container_id, req.ifname)
+        if self.intents is None:
+            return await self._add(req, netns_fd, namespace, pod, host_if)
+        self.intents.begin(AddIntent(req.container_id, req.ifname, req.namespace, req.pod, host_if))
+        try:
+            return await self._add(req, netns_fd, namespace, pod, host_if)
+        finally:  # answered: done or rolled back (a crash before this leaves the intent)
+            self.intents.end(req.container_id, req.ifname)
+
+    async def recover_interrupted(self) -> int:
+        """Roll back every ADD a crash interrupted (its intent is still on disk): the same
+        steps as a DEL (veth, routes, endpoint, address; a veth another sandbox owns by
+        now stays).  Runs at start, before the socket serves anything, so no retry of the
+        same ADD can race it.  Returns how many were rolled back."""
+        if self.intents is None:
+            return 0
+        n = 0
+        for it in self.intents.pending():
+            ns, pod = (it.namespace, it.pod) if it.namespace and it.pod else ("", "")
+            try:
+                await self._detach(it.container_id, it.ifname, ns, pod, it.host_if)
+                gone = await self.ipam.release(it.container_id, it.ifname)
+            except Exception as e:  # noqa: BLE001 - kept: tried again at the next start
+                log.error("could not roll back interrupted ADD %s/%s: %s", it.container_id, it.ifname, e)
+                continue
+            self.intents.end(it.container_id, it.ifname)
+            n += 1
+            log.warning("rolled back an ADD a crash interrupted: %s/%s (%s, %s)", it.container_id, it.ifname,
+                        it.host_if, ", ".join(a.ip for a in gone) or "no address")
+        return n
+
+    async def _add(self, req: CNIRequest, netns_fd: int | None, namespace: str, pod: str, host_if: str) -> dict:
         allocated: Allocation | None = None
         plumbing_tried = registered = False
         if not req.ips and netns_fd is not None:
@@ -520,7 +562,7 @@ class CNIService:
                 await asyncio.wait_for(self.registry.register(wep), self.register_timeout)
         except BaseException as e:
             await self._rollback(req, namespace, pod, host_if, allocated, plumbing_tried, registered)
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(e, asyncio.CancelledError) and _being_cancelled():
                 raise
             if isinstance(e, asyncio.TimeoutError):
                 raise CNIError(DATAPLANE_FAILURE, f"the endpoint's policy was not programmed within "
@@ -656,6 +698,12 @@ class CNIService:
                                               f"{len(errors)} interfaces", "; ".join(errors))
 
 
+def _being_cancelled() -> bool:
+    """The current task itself is being cancelled (not a CancelledError from below)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _host_cidr(ip: str) -> str:
     return f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
 
@@ -688,5 +736,7 @@ def _as_cni_error(e: BaseException, command: str) -> CNIError:
     if isinstance(e, OSError):
         return CNIError(DATAPLANE_FAILURE, f"{command} failed: {e}")
     if isinstance(e, asyncio.CancelledError):
-        return CNIError(INTERNAL, f"{command} was cancelled")
+        # Not the agent stopping (that re-raises): a call below was cancelled under us.
+        return CNIError(TRY_AGAIN_LATER, f"{command} failed: an internal call was cancelled "
+                                         "(datastore connection lost?)")
     return CNIError(DATAPLANE_FAILURE, f"{command} failed: {type(e).__name__}: {e}")

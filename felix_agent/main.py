@@ -15,6 +15,7 @@ from . import config, health, logs, metrics
 from .agent import Agent
 from .logs import kv
 from .model import Node, Update, WorkloadEndpoint
+from .supervise import FatalError, supervise
 
 log = logging.getLogger("tortie.main")
 
@@ -100,6 +101,7 @@ class NodeRegistrar:
 async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     from .dataplane_loop import Dataplane
     from .ipam import IPAM, EtcdBackend, PodCIDRBackend
+    from .intents import IntentLog
     from .localapi import CNIService, LocalAPI
 
     log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
@@ -119,7 +121,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
             except TLSConfigError as e:
                 raise config.ConfigError(str(e)) from None
         store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix, tls=tls)
-        syncer = EtcdSyncer(store)
+        # The watch gets a connection of its own: nothing on the ADD path shares its channel.
+        syncer = EtcdSyncer(store.clone())
         backend = EtcdBackend(store)
     else:
         from .datastore.kubernetes import KubernetesSyncer
@@ -142,7 +145,9 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
-    service = CNIService(ipam, agent, cfg.name, executor)
+    service = CNIService(ipam, agent, cfg.name, executor,
+                         intents=IntentLog(os.path.join(cfg.state_dir, "intents")))
+    await service.recover_interrupted()  # ADDs a crash cut short: rolled back before serving
     if service.reaper is not None:
         await service.reaper.flush()  # veths retired by DELs just before a crash or restart
     api = LocalAPI(cfg.socket_path, service)
@@ -152,14 +157,16 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(syncer.run(agent.emit), name="syncer"),
-             asyncio.create_task(agent.run_loop(stop), name="loop"),
-             asyncio.create_task(agent.run_publisher(), name="publisher")]
+    core = {"syncer": lambda: syncer.run(agent.emit), "loop": lambda: agent.run_loop(stop),
+            "publisher": agent.run_publisher}
+    tasks = [asyncio.create_task(supervise(name, fn, stop), name=name) for name, fn in core.items()]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    fatal = None
     for t in done:
-        if t is not stopper and t.exception():
-            log.error("a core task died", extra=kv(task=t.get_name(), error=repr(t.exception())))
+        if t is not stopper and not t.cancelled() and t.exception() is not None:
+            fatal = f"{t.get_name()}: {type(t.exception()).__name__}: {t.exception()}"
+            log.error("fatal error; exiting", extra=kv(task=t.get_name(), error=repr(t.exception())))
     log.info("shutting down; the dataplane stays in place")
     await api.stop()
     if service.reaper is not None:
@@ -174,6 +181,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     executor.shutdown(wait=False)
     if server:
         server.shutdown()
+    if fatal:
+        raise FatalError(fatal)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     except config.ConfigError as e:
         print(f"tortie-agent: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FatalError as e:
+        print(f"tortie-agent: fatal error in task {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 

@@ -36,12 +36,16 @@ IPAM_BLOCKS = Gauge("tortie_ipam_blocks", "IPAM blocks owned by this node", regi
 IPAM_ADDRESSES = Gauge("tortie_ipam_addresses_in_use", "Pod addresses allocated on this node",
                        registry=REGISTRY)
 ERRORS = Counter("tortie_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
+BIRD_RESTARTS = Counter("tortie_bird_restarts_total", "Times the agent found BIRD dead and restarted it",
+                        registry=REGISTRY)
+TASK_RESTARTS = Counter("tortie_task_restarts_total", "Core tasks restarted after a failure", ["task"],
+                        registry=REGISTRY)
 CNI_REQUESTS = Histogram("tortie_cni_request_seconds", "Local API requests from the CNI binary",
                          ["command", "result"], registry=REGISTRY)
 
 # Known error kinds are exported from the start (at 0), so a rate() or an alert on them
 # works before the first error rather than seeing "no data".
-ERROR_KINDS = ("dataplane", "datastore", "metrics")
+ERROR_KINDS = ("dataplane", "datastore", "metrics", "datastore_decode")
 for _kind in ERROR_KINDS:
     ERRORS.labels(kind=_kind)
 

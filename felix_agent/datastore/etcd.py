@@ -9,15 +9,17 @@ the difference. A watch that starts from a compacted revision also relists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from typing import Awaitable, Callable
+import time
+from typing import AsyncIterator, Awaitable, Callable
 
 import aetcd
 from aetcd import exceptions as etcd_errors
 
-from .. import model
-from ..convert import from_k8s, to_k8s
+from .. import metrics, model
+from ..convert import ConvertError, from_k8s, to_k8s
 from ..model import Record
 from . import keys
 from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log
@@ -34,7 +36,21 @@ _GRPC_OPTIONS = {
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,
     "grpc.keepalive_permit_without_calls": 1,
+    # gRPC stops pinging after 2 pings with no data by default: an idle watch behind a
+    # frozen etcd (SIGSTOP) or a half-open connection then went unnoticed for good.
+    "grpc.http2.max_pings_without_data": 0,
 }
+# aetcd errors that mean "this call did not get through", retried by the caller; the
+# others (a bad argument, a compacted revision) are answers.
+_UNAVAILABLE = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
+                etcd_errors.WatchTimeoutError, etcd_errors.InternalError, asyncio.TimeoutError)
+
+
+def _cancelled_from_outside() -> bool:
+    """True when the current task itself is being cancelled (shutdown, a timeout around
+    the caller), as opposed to gRPC raising CancelledError because a channel closed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class EtcdUnavailable(ConnectionError):
@@ -82,7 +98,13 @@ TXN_MAX_OPS = 128
 
 class EtcdStore:
     """Reads and writes model objects in etcd. Every method raises EtcdUnavailable when
-    etcd cannot be reached; the next call reconnects."""
+    etcd cannot be reached; the next call reconnects.
+
+    A failing call never tears down other calls: it retires the client (later calls open
+    a new one) and the retired client is closed only once its last call in flight has
+    returned.  gRPC raises CancelledError in every call of a channel that closes; that
+    is an EtcdUnavailable here unless the calling task itself is being cancelled.  Every
+    unary call has a deadline (`timeout`); watches are watched by EtcdSyncer's probe."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2379,
                  prefix: str = keys.DEFAULT_PREFIX, timeout: float = 5.0, tls: EtcdTLS | None = None):
@@ -91,6 +113,8 @@ class EtcdStore:
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self._client: aetcd.Client | None = None
+        self._users: dict[aetcd.Client, int] = {}  # calls in flight per client
+        self._closing: set[asyncio.Task] = set()
 
     @classmethod
     def from_endpoint(cls, endpoint: str, prefix: str = keys.DEFAULT_PREFIX,
@@ -105,17 +129,27 @@ class EtcdStore:
             self._client = TLSClient(self.tls, **kw) if self.tls else aetcd.Client(**kw)
         return self._client
 
+    def clone(self) -> "EtcdStore":
+        """A store on the same etcd with a connection of its own (one per concern: the
+        watch does not share a channel with the ADD path)."""
+        return type(self)(self.host, self.port, self.prefix, self.timeout, tls=self.tls)
+
     async def reset(self) -> None:
-        """Drop the connection; the next call opens a new one."""
+        """Drop the connection; the next call opens a new one.  Calls in flight on the
+        old one finish first (it is closed after the last of them)."""
         c, self._client = self._client, None
-        if c is not None:
-            try:
-                await asyncio.wait_for(c.close(), 2)
-            except Exception:  # closing a broken channel may fail; it is gone either way
-                pass
+        if c is not None and not self._users.get(c):
+            self._users.pop(c, None)
+            await _close_client(c)
+
+    def _retire(self, c: aetcd.Client) -> None:
+        if self._client is c:
+            self._client = None
 
     async def close(self) -> None:
         await self.reset()
+        for t in list(self._closing):
+            await t
 
     async def __aenter__(self) -> "EtcdStore":
         return self
@@ -123,13 +157,34 @@ class EtcdStore:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _call(self, fn: Callable[[aetcd.Client], Awaitable]):
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aetcd.Client]:
+        """The client, held for the block (a watch holds it while it is read): errors
+        become EtcdUnavailable and retire the client without closing it under others."""
+        c = self.client
+        self._users[c] = self._users.get(c, 0) + 1
         try:
-            return await fn(self.client)
-        except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
-                etcd_errors.WatchTimeoutError, asyncio.TimeoutError) as e:
-            await self.reset()
+            yield c
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise
+            self._retire(c)
+            raise EtcdUnavailable(f"etcd at {self.host}:{self.port}: call cancelled "
+                                  "(its connection closed)") from None
+        except _UNAVAILABLE as e:
+            self._retire(c)
             raise EtcdUnavailable(f"etcd at {self.host}:{self.port}: {explain(self.tls, e) or type(e).__name__}") from e
+        finally:
+            self._users[c] -= 1
+            if not self._users[c] and c is not self._client:
+                del self._users[c]
+                task = asyncio.get_running_loop().create_task(_close_client(c))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _call(self, fn: Callable[[aetcd.Client], Awaitable]):
+        async with self.connection() as c:
+            return await fn(c)
 
     # --- objects ---
 
@@ -228,24 +283,38 @@ class EtcdStore:
         await self._call(lambda c: c.compact(revision, physical=True))
 
 
+async def _close_client(c: aetcd.Client) -> None:
+    try:
+        await asyncio.wait_for(c.close(), 2)
+    except Exception:  # closing a broken channel may fail; it is gone either way
+        pass
+
+
 def _decode(key: str, value: bytes, kind: str) -> Record | None:
-    """The record a key holds, or None (logged) when the value is not valid JSON, does not
+    """The record a key holds, or None (logged) when it holds none (see _decode_checked)."""
+    rec = _decode_checked(key, value, kind)
+    if isinstance(rec, str):
+        log.warning("skipping %s: %s", key, rec)
+        return None
+    return rec
+
+
+def _decode_checked(key: str, value: bytes, kind: str) -> Record | str:
+    """The record a key holds, or why it holds none: the value is not valid JSON, does not
     convert, or belongs under a different key (which would break deletions)."""
     try:
         obj = json.loads(value)
     except ValueError as e:
-        log.warning("skipping %s: not JSON (%s)", key, e)
-        return None
-    rec = convert_or_log(obj, kind, key)
-    if rec is None:
-        return None
+        return f"not JSON ({e})"
+    try:
+        rec = from_k8s(obj, kind)
+    except ConvertError as e:
+        return f"invalid object: {e}"
     if model.KIND_OF[type(rec)] != kind:
-        log.warning("skipping %s: holds a %s, not a %s", key, model.KIND_OF[type(rec)], kind)
-        return None
+        return f"holds a {model.KIND_OF[type(rec)]}, not a {kind}"
     prefix = key[: key.index("/" + keys.PLURAL[kind] + "/")]
     if record_key(prefix, rec) != key:
-        log.warning("skipping %s: the object inside belongs at %s", key, record_key(prefix, rec))
-        return None
+        return f"the object inside belongs at {record_key(prefix, rec)}"
     return rec
 
 
@@ -256,7 +325,8 @@ class EtcdSyncer:
     it to change etcd inside that window (e.g. compact it), metrics could count relists."""
 
     def __init__(self, store: EtcdStore, backoff: Backoff | None = None,
-                 after_list: Callable[[int], Awaitable[None]] | None = None):
+                 after_list: Callable[[int], Awaitable[None]] | None = None,
+                 probe_interval: float = 10.0):
         self.store = store
         # Retrying a lost etcd is one cheap connection attempt; a short ceiling keeps an
         # agent from staying not-ready for many seconds after etcd is back.
@@ -264,11 +334,25 @@ class EtcdSyncer:
         self.after_list = after_list
         self.lists = 0  # how many times the prefix was listed (initial + relists)
         self._key_ids: dict[str, RecordId] = {}
+        self._state: EmittedState | None = None
+        # Keys whose value is no record: key -> (why, raw value).  Counted, shown in the
+        # agent's status, and (its own endpoints) removed by the agent's publisher, which
+        # on_bad_record wakes.
+        self.bad_records: dict[str, tuple[str, bytes]] = {}
+        self.on_bad_record: Callable[[str], None] | None = None
+        self.probe_interval = probe_interval
+        # When the watch last showed it works (an event, or a probe that got through):
+        # the agent's liveness reads it.
+        self.last_progress = time.monotonic()
 
     async def run(self, emit: Emit) -> None:
-        state = EmittedState(emit)
+        # Kept across runs: a supervisor that restarts this task gets only the difference.
+        if self._state is None or self._state._emit is not emit:
+            self._state = EmittedState(emit)
+        state = self._state
         prefix = self.store.prefix
         while True:
+            self.last_progress = time.monotonic()  # an attempt is progress; a hang is not
             try:
                 revision = await self._list(state)
                 if self.after_list is not None:
@@ -277,6 +361,8 @@ class EtcdSyncer:
                 # The watch only ends on its own when etcd shut the stream: reconnect.
                 raise EtcdUnavailable("watch stream ended")
             except asyncio.CancelledError:
+                if not _cancelled_from_outside():
+                    raise EtcdUnavailable("etcd call cancelled under the syncer") from None
                 await self.store.reset()
                 raise
             except etcd_errors.RevisionCompactedError as e:
@@ -296,11 +382,12 @@ class EtcdSyncer:
         self.lists += 1
         snapshot: dict[RecordId, Record] = {}
         key_ids: dict[str, RecordId] = {}
+        bad: dict[str, tuple[str, bytes]] = {}
         for key, value in items:
             kind = keys.kind_of_key(self.store.prefix, key)
             if kind is None:
                 continue  # not a model object (e.g. IPAM's own bookkeeping keys)
-            rec = _decode(key, value, kind)
+            rec = self._decode(key, value, kind, bad)
             if rec is None:
                 # Keep what the consumer has for an object that turned invalid.
                 old = self._key_ids.get(key)
@@ -312,37 +399,94 @@ class EtcdSyncer:
             snapshot[rid] = rec
             key_ids[key] = rid
         self._key_ids = key_ids
+        self.bad_records = bad
         state.replace(snapshot)
         state.set_in_sync(True)
         self.backoff.reset()
         return revision
 
+    def _decode(self, key: str, value: bytes, kind: str, bad: dict) -> Record | None:
+        rec = _decode_checked(key, value, kind)
+        if not isinstance(rec, str):
+            bad.pop(key, None)
+            return rec
+        metrics.ERRORS.labels(kind="datastore_decode").inc()
+        log.warning("skipping %s: %s", key, rec)
+        bad[key] = (rec, value)
+        if self.on_bad_record is not None:
+            self.on_bad_record(key)
+        return None
+
     async def _watch(self, state: EmittedState, start_revision: int) -> None:
         prefix = self.store.prefix + "/"
-        watch = await self.store._call(
-            lambda c: c.watch_prefix(_b(prefix), start_revision=start_revision))
-        try:
-            async for ev in watch:
-                key = ev.kv.key.decode()
-                kind = keys.kind_of_key(self.store.prefix, key)
-                if kind is None:
-                    continue
-                if ev.kind == "DELETE":
-                    rid = self._key_ids.pop(key, None)
-                    if rid is not None:
-                        state.update(rid, None)
-                    continue
-                rec = _decode(key, ev.kv.value, kind)
-                if rec is None:
-                    continue  # logged; the consumer keeps the last valid version
-                rid = (kind, rec.key)
-                self._key_ids[key] = rid
-                state.update(rid, rec)
-        finally:
+        async with self.store.connection() as c:
+            # aetcd bounds the wait for "created", not its queueing before: bound both.
+            watch = await asyncio.wait_for(c.watch_prefix(_b(prefix), start_revision=start_revision),
+                                           self.store.timeout * 2)
+            self.last_progress = time.monotonic()
+            failed: list[BaseException] = []
+            probe = asyncio.create_task(self._probe(c, watch, failed))
             try:
-                await asyncio.wait_for(watch.cancel(), 2)
-            except Exception:
-                pass
+                async for ev in watch:
+                    self.last_progress = time.monotonic()
+                    self._on_event(state, ev)
+            finally:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+                try:
+                    await asyncio.wait_for(watch.cancel(), 2)
+                except Exception:
+                    pass
+            if failed:
+                raise EtcdUnavailable(f"watch probe failed: {failed[0] or type(failed[0]).__name__}")
+
+    async def _probe(self, c: aetcd.Client, watch, failed: list[BaseException]) -> None:
+        """A watch on a quiet prefix says nothing, also when its stream is dead (a frozen
+        etcd, a half-open connection, or aetcd's stream task gone without telling its
+        watches).  Every probe_interval without events: one read with a deadline on the
+        same connection and a look at aetcd's stream task; if either fails, end the watch
+        (the syncer relists)."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            if time.monotonic() - self.last_progress < self.probe_interval:
+                continue  # events came: the stream works
+            try:
+                # aetcd's private stream task: done means no event will ever arrive.
+                handler = getattr(getattr(c, "_watcher", None), "_request_handler", None)
+                if handler is not None and handler.done():
+                    raise EtcdUnavailable("the watch stream has ended")
+                await asyncio.wait_for(c.get(_b(self.store.prefix + "/")), self.store.timeout)
+                self.last_progress = time.monotonic()
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                failed.append(EtcdUnavailable("probe cancelled"))
+            except Exception as e:
+                failed.append(e)
+            if failed:
+                try:  # its first step wakes the `async for`, which then ends
+                    await asyncio.wait_for(watch.cancel(), 2)
+                except Exception:
+                    pass
+                return
+
+    def _on_event(self, state: EmittedState, ev) -> None:
+        key = ev.kv.key.decode()
+        kind = keys.kind_of_key(self.store.prefix, key)
+        if kind is None:
+            return
+        if ev.kind == "DELETE":
+            self.bad_records.pop(key, None)
+            rid = self._key_ids.pop(key, None)
+            if rid is not None:
+                state.update(rid, None)
+            return
+        rec = self._decode(key, ev.kv.value, kind, self.bad_records)
+        if rec is None:
+            return  # logged; the consumer keeps the last valid version
+        rid = (kind, rec.key)
+        self._key_ids[key] = rid
+        state.update(rid, rec)
 
 
 __all__ = ["EtcdStore", "EtcdSyncer", "EtcdUnavailable", "encode_record", "parse_endpoint", "record_key"]

@@ -12,7 +12,7 @@ import pytest
 from cni_plugin import agent_client
 from cni_plugin.agent_protocol import recv_msg
 from cni_plugin.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, INVALID_ENV,
-                               PLUGIN_NOT_AVAILABLE, CNIError)
+                               PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError)
 from felix_agent.ipam import IPAM, PodCIDRBackend
 from felix_agent.localapi import CNIService, LocalAPI, parse_request
 
@@ -136,6 +136,23 @@ def test_errors_come_back_as_cni_errors(tmp_path):
                 await asyncio.to_thread(call, path, req("DEL"))
             assert ei.value.code == INTERNAL and "boom" in ei.value.msg
     asyncio.run(body())
+
+
+def test_a_request_cancelled_from_below_still_gets_an_answer(tmp_path, caplog):
+    """grpc.aio raises CancelledError in a call whose channel closed; the request that made
+    it used to end with the socket closed, no reply and no log line."""
+    path = str(tmp_path / "agent.sock")
+
+    async def body():
+        async with LocalAPI(path, Recorder(fail=asyncio.CancelledError())):
+            with pytest.raises(CNIError) as ei:
+                await asyncio.to_thread(call, path, req("DEL"))
+            assert ei.value.code == TRY_AGAIN_LATER and "cancelled" in ei.value.msg
+            # the server lives on
+            with pytest.raises(CNIError):
+                await asyncio.to_thread(call, path, req("DEL"))
+    asyncio.run(body())
+    assert "cancelled from below" in caplog.text
 
 
 def test_garbage_on_the_socket_gets_an_error_and_the_server_lives_on(tmp_path):
