@@ -12,7 +12,8 @@ APT_TOOLS := ip:iproute2 ss:iproute2 bridge:iproute2 sysctl:procps ping:iputils-
              ip6tables-legacy-save:iptables ip6tables-legacy-restore:iptables \
              ip6tables-nft-save:iptables ip6tables-nft-restore:iptables \
              ipset:ipset bird:bird2 birdc:bird2 etcd:etcd-server etcdctl:etcd-client \
-             iperf3:iperf3 conntrack:conntrack
+             iperf3:iperf3 conntrack:conntrack ip6tables:iptables ip6tables-save:iptables \
+             openssl:openssl setpriv:util-linux tcpdump:tcpdump
 # files the tests and benches run that are not on PATH: Debian's reference CNI plugins
 APT_FILES := /usr/lib/cni/host-local:containernetworking-plugins /usr/lib/cni/portmap:containernetworking-plugins \
              /usr/lib/cni/ptp:containernetworking-plugins
