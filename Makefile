@@ -9,7 +9,12 @@ APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-pl
 APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit integration bench demo demo-down cni-binary image clean
+# make image without a docker engine: podman and buildah (no daemon), debootstrap for the
+# base image when no registry is reachable (deploy/base-image.sh); not needed by the tests.
+IMAGE_APT_PACKAGES := podman buildah debootstrap
+IMAGE_TOOLS := podman buildah debootstrap
+
+.PHONY: deps test unit integration bench demo demo-down cni-binary image image-deps clean
 
 deps: $(VENV)/.installed
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -50,8 +55,18 @@ cni-binary: deps dist/tortie
 dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh
 
-image:
+image: image-deps
 	bash deploy/build-image.sh
+
+# Installs the image tools only where no docker engine answers and one of them is missing.
+image-deps:
+	@if ! { command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then \
+	  missing=""; for t in $(IMAGE_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "image-deps: installing apt packages (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_APT_PACKAGES) >/dev/null; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf build dist *.spec $(VENV)
