@@ -3,6 +3,7 @@
 # here: docker when its engine answers, else podman, else buildah (neither needs a daemon).
 #
 #   TAG                the image name (default tortie:dev)
+#   IMAGE_TOOL         docker, podman or buildah: use this one instead of the first found
 #   IMAGE_BUILD_FLAGS  extra flags for the build command, word-split, e.g. a CA bundle or pip
 #                      configuration mounted read-only into RUN steps:
 #                        IMAGE_BUILD_FLAGS='-v /etc/pip.conf:/etc/pip.conf:ro'
@@ -31,8 +32,14 @@ case "$BASE_FROM" in debootstrap | pull) ;; *) echo "image: BASE_FROM is deboots
 read -r -a extra <<<"${IMAGE_BUILD_FLAGS:-}"
 base=$(sed -n 's/^ARG BASE=//p' Dockerfile | head -n1)
 
-tool=""
-if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+tool=${IMAGE_TOOL:-}
+case "$tool" in
+  "" | docker | podman | buildah) ;;
+  *) echo "image: IMAGE_TOOL is docker, podman or buildah, not '$tool'" >&2; exit 2 ;;
+esac
+if [ -n "$tool" ]; then
+  command -v "$tool" >/dev/null || { echo "image: IMAGE_TOOL=$tool is not installed" >&2; exit 2; }
+elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   tool=docker
 else
   for t in podman buildah; do command -v "$t" >/dev/null && { tool=$t; break; }; done
