@@ -50,6 +50,8 @@ class AgentConfig:
     default_pool: str = _f("", "create this IPv4 pool (CIDR) if the datastore has no pool (etcd mode)")
     default_pool_mode: str = _f("bgp", "routing mode of the default pool", ("bgp", "direct", "vxlan", "ipip"))
     register_node: bool = _f(True, "publish this node's address, AS and VTEP on its Node record (etcd mode)")
+    ensure_forwarding: bool = _f(True, "set net.ipv4.ip_forward=1 in the node's namespace, as Felix does "
+                                 "(off: only check it; either way /readyz says when it is 0)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

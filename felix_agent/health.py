@@ -26,6 +26,8 @@ class Health:
     last_tick: float = field(default_factory=time.monotonic)
     liveness_timeout: float = 60.0
     reasons: dict[str, str] = field(default_factory=dict)
+    # what keeps a programmed node from serving pods (the dataplane's "forwarding" problem)
+    faults: dict[str, str] = field(default_factory=dict)
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -36,11 +38,11 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self.in_sync and self.programmed
+        return self.in_sync and self.programmed and not self.faults
 
     def report(self) -> dict:
         # An operator reading a failed probe (kubectl describe pod) should see why.
-        reasons = dict(self.reasons)
+        reasons = {**self.faults, **self.reasons}
         if not self.live:
             reasons.setdefault("loop", f"no tick for more than {self.liveness_timeout:.0f}s")
         if not self.in_sync:
