@@ -157,12 +157,16 @@ class KubeLab:
     def popen(self, name: str, ns: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
         log = open(os.path.join(self.dir, "logs", f"{name}.log"), "ab")
-        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *argv], stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([*self.enter(ns), *argv], stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs[name] = p
         with open(os.path.join(self.dir, "pids"), "a") as f:
             f.write(f"{p.pid} {name}\n")
         return p
+
+    def enter(self, ns: str) -> list[str]:
+        """The command prefix that runs a lab process in namespace `ns`."""
+        return ["nsenter", f"--net=/run/netns/{ns}"]
 
     def stop(self, name: str, timeout: float = 10) -> None:
         p = self.procs.pop(name, None)
