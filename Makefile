@@ -8,8 +8,11 @@ APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-pl
 # the commands those packages provide; apt runs only when one is missing
 APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
 PYTEST_ARGS ?=
+# make e2e / kube-up: a real Kubernetes built from Debian's source package (deploy/kube/build.sh)
+KUBE_APT := golang-go dpkg-dev containerd runc busybox-static gcc libc6-dev openssl util-linux
+KUBE_TOOLS := go dpkg-source containerd runc ctr busybox gcc openssl nsenter
 
-.PHONY: deps test unit integration bench demo demo-down cni-binary image clean
+.PHONY: deps test unit integration bench demo demo-down cni-binary image clean e2e kube-deps kube-up kube-down
 
 deps: $(VENV)/.installed
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -46,6 +49,25 @@ demo-down:
 	@if [ -x $(PY) ]; then $(PY) deploy/demo.py down; else python3 deploy/demo.py down; fi
 
 cni-binary: deps dist/tortie
+
+kube-deps: deps
+	@missing=""; for t in $(KUBE_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "kube-deps: installing apt packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBE_APT) >/dev/null; \
+	fi
+	bash deploy/kube/build.sh >/dev/null
+
+# tortie under a real Kubernetes v1.20.2 in network namespaces (root): our checks, then
+# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|full|none)
+e2e: kube-deps cni-binary
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/kube
+
+kube-up: kube-deps cni-binary
+	$(PY) -m tests.kube.cluster up
+
+kube-down:
+	@if [ -x $(PY) ]; then $(PY) -m tests.kube.cluster down; else python3 -m tests.kube.cluster down; fi
 
 dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh
