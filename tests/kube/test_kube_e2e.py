@@ -17,7 +17,8 @@ import pytest
 from tests.kube.cluster import KubeLab, leftovers, run, wait_for
 from tests.kube import images, upstream
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
+              pytest.mark.timeout(900)]  # the first test also brings the cluster up
 
 ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward",
                 "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "vm.panic_on_oom")
@@ -41,7 +42,7 @@ def root_before():
 
 @pytest.fixture(scope="session")
 def lab(root_before):
-    k = KubeLab()
+    k = KubeLab(**({"prefix": os.environ["TORTIE_KUBE_PREFIX"]} if os.environ.get("TORTIE_KUBE_PREFIX") else {}))
     try:
         k.up()
         yield k
@@ -209,6 +210,7 @@ def test_agent_rights_are_exactly_read_only(lab):
         assert lab.kubectl("auth", "can-i", verb, res, f"--as={sa}", check=False).stdout.strip() == "no"
 
 
+@pytest.mark.timeout(4 * 3600)  # the full NetworkPolicy suite takes ~45 min on 2 shared cores
 def test_upstream_e2e_specs(lab):
     """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|network|none."""
     suite = os.environ.get("E2E_UPSTREAM", "netpol")
