@@ -8,13 +8,16 @@ APT_PACKAGES := iptables ipset iproute2 bird2 etcd-server containernetworking-pl
 # the commands those packages provide; apt runs only when one is missing
 APT_TOOLS := iptables ipset ip bird birdc etcd iperf3 conntrack ping tcpdump pkill
 PYTEST_ARGS ?=
+# make e2e / kube-up: a real Kubernetes built from Debian's source package (deploy/kube/build.sh)
+KUBE_APT := golang-go dpkg-dev containerd runc busybox-static gcc libc6-dev openssl util-linux
+KUBE_TOOLS := go dpkg-source containerd runc ctr busybox gcc openssl nsenter
 
 # make image without a docker engine: podman and buildah (no daemon), debootstrap for the
 # base image when no registry is reachable (deploy/base-image.sh); not needed by the tests.
 IMAGE_APT_PACKAGES := podman buildah debootstrap
 IMAGE_TOOLS := podman buildah debootstrap
 
-.PHONY: deps test unit integration bench demo demo-down cni-binary image image-deps clean
+.PHONY: deps test unit integration bench demo demo-down cni-binary image image-deps clean e2e e2e-manifest kube-deps kube-up kube-down
 
 deps: $(VENV)/.installed
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -51,6 +54,36 @@ demo-down:
 	@if [ -x $(PY) ]; then $(PY) deploy/demo.py down; else python3 deploy/demo.py down; fi
 
 cni-binary: deps dist/tortie
+
+kube-deps: deps
+	@missing=""; for t in $(KUBE_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "kube-deps: installing apt packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBE_APT) >/dev/null; \
+	fi
+	bash deploy/kube/build.sh >/dev/null
+
+# tortie under a real Kubernetes v1.20.2 in network namespaces (root): our checks, then
+# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|full|none)
+E2E_UPSTREAM ?= netpol
+e2e: kube-deps cni-binary
+	@# the cluster's prefix is chosen here so that it is removed even if pytest is killed
+	@p=tk$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
+	TORTIE_KUBE_PREFIX=$$p E2E_UPSTREAM=$(E2E_UPSTREAM) $(PY) -m pytest -q -s -p no:cacheprovider $(PYTEST_ARGS) tests/kube; \
+	rc=$$?; $(PY) -m tests.kube.cluster down $$p >/dev/null; exit $$rc
+
+# the same cluster with tortie installed ONLY by kubectl apply -f manifests/tortie.yaml (the
+# image from make image in each node's containerd), upgraded and uninstalled by its manifests
+e2e-manifest: kube-deps image
+	@p=tm$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
+	TORTIE_E2E_MANIFEST=1 TORTIE_KUBE_PREFIX=$$p $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/kube/test_manifest_install.py; \
+	rc=$$?; $(PY) -m tests.kube.manifest_lab down $$p >/dev/null; exit $$rc
+
+kube-up: kube-deps cni-binary
+	$(PY) -m tests.kube.cluster up
+
+kube-down:
+	@if [ -x $(PY) ]; then $(PY) -m tests.kube.cluster down; else python3 -m tests.kube.cluster down; fi
 
 dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh

@@ -81,9 +81,12 @@ class Dataplane:
         self.ipsets = IpsetDriver(netns)
         self.routes = RouteDriver(netns)
         self.vxlan = VxlanDevice(netns)
-        self._vxlan_present = False
+        # unknown at start: a device an earlier agent made for a vxlan pool that is gone
+        # now (the mode changed across a restart) is removed by the first pass
+        self._vxlan_present = True
         self.ipip = IpipDevice(netns)
         self.forwarding = Forwarding(netns, ensure=ensure_forwarding)
+        self._first_pass_done = False
         # driver -> error text for problems that degrade the node without failing the pass
         # (a missing kernel module); read by the agent's status as last_error.
         self.problems: dict[str, str] = {}
@@ -174,6 +177,9 @@ class Dataplane:
 
         if full:
             self._applied.clear()  # a failure below must not leave stale "already applied" marks
+        # the first pass need not be a full one, and what it finds matters at once
+        first, self._first_pass_done = not self._first_pass_done, True
+        if full or first:
             self._apply_forwarding(summary)
         ipsets_due = due("ipsets", st.ipsets)
         if ipsets_due:
@@ -207,10 +213,10 @@ class Dataplane:
                     summary["vxlan"] = "; ".join(ch)
                 done("vxlan", plan.vxlan)
         elif self._vxlan_present:
-            self.vxlan.remove()
+            if self.vxlan.remove():
+                summary["vxlan"] = "removed"
             self._vxlan_present = False
             self._applied.pop("vxlan", None)
-            summary["vxlan"] = "removed"
         routes = st.routes
         if plan.ipip_addr is not None:
             if not self._apply_ipip(plan.ipip_addr, summary, timed):
@@ -233,6 +239,11 @@ class Dataplane:
             if outcome != "unchanged":
                 summary["bird"] = outcome
             done("bird", plan.bird_conf)
+        elif (full or first) and plan.bird_conf is None and not {"bgp", "ipip"} & set(self.modes) and self.bird.running():
+            # no pool wants BGP any more (a switch to vxlan/direct): a bird left running
+            # would keep announcing blocks and installing routes beside the new ones
+            self.bird.stop()
+            summary["bird"] = "stopped (no bgp or ipip pool)"
         metrics.IPSETS.set(len(st.ipsets))
         metrics.IPSET_MEMBERS.set(sum(len(s.members) for s in st.ipsets.values()))
         for t in TABLES:

@@ -80,6 +80,24 @@ if ! grep -q 'tortie: never modify' "$CM"; then
   grep -q 'tortie: never modify' "$CM" || { log "could not patch $CM (KernelTunableModify default)"; exit 1; }
 fi
 
+# Vendored reflect2 v1.0.1 calls reflect.mapiterinit with its pre-Go-1.18 signature: with
+# Debian's Go 1.19 every sorted-key JSON encoding (pretty output, e.g. for a curl client)
+# crashes kube-apiserver with "fatal error: fault" in mapiternext. Iterate as reflect2 v1.0.2
+# does: the caller owns the iterator, runtime.mapiterinit fills it.
+R2=vendor/github.com/modern-go/reflect2
+if grep -q 'func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter' "$R2/unsafe_link.go"; then
+  perl -0pi -e 's#//go:linkname mapiterinit reflect\.mapiterinit\nfunc mapiterinit\(rtype unsafe\.Pointer, m unsafe\.Pointer\) \*hiter#//go:linkname mapiterinit runtime.mapiterinit\nfunc mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)#' "$R2/unsafe_link.go"
+fi
+if ! grep -q 'checkBucket uintptr' "$R2/unsafe_link.go"; then
+  perl -0pi -e 's#type hiter struct \{.*?\n\}#type hiter struct { // tortie: the whole runtime.hiter of Go 1.18+, which mapiterinit fills\n\tkey         unsafe.Pointer\n\tvalue       unsafe.Pointer\n\tt           unsafe.Pointer\n\th           unsafe.Pointer\n\tbuckets     unsafe.Pointer\n\tbptr        unsafe.Pointer\n\toverflow    unsafe.Pointer\n\toldoverflow unsafe.Pointer\n\tstartBucket uintptr\n\toffset      uint8\n\twrapped     bool\n\tB           uint8\n\ti           uint8\n\tbucket      uintptr\n\tcheckBucket uintptr\n}#s' "$R2/unsafe_link.go"
+fi
+if grep -q 'hiter:      mapiterinit(' "$R2/unsafe_map.go"; then
+  perl -0pi -e 's#\treturn &UnsafeMapIterator\{\n\t\thiter:      mapiterinit\(type2\.rtype, \*\(\*unsafe\.Pointer\)\(obj\)\),#\tit := new(hiter)\n\tmapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), it)\n\treturn &UnsafeMapIterator{\n\t\thiter:      it,#' "$R2/unsafe_map.go"
+fi
+grep -q 'mapiterinit(type2.rtype, \*(\*unsafe.Pointer)(obj), it)' "$R2/unsafe_map.go" \
+  && grep -q 'checkBucket uintptr' "$R2/unsafe_link.go" \
+  && grep -q 'linkname mapiterinit runtime.mapiterinit' "$R2/unsafe_link.go" || { log "could not patch $R2"; exit 1; }
+
 export KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20
 # GOPATH mode: the version packages are linked under the vendor/ path
 V=k8s.io/kubernetes/vendor/k8s.io

@@ -144,6 +144,18 @@ class KubeLab:
         # bin_dir is <cache>/<version>/bin; the tree is <cache>/<version>/gopath/src/k8s.io/kubernetes
         return os.path.join(os.path.dirname(self.bin_dir), "gopath/src/k8s.io/kubernetes")
 
+    @classmethod
+    def attach(cls, prefix: str) -> "KubeLab":
+        """The KubeLab of a running cluster (`make kube-up`), from its lab.json."""
+        with open(os.path.join(BASE, prefix, "lab.json")) as f:
+            d = json.load(f)
+        return cls(prefix=prefix, n_nodes=len(d["nodes"]), bin_dir=d["bin_dir"],
+                   nodes=[Node(**n) for n in d["nodes"]])
+
+    def tokens_admin(self) -> str:
+        with open(os.path.join(self.dir, "pki/tokens.csv")) as f:
+            return next(line.split(",")[0] for line in f if f",{ADMIN_TOKEN_USER}," in line)
+
     # -- helpers --------------------------------------------------------------------
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120,
