@@ -160,8 +160,8 @@ def down(prefix: str, procs: dict | None = None) -> None:
             pass
 
 
-def up() -> ManifestLab:
-    lab = ManifestLab()
+def up(prefix: str | None = None) -> ManifestLab:
+    lab = ManifestLab(**({"prefix": prefix} if prefix else {}))
     lab.image_archives = [image_archive()]
     try:
         lab.up()

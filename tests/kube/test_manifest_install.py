@@ -15,7 +15,10 @@ import pytest
 from tests.kube import manifest_lab
 from tests.kube.cluster import leftovers, wait_for
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800),
+              # `make e2e-manifest` sets it (it builds the image first); `make e2e` skips these
+              pytest.mark.skipif(not os.environ.get("TORTIE_E2E_MANIFEST"),
+                                 reason="the manifest install runs with make e2e-manifest")]
 
 BUSYBOX = "docker.io/library/busybox:1.29"
 NEW_TAG = "tortie:dev2"
@@ -24,7 +27,7 @@ RULE = re.compile(r"^\[(\d+):(\d+)\] (-A (cali-\S+) .*)$")
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = manifest_lab.up()
+    lab = manifest_lab.up(os.environ.get("TORTIE_KUBE_PREFIX"))
     yield lab
     lab.down()
     assert not leftovers(lab.prefix)
