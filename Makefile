@@ -19,8 +19,18 @@ APT_FILES := /usr/lib/cni/host-local:containernetworking-plugins /usr/lib/cni/po
              /usr/lib/cni/ptp:containernetworking-plugins
 APT_PACKAGES := $(sort $(foreach t,$(APT_TOOLS) $(APT_FILES),$(lastword $(subst :, ,$(t)))))
 PYTEST_ARGS ?=
+# make e2e / kube-up: a real Kubernetes built from Debian's source package (deploy/kube/build.sh)
+# (command:package, as APT_TOOLS; libc6-dev has no command but the static builds need it)
+KUBE_TOOLS := go:golang-go dpkg-source:dpkg-dev containerd:containerd ctr:containerd runc:runc \
+              busybox:busybox-static gcc:gcc openssl:openssl nsenter:util-linux unshare:util-linux
+KUBE_APT := $(sort $(foreach t,$(KUBE_TOOLS),$(lastword $(subst :, ,$(t)))) libc6-dev)
 
-.PHONY: deps test unit integration bench chaos demo demo-down cni-binary image clean
+# make image without a docker engine: podman and buildah (no daemon), debootstrap for the
+# base image when no registry is reachable (deploy/base-image.sh); not needed by the tests.
+IMAGE_TOOLS := podman:podman buildah:buildah debootstrap:debootstrap
+IMAGE_APT_PACKAGES := $(sort $(foreach t,$(IMAGE_TOOLS),$(lastword $(subst :, ,$(t)))))
+
+.PHONY: deps test unit integration bench chaos demo demo-down cni-binary image image-deps clean e2e e2e-manifest kube-deps kube-up kube-down
 
 deps: $(VENV)/.installed
 	@# apt runs only when a command or file is missing, and installs only the packages that ship them
@@ -69,11 +79,51 @@ demo-down:
 
 cni-binary: deps dist/tortie
 
+kube-deps: deps
+	@missing=""; for t in $(KUBE_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "kube-deps: installing apt packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBE_APT) >/dev/null; \
+	fi
+	bash deploy/kube/build.sh >/dev/null
+
+# tortie under a real Kubernetes v1.20.2 in network namespaces (root): our checks, then
+# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|full|none)
+E2E_UPSTREAM ?= netpol
+e2e: kube-deps cni-binary
+	@# the cluster's prefix is chosen here so that it is removed even if pytest is killed
+	@p=tk$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
+	TORTIE_KUBE_PREFIX=$$p E2E_UPSTREAM=$(E2E_UPSTREAM) $(PY) -m pytest -q -s -p no:cacheprovider $(PYTEST_ARGS) tests/kube; \
+	rc=$$?; $(PY) -m tests.kube.cluster down $$p >/dev/null; exit $$rc
+
+# the same cluster with tortie installed ONLY by kubectl apply -f manifests/tortie.yaml (the
+# image from make image in each node's containerd), upgraded and uninstalled by its manifests
+e2e-manifest: kube-deps image
+	@p=tm$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
+	TORTIE_E2E_MANIFEST=1 TORTIE_KUBE_PREFIX=$$p $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/kube/test_manifest_install.py; \
+	rc=$$?; $(PY) -m tests.kube.manifest_lab down $$p >/dev/null; exit $$rc
+
+kube-up: kube-deps cni-binary
+	$(PY) -m tests.kube.cluster up
+
+kube-down:
+	@if [ -x $(PY) ]; then $(PY) -m tests.kube.cluster down; else python3 -m tests.kube.cluster down; fi
+
 dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh
 
-image:
+image: image-deps
 	bash deploy/build-image.sh
+
+# Installs the image tools only where no docker engine answers and one of them is missing.
+image-deps:
+	@if ! { command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then \
+	  missing=""; for t in $(IMAGE_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t%%:*}"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "image-deps: installing apt packages (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_APT_PACKAGES) >/dev/null; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf build dist *.spec $(VENV)

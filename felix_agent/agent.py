@@ -433,6 +433,8 @@ class Agent:
                 next_resync = time.monotonic() + min(2.0, self.cfg.resync_interval)
                 continue
             self.health.programmed = self.status.in_sync
+            fwd = getattr(self.dataplane, "problems", {}).get("forwarding")
+            self.health.faults = {"forwarding": fwd} if fwd else {}
             if plan.errors:
                 log.warning("calc skipped bad input", extra=kv(errors="; ".join(plan.errors[:5])))
             if self.registrar is not None and self.status.in_sync:

@@ -60,6 +60,8 @@ class AgentConfig:
     liveness_timeout: float = _f(0.0, "seconds the event loop, the dataplane worker (with work pending) or the "
                                       "datastore watcher may go without progress before /livez fails "
                                       "(0: max(60, 6 x resync_interval))")
+    ensure_forwarding: bool = _f(True, "set net.ipv4.ip_forward=1 in the node's namespace, as Felix does "
+                                 "(off: only check it; either way /readyz says when it is 0)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -414,7 +414,7 @@ def _node(ctx: _Ctx, obj: dict) -> Node:
         name=name, ip=ip, ip6=ip6, as_number=as_number, pod_cidrs=tuple(pod_cidrs),
         vxlan_tunnel_addr=vxlan_addr, vxlan_tunnel_mac=vxlan_mac.lower(),
         ipip_tunnel_addr=ipip_addr, labels=ctx.labels(labels, "metadata.labels"),
-        route_reflector_cluster_id=rr,
+        route_reflector_cluster_id=rr, ip_from_status=bool(ip) and not a(ANN_IPV4),
     )
 
 
@@ -636,15 +636,18 @@ def to_k8s(record: Record) -> dict:
             o["status"]["phase"] = "Succeeded"
         return o
     if isinstance(r, Node):
-        ann = {ANN_IPV4: r.ip, ANN_IPV6: r.ip6,
+        ann = {ANN_IPV4: "" if r.ip_from_status else r.ip, ANN_IPV6: r.ip6,
                ANN_AS: str(r.as_number) if r.as_number is not None else "",
                ANN_VXLAN_ADDR: r.vxlan_tunnel_addr, ANN_VXLAN_MAC: r.vxlan_tunnel_mac,
                ANN_IPIP_ADDR: r.ipip_tunnel_addr, ANN_RR_CLUSTER: r.route_reflector_cluster_id}
         spec = {}
         if r.pod_cidrs:
             spec = {"podCIDR": r.pod_cidrs[0], "podCIDRs": list(r.pod_cidrs)}
-        return _obj("Node", r.name, spec, labels=dict(r.labels),
-                    annotations={k: v for k, v in ann.items() if v})
+        o = _obj("Node", r.name, spec, labels=dict(r.labels),
+                 annotations={k: v for k, v in ann.items() if v})
+        if r.ip_from_status:
+            o["status"] = {"addresses": [{"type": "InternalIP", "address": r.address}]}
+        return o
     if isinstance(r, NetworkPolicy):
         spec = {"podSelector": _selector_k8s(r.pod_selector), "policyTypes": list(r.policy_types)}
         if r.ingress:

@@ -34,6 +34,7 @@ from .calc.desired import DesiredState
 from .calc.filter import CalcConfig, dataplane_state
 from .dataplane.backend import BackendError, detect, require_backend
 from .dataplane.cmd import CommandError
+from .dataplane.forwarding import Forwarding
 from .dataplane.ipsets import IpsetDriver
 from .dataplane.iptables import IptablesTable
 from .dataplane.routes import RouteDriver
@@ -72,9 +73,11 @@ class Dataplane:
                  iptables_backend: str = "auto", wl_to_host_action: str = "ACCEPT",
                  run_dir: str = "/var/run/tortie", bird: bool = True,
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
-                 derive_vteps: bool = False, bgp_password_file: str = ""):
+                 derive_vteps: bool = False, bgp_password_file: str = "", node_ip: str = "",
+                 ensure_forwarding: bool = True):
         self.node = node_name
         self.uplink = uplink
+        self.node_ip = node_ip  # the uplink's address/prefix: my subnet when the datastore has none
         self.netns = netns
         self.default_as = default_as
         # kubernetes datastore: peers cannot publish VTEPs (read-only RBAC), so derive them
@@ -93,8 +96,12 @@ class Dataplane:
         self.ipsets = IpsetDriver(netns)
         self.routes = RouteDriver(netns)
         self.vxlan = VxlanDevice(netns)
-        self._vxlan_present = False
+        # unknown at start: a device an earlier agent made for a vxlan pool that is gone
+        # now (the mode changed across a restart) is removed by the first pass
+        self._vxlan_present = True
         self.ipip = IpipDevice(netns)
+        self.forwarding = Forwarding(netns, ensure=ensure_forwarding)
+        self._first_pass_done = False
         # driver -> error text for problems that degrade the node without failing the pass
         # (a missing kernel module); read by the agent's status as last_error.
         self.problems: dict[str, str] = {}
@@ -116,6 +123,7 @@ class Dataplane:
         errors: list[str] = []
         state = dataplane_state(cluster, self.calc_cfg, errors)
         nodes, pools, blocks = cluster.nodes, cluster.pools, cluster.block_affinities
+        nodes = route_calc.with_own_prefix(nodes, self.node, self.node_ip)
         if self.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
             nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
         state.routes = (route_calc.remote_routes(nodes, pools, blocks, self.node, uplink=self.uplink)
@@ -149,10 +157,10 @@ class Dataplane:
                 errors.append(f"BIRD config: {e}")
         if plan.bird_conf is not None:
             state.routes = frozenset(r for r in state.routes if not _ipip_remote(r, pools))
-        self._warn_off_subnet(cluster)
+        self._warn_off_subnet(cluster, nodes)
         return plan
 
-    def _warn_off_subnet(self, cluster: Cluster) -> None:
+    def _warn_off_subnet(self, cluster: Cluster, nodes) -> None:
         """Say (once per change) which nodes' pods this node cannot reach because they sit
         behind a router and their pool does not encapsulate.  With explicit BGP peers
         (a ToR that routes the blocks) bgp mode can work across subnets: no warning then."""
@@ -160,7 +168,7 @@ class Dataplane:
         if not cluster.bgp_peers:
             why["bgp"] = "BGP routes with a next hop behind a router are not installed"
         for mode in ("direct", "bgp"):
-            far = (route_calc.off_subnet_nodes(cluster.nodes, cluster.pools, cluster.block_affinities,
+            far = (route_calc.off_subnet_nodes(nodes, cluster.pools, cluster.block_affinities,
                                                self.node, mode) if mode in why else ())
             if far != self._warned_off_subnet.get(mode, ()):
                 self._warned_off_subnet[mode] = far
@@ -194,6 +202,10 @@ class Dataplane:
 
         if full:
             self._applied.clear()  # a failure below must not leave stale "already applied" marks
+        # the first pass need not be a full one, and what it finds matters at once
+        first, self._first_pass_done = not self._first_pass_done, True
+        if full or first:
+            self._apply_forwarding(summary)
         ipsets_due = due("ipsets", st.ipsets)
         if ipsets_due:
             self.ipsets.set_desired(st.ipsets)
@@ -252,10 +264,10 @@ class Dataplane:
                     summary["vxlan"] = "; ".join(ch)
                 done("vxlan", plan.vxlan)
         elif self._vxlan_present:
-            self.vxlan.remove()
+            if self.vxlan.remove():
+                summary["vxlan"] = "removed"
             self._vxlan_present = False
             self._applied.pop("vxlan", None)
-            summary["vxlan"] = "removed"
         routes = st.routes
         if plan.ipip_addr is not None:
             if not self._apply_ipip(plan.ipip_addr, summary, timed):
@@ -293,6 +305,11 @@ class Dataplane:
                 log.warning("bird was not running; restarted it")
             self._bird_seen = True
             done("bird", plan.bird_conf)
+        elif (full or first) and plan.bird_conf is None and not {"bgp", "ipip"} & set(self.modes) and self.bird.running():
+            # no pool wants BGP any more (a switch to vxlan/direct): a bird left running
+            # would keep announcing blocks and installing routes beside the new ones
+            self.bird.stop()
+            summary["bird"] = "stopped (no bgp or ipip pool)"
         metrics.IPSETS.set(len(st.ipsets))
         metrics.IPSET_MEMBERS.set(sum(len(s.members) for s in st.ipsets.values()))
         for t in TABLES:
@@ -307,6 +324,18 @@ class Dataplane:
             return False
         self._applied.pop("bird", None)
         return True
+
+    def _apply_forwarding(self, summary: dict) -> None:
+        """Checked on every full pass (something else may turn it off again)."""
+        changed, problem = self.forwarding.apply()
+        if changed:
+            summary["forwarding"] = "net.ipv4.ip_forward=1"
+        if problem:
+            if self.problems.get("forwarding") != problem:
+                log.error("node does not forward", extra=kv(error=problem))
+            self.problems["forwarding"] = problem
+        elif self.problems.pop("forwarding", None) is not None:
+            log.info("node forwards again")
 
     def _apply_ipip(self, addr: str, summary: dict, timed) -> bool:
         """Put `addr` on tunl0; False (problem recorded, logged once) when the kernel has

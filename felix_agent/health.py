@@ -30,6 +30,8 @@ class Health:
     # Returns {part: why} for every part stuck although it has work (the agent's
     # stalls()); called from the HTTP thread, so a stuck event loop is seen too.
     watchdog: Callable[[], dict[str, str]] | None = None
+    # what keeps a programmed node from serving pods (the dataplane's "forwarding" problem)
+    faults: dict[str, str] = field(default_factory=dict)
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -51,11 +53,11 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self.in_sync and self.programmed
+        return self.in_sync and self.programmed and not self.faults
 
     def report(self) -> dict:
         # An operator reading a failed probe (kubectl describe pod) should see why.
-        reasons = dict(self.reasons)
+        reasons = {**self.faults, **self.reasons}
         stalls = self.stalls()
         for part, why in stalls.items():
             reasons.setdefault(part, why)

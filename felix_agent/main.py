@@ -108,7 +108,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
                           wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
-                          derive_vteps=cfg.datastore == "kubernetes", bgp_password_file=cfg.bgp_password_file)
+                          derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip,
+                          ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
     store = None
     if cfg.datastore == "etcd":
         from .datastore.etcd import EtcdStore, EtcdSyncer

@@ -175,6 +175,9 @@ class Node:
     ipip_tunnel_addr: str = ""
     labels: Labels = ()
     route_reflector_cluster_id: str = ""  # non-empty: this node is a route reflector
+    # ip is the Node's status InternalIP (kubernetes mode, no annotation): the API gives no
+    # prefix, so it reads /32 until the node itself supplies its uplink's (routes.with_own_prefix)
+    ip_from_status: bool = False
 
     @property
     def key(self) -> str:

@@ -100,6 +100,29 @@ def same_subnet(a: Node, b: Node) -> bool:
     return ipaddress.ip_address(b.address) in ipaddress.ip_interface(a.ip).network
 
 
+def with_own_prefix(nodes: Mapping[str, Node], me: str, node_ip: str) -> Mapping[str, Node]:
+    """`nodes` with MY node's address carrying the prefix of my uplink (`node_ip`,
+    "192.168.100.11/24") when the datastore could not give one: a Kubernetes Node's
+    InternalIP has no prefix, and as a /32 every peer would count as "another subnet"
+    (direct mode routes nothing, crossSubnet always encapsulates, BIRD's kernel export
+    accepts no gateway).  Only when the InternalIP lies in the uplink's subnet; an
+    annotation (ip_from_status False) always wins.  Peers are then judged by whether their
+    address lies in this subnet (same_subnet), so their own prefix is never needed."""
+    mine = nodes.get(me)
+    if mine is None or not mine.ip_from_status or not node_ip:
+        return nodes
+    try:
+        net = ipaddress.ip_interface(node_ip).network
+        addr = ipaddress.ip_address(mine.address)
+    except ValueError:
+        return nodes
+    if addr.version != net.version or addr not in net:
+        return nodes
+    out = dict(nodes)
+    out[me] = dataclasses.replace(mine, ip=f"{addr}/{net.prefixlen}")
+    return out
+
+
 def _by_name(nodes: list[Node]) -> dict[str, Node]:
     return {n.name: n for n in nodes}
 
