@@ -42,7 +42,7 @@ def root_before():
 
 @pytest.fixture(scope="session")
 def lab(root_before):
-    k = KubeLab(**({"prefix": os.environ["TORTIE_KUBE_PREFIX"]} if os.environ.get("TORTIE_KUBE_PREFIX") else {}))
+    k = KubeLab(**({"prefix": os.environ["KUBE_LAB_PREFIX"]} if os.environ.get("KUBE_LAB_PREFIX") else {}))
     try:
         k.up()
         yield k
