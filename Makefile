@@ -93,7 +93,7 @@ E2E_UPSTREAM ?= netpol
 e2e: kube-deps cni-binary
 	@# the cluster's prefix is chosen here so that it is removed even if pytest is killed
 	@p=tk$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
-	TORTIE_KUBE_PREFIX=$$p E2E_UPSTREAM=$(E2E_UPSTREAM) $(PY) -m pytest -q -s -p no:cacheprovider $(PYTEST_ARGS) tests/kube; \
+	KUBE_LAB_PREFIX=$$p E2E_UPSTREAM=$(E2E_UPSTREAM) $(PY) -m pytest -q -s -p no:cacheprovider $(PYTEST_ARGS) tests/kube; \
 	rc=$$?; $(PY) -m tests.kube.cluster down $$p >/dev/null; exit $$rc
 
 # the same cluster with tortie installed ONLY by kubectl apply -f manifests/tortie.yaml (the

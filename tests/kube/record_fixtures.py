@@ -13,8 +13,9 @@ annotated, deleted), and provokes the error answers (410 list/continue/watch, 40
 Bodies are stored byte for byte as received, requested with a curl User-Agent (so lists and
 errors come pretty-printed, as in the recordings), plus headers.txt and a README.md header
 naming the server version.  The data differ from the v1.28 originals in what the server
-version and the lab decide (node names, addresses, resourceVersions, v1.20's fields): tests
-that pin such values must be updated with the data.
+version and the lab decide (node names, addresses, resourceVersions, v1.20's fields; v1.20
+drops endPort, and its watch cache answers a watch from resourceVersion 1 with the cached
+events instead of a 410 ERROR event): tests that pin such values must be updated with the data.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def changes(lab: KubeLab) -> None:
         "metadata": {"name": "watch-demo", "namespace": "x"},
         "spec": {"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}}))
     lab.kubectl("-n", "x", "label", "pod", "d", "pod=e", "--overwrite")
-    lab.kubectl("apply", "-f", "-", input=json.dumps({
+    lab.kubectl("create", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "node-b"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"},
                                                                  {"type": "Hostname", "address": "node-b"}]}}))
@@ -167,14 +168,13 @@ def record(lab: KubeLab, out: str) -> list[str]:
     for name, body in results.items():
         save(f"{name}-watch.ndjson", body)
 
-    # errors
-    save("gone-410.json", admin.get("/api/v1/pods?resourceVersion=1&resourceVersionMatch=Exact")[1])
-    save("gone-410-watch.ndjson", admin.get("/api/v1/pods?watch=true&allowWatchBookmarks=true&resourceVersion=1",
-                                            timeout=10)[1])
-    # compact etcd past the first page's snapshot: its continue token then answers 410
+    # errors: compact etcd first, so resourceVersion 1 and the first page's snapshot are gone
     head = json.loads(admin.get("/api/v1/namespaces?limit=1")[1])["metadata"]["resourceVersion"]
     run(["etcdctl", "--endpoints=http://127.0.0.1:2379", "compact", head], ns=lab.cp,
         env={"ETCDCTL_API": "3"})
+    save("gone-410.json", admin.get("/api/v1/pods?resourceVersion=1&resourceVersionMatch=Exact")[1])
+    save("gone-410-watch.ndjson", admin.get(
+        "/api/v1/pods?watch=true&allowWatchBookmarks=true&resourceVersion=1&timeoutSeconds=5", timeout=20)[1])
     save("gone-410-continue.json", admin.get(f"/api/v1/pods?limit=4&continue={first_continue}")[1])
     save("unauthorized-401.json", admin.get("/api/v1/pods", token="not-a-valid-token")[1])
     lab.kubectl("-n", "x", "create", "serviceaccount", "no-rights")

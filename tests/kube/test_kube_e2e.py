@@ -42,7 +42,7 @@ def root_before():
 
 @pytest.fixture(scope="session")
 def lab(root_before):
-    k = KubeLab(**({"prefix": os.environ["TORTIE_KUBE_PREFIX"]} if os.environ.get("TORTIE_KUBE_PREFIX") else {}))
+    k = KubeLab(**({"prefix": os.environ["KUBE_LAB_PREFIX"]} if os.environ.get("KUBE_LAB_PREFIX") else {}))
     try:
         k.up()
         yield k
@@ -90,6 +90,11 @@ def test_agents_in_kubernetes_mode_forward_and_know_their_subnet(lab):
         assert st["datastore"] == "kubernetes" and st["ready"], st
         # the fix: forwarding on in the node's own namespace (a fresh one starts with 0)
         assert run(["sysctl", "-n", "net.ipv4.ip_forward"], ns=n.ns).stdout.strip() == "1"
+        # the node-prefix fix: a peer on the lab bridge is on this node's subnet (InternalIP
+        # as a /32 made every peer "another subnet" and BIRD's kernel export reject all)
+        assert "another subnet" not in lab.log(f"tortie-agent-{n.name}")
+        with open(os.path.join(n.agent_dir, "run", "bird", "bird.conf")) as f:
+            assert "if gw ~ 10.99.0.0/24 then accept;" in f.read()
 
 
 def _wired(lab, p: dict) -> tuple[str, object]:

@@ -61,3 +61,28 @@ def run_suite(lab, focus: str, skip: str, report_dir: str, timeout: float = 3600
     if not m:
         failures.append(f"no ginkgo summary; the log ends: {text[-2000:]}")
     return Result(focus, ran, passed, failed, skipped, failures, took, log)
+
+
+def main(argv: list[str]) -> int:
+    """python -m tests.kube.upstream <prefix of a running cluster> [suite] [report dir]"""
+    import sys
+    from tests.kube.cluster import KubeLab
+    if not argv:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    lab = KubeLab.attach(argv[0])
+    suite = argv[1] if len(argv) > 1 else "netpol"
+    report = argv[2] if len(argv) > 2 else f"/var/tmp/tortie-e2e/{lab.prefix}-{suite}"
+    bad = 0
+    for i, (focus, skip) in enumerate(SUITES[suite]):
+        r = run_suite(lab, focus, skip, os.path.join(report, str(i)))
+        print(f"{focus[:70]!r}: ran {r.ran}, passed {r.passed}, failed {r.failed} in {r.seconds:.0f}s ({r.log})")
+        for f in r.failures:
+            print(f"  FAIL {f}")
+        bad += r.failed + (r.ran == 0)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))
