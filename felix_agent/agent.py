@@ -348,7 +348,7 @@ class Agent:
                 continue
             target = self.generation
             try:
-                plan = self.dataplane.calculate(self.cluster)
+                plan = self.dataplane.calculate(self.cluster, full=resync_due)
                 t0 = time.monotonic()
                 summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
                 took = time.monotonic() - t0
