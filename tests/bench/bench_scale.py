@@ -174,7 +174,10 @@ async def child(args) -> dict:
                     server.stdin.flush()
                 else:
                     await writer.put_records(recs)
-                await con.until_seen(wanted)
+                try:
+                    await asyncio.wait_for(con.until_seen(wanted), 120)
+                except asyncio.TimeoutError:
+                    raise SystemExit(f"{kind} #{i}: no watch event for {sorted(wanted)} in 120 s") from None
                 tc = time.perf_counter()
                 dp.calculate(con.cluster)
                 done = time.perf_counter()

@@ -123,7 +123,8 @@ class Synthetic:
         ns = f"ns-{j % self.n_namespaces:04d}"
         app = f"app{(j // self.n_namespaces) % APPS_PER_NS}"
         kind = j % 5
-        port = PolicyPort("TCP", "http") if variant % 2 == 0 else PolicyPort("TCP", 8000 + variant)
+        # variant > 0: a changed policy (another port), never equal to the original
+        port = PolicyPort("TCP", "http") if variant == 0 else PolicyPort("TCP", 8000 + variant)
         if kind == 0:
             return NetworkPolicy(ns, f"default-deny-{j}", LabelSelector(), policy_types=("Ingress",))
         if kind == 1:
