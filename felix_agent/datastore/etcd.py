@@ -41,6 +41,7 @@ _GRPC_OPTIONS = {
     "grpc.max_receive_message_length": 16 * 1024 * 1024,
 }
 LIST_PAGE_KEYS = 1000
+WATCH_YIELD_EVERY = 32
 
 
 class EtcdUnavailable(ConnectionError):
@@ -372,7 +373,13 @@ class EtcdSyncer:
         watch = await self.store._call(
             lambda c: c.watch_prefix(_b(prefix), start_revision=start_revision))
         try:
+            n = 0
             async for ev in watch:
+                n += 1
+                if n % WATCH_YIELD_EVERY == 0:
+                    # A burst arrives as many ready events: let CNI requests and the agent's
+                    # loop in between, instead of decoding the whole burst in one go.
+                    await asyncio.sleep(0)
                 key = ev.kv.key.decode()
                 kind = keys.kind_of_key(self.store.prefix, key)
                 if kind is None:
