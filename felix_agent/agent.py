@@ -200,8 +200,13 @@ class Agent:
         me = self.cluster.nodes.get(self.node)
         if self._pod_cidr_backend is not None and me is not None:
             self._pod_cidr_backend.set_pod_cidrs(me.pod_cidrs)
+        # Once synced, the model holds every claim and the watch keeps it current: no read
+        # of all claims from etcd per Node or block event (5,000 nodes: ~70 ms each).
+        claims = (self.cluster.block_affinities.values()
+                  if self._synced_once and getattr(getattr(self.ipam, "backend", None), "claims_blocks", False)
+                  else None)
         try:
-            await self.ipam.refresh()
+            await self.ipam.refresh(claims)
         except Exception as e:  # the datastore may be down: IPAM keeps what it knows
             log.warning("IPAM refresh failed", extra=kv(error=e))
 
@@ -408,7 +413,7 @@ class Agent:
                 continue
             target = self.generation
             try:
-                plan = self.dataplane.calculate(self.cluster)
+                plan = self.dataplane.calculate(self.cluster, full=resync_due)
                 t0 = self._pass_since = time.monotonic()
                 try:
                     summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)

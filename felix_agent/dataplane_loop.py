@@ -35,6 +35,7 @@ from .calc.filter import CalcConfig, dataplane_state
 from .dataplane.backend import BackendError, detect, require_backend
 from .dataplane.cmd import CommandError
 from .dataplane.forwarding import Forwarding
+from .calc.incremental import IncrementalCalc
 from .dataplane.ipsets import IpsetDriver
 from .dataplane.iptables import IptablesTable
 from .dataplane.routes import RouteDriver
@@ -46,6 +47,7 @@ from .model import DEFAULT_AS
 log = logging.getLogger("tortie.dataplane")
 TABLES = ("filter", "nat", "raw")
 TABLES6 = ("raw",)  # ip6tables: the loopback guard only (the policy calc is IPv4-only)
+ROUTING_KINDS = ("Node", "IPPool", "BlockAffinity", "BGPPeer")
 _NOTHING = object()
 
 
@@ -66,6 +68,7 @@ class Plan:
     # BIRD include file -> the node-local password file it is made from (paths only)
     bird_secrets: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    check: Cluster | None = None  # a model snapshot to cross-check the policy state against
 
 
 class Dataplane:
@@ -116,16 +119,55 @@ class Dataplane:
         self._passworded: set[str] = set()  # BGP protocols with a password, for status hints
         self.calc_cfg = CalcConfig(node_name=node_name, wl_to_host_action=wl_to_host_action)
         self.modes: tuple[str, ...] = ()
+        self._routing: tuple[Cluster, tuple[int, ...], Plan] | None = None  # (cluster, versions, plan)
+        self.policy_calc = IncrementalCalc(self.calc_cfg)
+        self._calc_mismatch = False  # set by the cross-check (worker thread), read by calculate
 
     # -- pure ---------------------------------------------------------------------------
 
-    def calculate(self, cluster: Cluster) -> Plan:
+    def calculate(self, cluster: Cluster, full: bool = False) -> Plan:
+        """full=True (a resync pass): the plan also carries a snapshot of the model, from
+        which apply() recomputes the policy state from scratch on the worker thread, as a
+        cross-check of the incremental calc."""
         errors: list[str] = []
-        state = dataplane_state(cluster, self.calc_cfg, errors)
+        if self._calc_mismatch:
+            self.policy_calc, self._calc_mismatch = IncrementalCalc(self.calc_cfg), False
+        state = self.policy_calc.state(cluster, errors)
+        # Routes, tunnels and BIRD depend on nodes, pools, blocks and peers only: most events
+        # (pods, policies) leave them as they were, so the last result stands.
+        key = cluster.versions(*ROUTING_KINDS)
+        if self._routing is None or self._routing[0] is not cluster or self._routing[1] != key:
+            self._routing = (cluster, key, self._routing_plan(cluster))
+        routing = self._routing[2]
+        state.routes = routing.state.routes
+        errors.extend(routing.errors)
+        return Plan(state=state, vxlan=routing.vxlan, bird_conf=routing.bird_conf,
+                    ipip_addr=routing.ipip_addr, errors=errors,
+                    check=cluster.snapshot() if full else None)
+
+    def _cross_check(self, plan: Plan) -> None:
+        """The full calc on the plan's snapshot; where the incremental result differs, the
+        full one is programmed, the difference logged, and the incremental calc rebuilt."""
+        want = dataplane_state(plan.check, self.calc_cfg, [])
+        plan.check = None
+        st = plan.state
+        if (want.chains, want.hooks, want.ipsets) != (st.chains, st.hooks, st.ipsets):
+            bad = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
+                         {c for t in ("filter", "nat") for c in set(want.chains.get(t, {})) | set(st.chains.get(t, {}))
+                          if want.chains.get(t, {}).get(c) != st.chains.get(t, {}).get(c)})
+            log.error("incremental calc differs from the full calc; programming the full result",
+                      extra=kv(differs=",".join(bad[:10])))
+            metrics.ERRORS.labels(kind="calc").inc()
+            st.chains, st.hooks, st.ipsets = want.chains, want.hooks, want.ipsets
+            self._calc_mismatch = True
+
+    def _routing_plan(self, cluster: Cluster) -> Plan:
+        errors: list[str] = []
         nodes, pools, blocks = cluster.nodes, cluster.pools, cluster.block_affinities
         nodes = route_calc.with_own_prefix(nodes, self.node, self.node_ip)
         if self.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
             nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
+        state = DesiredState()
         state.routes = (route_calc.remote_routes(nodes, pools, blocks, self.node, uplink=self.uplink)
                         | route_calc.local_block_routes(nodes, pools, blocks, self.node))
         plan = Plan(state=state, errors=errors)
@@ -185,6 +227,8 @@ class Dataplane:
         changes only the filter table and its sets, so nat, routes and tunnels are not read
         back.  Full passes, on the resync timer, read everything and repair drift."""
         summary: dict = {}
+        if plan.check is not None:
+            self._cross_check(plan)
         st = plan.state
 
         def timed(name, fn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, Union
 
 # Kinds a datastore emits, in the order a fresh sync should deliver them (namespaces
@@ -289,7 +290,7 @@ class NetworkPolicy:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    @property
+    @cached_property  # asked for every policy of every pass; a sha1 each time added up
     def id(self) -> str:
         """Short stable id used in chain names (cali-pi-<id>), within iptables' 28 chars."""
         return hashlib.sha1(self.key.encode()).hexdigest()[:16]

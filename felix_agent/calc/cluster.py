@@ -62,6 +62,13 @@ class Cluster:
         self._problems: dict[PodId, str] = {}
         self._dirty: set[PodId] = set()
         self._sorted: tuple[Endpoint, ...] | None = ()
+        # kind -> how many changes it has had: a calc whose inputs are a few kinds (routes:
+        # nodes, pools, blocks) keeps its last result while their versions stand.
+        self._versions: dict[str, int] = dict.fromkeys(KINDS, 0)
+        # For the incremental calc: endpoints by node, and which endpoints changed since it
+        # last asked (take_endpoint_changes), so a pass touches only those.
+        self._by_node: dict[str, set[PodId]] = {}
+        self._ep_changes: set[PodId] = set()
 
     # --- feeding -------------------------------------------------------------------------
 
@@ -86,6 +93,7 @@ class Cluster:
             del table[key]
         else:
             table[key] = value
+        self._versions[kind] += 1
         if kind in ("Pod", "WorkloadEndpoint"):
             self._index_join(old, value)
         return {kind}
@@ -119,7 +127,28 @@ class Cluster:
             self._dirty.add(pid)
             self._sorted = None
 
+    def snapshot(self) -> "Cluster":
+        """A copy that later events do not change (records are immutable, so only the
+        tables are copied): the resync's from-scratch calc reads it on another thread."""
+        self._refresh()
+        c = Cluster.__new__(Cluster)
+        c.__dict__.update(self.__dict__)
+        c._records = {kind: dict(table) for kind, table in self._records.items()}
+        c._pod_by_id = dict(self._pod_by_id)
+        c._weps_by_id = {pid: dict(w) for pid, w in self._weps_by_id.items()}
+        c._endpoints = dict(self._endpoints)
+        c._problems = dict(self._problems)
+        c._dirty = set()
+        c._versions = dict(self._versions)
+        c._by_node = {node: set(pids) for node, pids in self._by_node.items()}
+        c._ep_changes = set()
+        return c
+
     # --- reading -------------------------------------------------------------------------
+
+    def versions(self, *kinds: str) -> tuple[int, ...]:
+        """How many changes each of `kinds` has had (equal tuples: nothing of them changed)."""
+        return tuple(self._versions[k] for k in kinds)
 
     def _table(self, kind: str) -> Mapping:
         return MappingProxyType(self._records[kind])
@@ -163,6 +192,24 @@ class Cluster:
             self._sorted = tuple(self._endpoints[k] for k in sorted(self._endpoints))
         return self._sorted
 
+    def endpoint_map(self) -> Mapping[PodId, Endpoint]:
+        """(namespace, pod) -> Endpoint, every node's."""
+        self._refresh()
+        return MappingProxyType(self._endpoints)
+
+    def endpoints_on(self, node: str) -> tuple[Endpoint, ...]:
+        """The endpoints of one node, sorted by key (a pass needs only this node's)."""
+        self._refresh()
+        eps = self._endpoints
+        return tuple(eps[pid] for pid in sorted(self._by_node.get(node, ())))
+
+    def take_endpoint_changes(self) -> set[PodId]:
+        """The endpoints added, changed or removed since the last call (for one consumer:
+        the incremental calc, which rebuilds from endpoint_map() when it starts)."""
+        self._refresh()
+        out, self._ep_changes = self._ep_changes, set()
+        return out
+
     def problems(self) -> list[str]:
         """Data problems found while joining (e.g. a malformed floating-IP annotation)."""
         self._refresh()
@@ -171,6 +218,16 @@ class Cluster:
     def _refresh(self) -> None:
         for pid in self._dirty:
             ep, problem = self._join(pid)
+            old = self._endpoints.get(pid)
+            if old != ep:
+                self._ep_changes.add(pid)
+                if old is not None:
+                    on_node = self._by_node[old.node]
+                    on_node.discard(pid)
+                    if not on_node:
+                        del self._by_node[old.node]
+                if ep is not None:
+                    self._by_node.setdefault(ep.node, set()).add(pid)
             if ep is None:
                 self._endpoints.pop(pid, None)
             else:

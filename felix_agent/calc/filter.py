@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from cni_plugin.naming import host_iface_name
 
 from felix_agent.calc.cluster import Cluster
-from felix_agent.calc.desired import DesiredState, Hook
+from felix_agent.calc.desired import DesiredState, Hook, IpSet
 from felix_agent.calc.dispatch import dispatch_chains, sources_set
 from felix_agent.calc.endpoints import endpoint_chains
 from felix_agent.calc.ipsets import SetSpec, desired_ipset
@@ -48,7 +49,7 @@ from felix_agent.calc.policy import policy_chains
 from felix_agent.calc.raw import HOOKS as RAW_HOOKS
 from felix_agent.calc.raw import raw_chains
 from felix_agent.calc.selectors import PeerSelector, SelectorIndex
-from felix_agent.model import Endpoint
+from felix_agent.model import Endpoint, NetworkPolicy
 
 WL_TO_HOST_ACTIONS = ("ACCEPT", "DROP")
 # cali + 1..11 characters: the kernel's 15-character limit; Calico's are cali + 11 hex.
@@ -110,7 +111,7 @@ def static_filter_chains(config: CalcConfig) -> dict[str, tuple[str, ...]]:
     }
 
 
-def local_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, errors: list[str]) -> list[Endpoint]:
+def local_endpoints(endpoints: Iterable[Endpoint], node_name: str, errors: list[str]) -> list[Endpoint]:
     """This node's endpoints that a CNI ADD wired (they have an interface).  A bad or
     duplicate interface name is reported and that endpoint left out (its traffic is then
     dropped by the dispatch chains rather than let through unchecked)."""
@@ -130,7 +131,7 @@ def local_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, errors: lis
     return out
 
 
-def scheduled_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, taken: set[str]) -> list[Endpoint]:
+def scheduled_endpoints(endpoints: Iterable[Endpoint], node_name: str, taken: set[str]) -> list[Endpoint]:
     """Pods scheduled to this node that no CNI ADD has wired yet, each with the interface
     the plugin will give it and no addresses (so nothing passes its anti-spoofing until
     the ADD records them).  A name already taken by a wired endpoint is left to it."""
@@ -145,20 +146,31 @@ def scheduled_endpoints(endpoints: tuple[Endpoint, ...], node_name: str, taken: 
 
 def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | None = None) -> DesiredState:
     """Desired chains, hooks and ipsets of node `config.node_name`.  Problems in the data
-    (skipped rules, bad annotations...) are appended to `errors` when given."""
+    (skipped rules, bad annotations...) are appended to `errors` when given.  Everything is
+    computed from scratch (calc/incremental.py keeps the same result up to date)."""
     errs: list[str] = errors if errors is not None else []
     errs.extend(cluster.problems())
     endpoints = cluster.endpoints()
+    everyone = SelectorIndex(endpoints, cluster.namespaces)
+    return render_state(cluster, config, errs, endpoints, sorted(cluster.policies.values(), key=lambda p: p.key),
+                        lambda spec: desired_ipset(spec, everyone),
+                        lambda: pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
+
+
+def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoints: Iterable[Endpoint],
+                 policies: Iterable[NetworkPolicy], ipset_for: Callable[[SetSpec], IpSet],
+                 pool_ipsets: Callable[[], dict[str, IpSet]]) -> DesiredState:
+    """The state from this node's endpoints (`endpoints` may hold other nodes' too), the
+    policies that may select them, sorted by key, and the sets' members (`ipset_for`)."""
     wired = local_endpoints(endpoints, config.node_name, errs)
     local = wired + scheduled_endpoints(endpoints, config.node_name, {ep.iface for ep in wired})
-    everyone = SelectorIndex(endpoints, cluster.namespaces)
     here = SelectorIndex(local, cluster.namespaces)
 
     filt = static_filter_chains(config)
     sets: dict[SetSpec, None] = {}
     ingress_of: dict[str, list[str]] = {}
     egress_of: dict[str, list[str]] = {}
-    for policy in sorted(cluster.policies.values(), key=lambda p: p.key):
+    for policy in policies:
         selected = here.select(PeerSelector.of_policy(policy))
         if not selected:
             continue
@@ -174,8 +186,8 @@ def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | No
         filt.update(endpoint_chains(ep, ingress_of.get(ep.key, ()), egress_of.get(ep.key, ())))
     filt.update(dispatch_chains(local))
 
-    ipsets = {spec.name: desired_ipset(spec, everyone) for spec in sets}
-    ipsets.update(pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
+    ipsets = {spec.name: ipset_for(spec) for spec in sets}
+    ipsets.update(pool_ipsets())
     ipsets[WL_SOURCES_SET] = sources_set(wired)
     nat = nat_chains(wired, cluster.pools.values(), errs)
     return DesiredState(chains={"filter": filt, "nat": nat, "raw": raw_chains(4)}, hooks=HOOKS, ipsets=ipsets,

@@ -23,6 +23,7 @@ default route (the /32 routes of local pods are more specific and win).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -55,7 +56,7 @@ def ipv4_address(addr: str, what: str) -> str:
     """The plain IPv4 address of `addr` (a prefix is dropped), or ValueError naming
     `what` - the one validator the BGP config and the tunnel driver share."""
     try:
-        ip = ipaddress.ip_address(addr.split("/")[0])
+        ip = _ip(addr.split("/")[0])
     except ValueError:
         raise ValueError(f"{what}: {addr!r} is not an IP address") from None
     if ip.version != 4:
@@ -63,7 +64,20 @@ def ipv4_address(addr: str, what: str) -> str:
     return str(ip)
 
 
+# Node addresses and subnets are asked for every node several times a pass (BGP sessions,
+# same-subnet checks): each is parsed once.
+_ip = functools.lru_cache(maxsize=1 << 15)(ipaddress.ip_address)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _subnet(ip_with_prefix: str) -> Net:
+    return ipaddress.ip_interface(ip_with_prefix).network
+
+
+@functools.lru_cache(maxsize=1 << 17)
 def _net(cidr: str) -> Net:
+    """Parsed once per CIDR: a pass asks for every block of every node (5,000 nodes'
+    blocks several times a pass), and ipaddress parsing costs microseconds each."""
     return ipaddress.ip_network(cidr, strict=False)
 
 
@@ -86,18 +100,29 @@ def blocks_by_node(nodes: Nodes, blocks: Blocks) -> dict[str, tuple[str, ...]]:
     Only nodes that exist: an affinity left behind by a deleted node routes nowhere."""
     nodes = records(nodes)
     names = {n.name for n in nodes}
-    out: dict[str, set[str]] = {n.name: {str(_net(c)) for c in n.pod_cidrs} for n in nodes}
+    out: dict[str, set[str]] = {n.name: {_canonical(c) for c in n.pod_cidrs} for n in nodes}
     for b in records(blocks):
         if b.node in names:
-            out[b.node].add(str(_net(b.cidr)))
-    return {k: tuple(sorted(v, key=lambda c: (_net(c).version, _net(c)))) for k, v in out.items()}
+            out[b.node].add(_canonical(b.cidr))
+    return {k: tuple(sorted(v, key=_sort_key)) if len(v) > 1 else tuple(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _canonical(cidr: str) -> str:
+    return str(_net(cidr))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _sort_key(cidr: str) -> tuple[int, int, int]:
+    n = _net(cidr)
+    return n.version, int(n.network_address), n.prefixlen
 
 
 def same_subnet(a: Node, b: Node) -> bool:
     """True when b's address lies in a's subnet (a.ip carries the prefix)."""
     if not a.ip or not b.address:
         return False
-    return ipaddress.ip_address(b.address) in ipaddress.ip_interface(a.ip).network
+    return _ip(b.address) in _subnet(a.ip)
 
 
 def with_own_prefix(nodes: Mapping[str, Node], me: str, node_ip: str) -> Mapping[str, Node]:
@@ -237,10 +262,12 @@ def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks) -> list[Node]
     kubernetes datastore, where agents have read-only access and cannot publish; every
     agent derives the same values the VTEP's owner programs on its own device."""
     nodes = records(nodes)
+    by_node = blocks_by_node(nodes, blocks)  # once, not once per node (5,000 nodes: minutes)
+    pools = records(pools)
     out = []
     for n in nodes:
         if not (n.vxlan_tunnel_addr and n.vxlan_tunnel_mac):
-            block = tunnel_block(nodes, pools, blocks, n.name, "vxlan")
+            block = _first_block(by_node.get(n.name, ()), pools, "vxlan")
             if block:
                 addr, mac = vtep_for(n.name, block)
                 n = dataclasses.replace(n, vxlan_tunnel_addr=addr, vxlan_tunnel_mac=mac)
@@ -269,7 +296,11 @@ def vtep_for(node_name: str, block_cidr: str) -> tuple[str, str]:
 def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str) -> str | None:
     """My first block (lowest CIDR) in an enabled pool of `mode` ("vxlan" or "ipip"): its
     first address becomes the tunnel device's address.  None when I own no such block."""
-    for cidr in blocks_by_node(nodes, blocks).get(me, ()):
+    return _first_block(blocks_by_node(nodes, blocks).get(me, ()), records(pools), mode)
+
+
+def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str) -> str | None:
+    for cidr in cidrs:
         pool = pool_for(cidr, pools)
         if pool is not None and pool.mode == mode and _net(cidr).version == 4:
             return cidr

@@ -17,6 +17,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aetcd
 from aetcd import exceptions as etcd_errors
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
 
 from .. import metrics, model
 from ..convert import ConvertError, from_k8s, to_k8s
@@ -39,11 +41,17 @@ _GRPC_OPTIONS = {
     # gRPC stops pinging after 2 pings with no data by default: an idle watch behind a
     # frozen etcd (SIGSTOP) or a half-open connection then went unnoticed for good.
     "grpc.http2.max_pings_without_data": 0,
+    # Lists come in pages (LIST_PAGE_KEYS keys; a page too big for this is fetched again in
+    # halves), so no reply grows with the cluster: the limit only has to hold one object,
+    # which etcd caps at its request size (--max-request-bytes, 1.5 MiB by default).
+    "grpc.max_receive_message_length": 16 * 1024 * 1024,
 }
 # aetcd errors that mean "this call did not get through", retried by the caller; the
 # others (a bad argument, a compacted revision) are answers.
 _UNAVAILABLE = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                 etcd_errors.WatchTimeoutError, etcd_errors.InternalError, asyncio.TimeoutError)
+LIST_PAGE_KEYS = 1000
+WATCH_YIELD_EVERY = 32
 
 
 def _cancelled_from_outside() -> bool:
@@ -237,9 +245,37 @@ class EtcdStore:
 
     async def list_prefix(self, prefix: str | None = None) -> tuple[int, list[tuple[str, bytes]]]:
         """(store revision, [(key, value)]) for every key under the prefix."""
-        p = (prefix or self.prefix + "/")
-        res = await self._call(lambda c: c.get_prefix(_b(p)))
-        return res.header.revision, [(kv.key.decode(), kv.value) for kv in res]
+        revision, items = 0, []
+        async for revision, page in self.list_pages(prefix):
+            items.extend(page)
+        return revision, items
+
+    async def list_pages(self, prefix: str | None = None, page_keys: int = LIST_PAGE_KEYS):
+        """Every key under the prefix as it was at one revision, in pages: yields (revision,
+        [(key, value)]) per page of at most `page_keys` keys, so a caller can decode a page
+        and drop it before the next arrives (memory stays flat however big the cluster).
+        Each page after the first is read at the first page's revision and starts after the
+        last key seen; a compaction in between raises RevisionCompactedError (relist)."""
+        start = _b(prefix or self.prefix + "/")
+        end = prefix_range_end(start)
+        revision, limit = 0, page_keys
+        while True:
+            req = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+            try:
+                res = await self._call(lambda c: _range(c, req))
+            except _PageTooBig:
+                if limit == 1:
+                    raise
+                limit = max(1, limit // 2)  # a page of unusually big objects: smaller pages
+                continue
+            if not revision:
+                revision = res.header.revision
+            kvs = res.kvs
+            yield revision, [(kv.key.decode(), kv.value) for kv in kvs]
+            if not res.more or not kvs:
+                return
+            start = kvs[-1].key + b"\0"
+            limit = page_keys
 
     # --- compare-and-swap primitives (IPAM) ---
 
@@ -288,6 +324,22 @@ async def _close_client(c: aetcd.Client) -> None:
         await asyncio.wait_for(c.close(), 2)
     except Exception:  # closing a broken channel may fail; it is gone either way
         pass
+
+
+class _PageTooBig(etcd_errors.ClientError):
+    """A page's reply exceeded the receive limit (gRPC RESOURCE_EXHAUSTED)."""
+
+
+async def _range(c: aetcd.Client, req) -> object:
+    """One Range RPC with limit and revision, which aetcd's get_prefix does not pass on;
+    errors are mapped to aetcd's exceptions as its own calls do."""
+    await c.connect()
+    try:
+        return await c.kvstub.Range(req, timeout=c._timeout, metadata=c.metadata)
+    except rpc.AioRpcError as e:
+        if e.code() == rpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise _PageTooBig(e.details()) from e
+        etcd_errors._handle_exception(e)
 
 
 def _decode(key: str, value: bytes, kind: str) -> Record | None:
@@ -378,26 +430,28 @@ class EtcdSyncer:
                 await asyncio.sleep(self.backoff.next())
 
     async def _list(self, state: EmittedState) -> int:
-        revision, items = await self.store.list_prefix()
-        self.lists += 1
+        # Page by page, each decoded and dropped before the next: only records are kept.
+        revision = 0
         snapshot: dict[RecordId, Record] = {}
         key_ids: dict[str, RecordId] = {}
         bad: dict[str, tuple[str, bytes]] = {}
-        for key, value in items:
-            kind = keys.kind_of_key(self.store.prefix, key)
-            if kind is None:
-                continue  # not a model object (e.g. IPAM's own bookkeeping keys)
-            rec = self._decode(key, value, kind, bad)
-            if rec is None:
-                # Keep what the consumer has for an object that turned invalid.
-                old = self._key_ids.get(key)
-                if old is not None and old in state.records:
-                    snapshot[old] = state.records[old]
-                    key_ids[key] = old
-                continue
-            rid = (kind, rec.key)
-            snapshot[rid] = rec
-            key_ids[key] = rid
+        async for revision, items in self.store.list_pages():
+            for key, value in items:
+                kind = keys.kind_of_key(self.store.prefix, key)
+                if kind is None:
+                    continue  # not a model object (e.g. IPAM's own bookkeeping keys)
+                rec = self._decode(key, value, kind, bad)
+                if rec is None:
+                    # Keep what the consumer has for an object that turned invalid.
+                    old = self._key_ids.get(key)
+                    if old is not None and old in state.records:
+                        snapshot[old] = state.records[old]
+                        key_ids[key] = old
+                    continue
+                rid = (kind, rec.key)
+                snapshot[rid] = rec
+                key_ids[key] = rid
+        self.lists += 1
         self._key_ids = key_ids
         self.bad_records = bad
         state.replace(snapshot)
@@ -427,9 +481,15 @@ class EtcdSyncer:
             failed: list[BaseException] = []
             probe = asyncio.create_task(self._probe(c, watch, failed))
             try:
+                n = 0
                 async for ev in watch:
                     self.last_progress = time.monotonic()
                     self._on_event(state, ev)
+                    n += 1
+                    if n % WATCH_YIELD_EVERY == 0:
+                        # A burst arrives as many ready events: let CNI requests and the
+                        # agent's loop in between, instead of decoding it all in one go.
+                        await asyncio.sleep(0)
             finally:
                 probe.cancel()
                 await asyncio.gather(probe, return_exceptions=True)

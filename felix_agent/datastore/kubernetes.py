@@ -57,6 +57,17 @@ RESOURCES = (
 )
 
 
+# A listed object as its records (records_of), or (its id, None) when it did not convert.
+Listed = tuple[RecordId | None, dict[RecordId, Record] | None]
+
+
+def _listed(kind: str, obj: dict) -> Listed:
+    rec = convert_or_log(obj, kind, f"{kind} list")
+    if rec is None:
+        return (kind, key_from_k8s(obj, kind)), None
+    return None, records_of(kind, rec)
+
+
 class Gone(Exception):
     """410: the resourceVersion or continue token is too old; relist from scratch."""
 
@@ -159,9 +170,12 @@ class _Worker(threading.Thread):
         except Exception:
             pass
 
-    def list_all(self) -> tuple[str, list[dict]]:
-        """All items via limit/continue pages. Raises Gone on 410 (list or continue)."""
-        items: list[dict] = []
+    def list_all(self) -> tuple[str, list["Listed"]]:
+        """All items via limit/continue pages, each page converted to records as it arrives
+        (only one page's JSON is held at a time, never the whole list's: at 100k pods the
+        raw objects are ten times the records). Raises Gone on 410 (list or continue)."""
+        items: list[Listed] = []
+        kind = self.res.kind
         cont = None
         while True:
             kw: dict[str, Any] = {"limit": self.s.page_size,
@@ -178,7 +192,7 @@ class _Worker(threading.Thread):
                 body = json.loads(resp.data)
             finally:
                 self._done(resp)
-            items.extend(body.get("items") or [])
+            items.extend(_listed(kind, obj) for obj in body.get("items") or ())
             meta = body.get("metadata") or {}
             cont = meta.get("continue")
             if not cont:
@@ -324,17 +338,15 @@ class KubernetesSyncer:
             for w in workers:
                 w.halt()
 
-    def _replace(self, state: EmittedState, kind: str, items: list[dict]) -> None:
+    def _replace(self, state: EmittedState, kind: str, items: list["Listed"]) -> None:
         snapshot: dict[RecordId, Record] = {}
-        for obj in items:
-            rec = convert_or_log(obj, kind, f"{kind} list")
-            if rec is None:
+        for rid, recs in items:
+            if recs is None:
                 # Keep what the consumer has for an object that turned invalid.
-                rid = (kind, key_from_k8s(obj, kind))
                 if rid in state.records:
                     snapshot.update(records_of(kind, state.records[rid]))
                 continue
-            snapshot.update(records_of(kind, rec))
+            snapshot.update(recs)
         scope = {kind, "BlockAffinity"} if kind == "Node" else {kind}
         state.replace(snapshot, scope)
 

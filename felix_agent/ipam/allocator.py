@@ -103,6 +103,7 @@ class IPAM:
         # not be taken for one the datastore no longer gives us.
         self._claim_seq = 0
         self._claimed_at: dict[str, int] = {}
+        self._unseen: set[str] = set()  # claimed here, not yet in any affinity list seen
         self._lock = asyncio.Lock()
         self._started = False
 
@@ -151,20 +152,30 @@ class IPAM:
     def _pool(self, name: str) -> IPPool | None:
         return self._fed_pools.get(name) or self._backend_pools.get(name)
 
-    async def refresh(self) -> None:
-        """Re-read pools and this node's affinities from the backend.  Blocks the datastore
-        says are ours are adopted; local blocks the datastore no longer has for us are
-        kept only while they hold allocations (and get no new ones)."""
-        if self.backend.claims_blocks:
-            self._backend_pools = _good_pools(await self.backend.list_pools())
+    async def refresh(self, affinities: Iterable[BlockAffinity] | None = None) -> None:
+        """Re-read pools and this node's affinities from the backend, or take the
+        affinities given (the agent's model, which its watch keeps current: a Node or block
+        event then costs no read of every claim).  Blocks the datastore says are ours are
+        adopted; local blocks the datastore no longer has for us are kept only while they
+        hold allocations (and get no new ones)."""
         seq0 = self._claim_seq
-        affs = await self.backend.list_affinities()
+        if affinities is not None:
+            affs = list(affinities)
+        else:
+            if self.backend.claims_blocks:
+                self._backend_pools = _good_pools(await self.backend.list_pools())
+            affs = await self.backend.list_affinities()
         async with self._lock:
             mine = {a.cidr: a for a in affs if a.node == self.node}
+            holders_of = {a.cidr for a in affs}
             for cidr, seq in self._claimed_at.items():
                 # (one entry per block ever claimed by this process: a handful, kept)
-                if seq >= seq0 and cidr in self._state.blocks and cidr not in mine:
-                    mine[cidr] = self._state.blocks[cidr]  # claimed after the list was read
+                if cidr in mine:
+                    self._unseen.discard(cidr)
+                elif cidr in self._state.blocks and (seq >= seq0 or (
+                        cidr in self._unseen and cidr not in holders_of)):
+                    # Claimed after the list was read, or not yet echoed by the watch.
+                    mine[cidr] = self._state.blocks[cidr]
             changed = False
             for cidr, aff in mine.items():
                 if self._state.blocks.get(cidr) != aff:
@@ -352,6 +363,7 @@ class IPAM:
                     self._state.blocks[cidr] = aff
                     self._claimed_at[cidr] = self._claim_seq
                     self._claim_seq += 1
+                    self._unseen.add(cidr)
                     log.info("claimed block %s from pool %s", cidr, pool.name)
                     return cidr
                 # Another node won this block a moment ago: try the next one.

@@ -374,3 +374,32 @@ def test_bad_arguments_are_refused(tmp_path):
     run(body())
     with pytest.raises(IPAMConfigError):
         IPAM("", MemoryBackend(), str(tmp_path))
+
+
+
+def test_refresh_from_the_models_claims_reads_no_claims_and_keeps_one_not_yet_echoed(tmp_path):
+    """The agent hands refresh() its model's BlockAffinities (the watch keeps them current)
+    instead of a read of every claim: a block this node claimed a moment ago, whose watch
+    event has not arrived, stays its own; one the model shows another node holding does not
+    get new addresses."""
+    class Counting(MemoryBackend):
+        reads = 0
+
+        async def list_affinities(self):
+            self.reads += 1
+            return await super().list_affinities()
+
+    async def body():
+        be = Counting([POOL])
+        ipam = await started("node1", be, tmp_path)
+        ipam.set_pools([POOL])
+        block = (await ipam.allocate("c0")).block
+        reads = be.reads
+        await ipam.refresh([])  # the model has not seen the claim yet
+        assert be.reads == reads
+        assert (await ipam.allocate("c1")).block == block  # still its own block
+        await ipam.refresh([BlockAffinity(block, "node1", "pool-a")])  # echoed: seen
+        await ipam.refresh([BlockAffinity(block, "node2", "pool-a")])  # taken over, says the model
+        assert be.reads == reads
+        assert (await ipam.allocate("c2")).block != block  # no new addresses from it
+    run(body())

@@ -1,0 +1,46 @@
+"""The resync's cross-check: a full pass's plan carries a snapshot of the model, the full
+calc runs on it, and where the incremental result differs the full one is programmed and
+the incremental calc is rebuilt.  Nothing here touches the kernel (apply is not called)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from felix_agent.calc.desired import IpSet
+from felix_agent.calc.filter import dataplane_state
+from felix_agent.dataplane_loop import Dataplane
+from felix_agent.model import NetworkPolicy, PolicyPeer, PolicyRule
+from tests.unit.test_calc_fixtures import ME, cluster_of, pod, sel, upd
+
+pytestmark = pytest.mark.skipif(shutil.which("iptables-nft-save") is None, reason="needs iptables-nft")
+
+
+def test_full_pass_cross_checks_and_repairs_the_incremental_result(tmp_path):
+    c = cluster_of(*pod("a", "web", "10.0.0.1", labels={"app": "web"}),
+                   *pod("a", "db", "10.0.0.2", node="n2", labels={"app": "db"}),
+                   NetworkPolicy("a", "p", sel(app="web"), ingress=(
+                       PolicyRule(peers=(PolicyPeer(pod_selector=sel(app="db")),)),)))
+    dp = Dataplane(ME, "eth0", iptables_backend="nft", run_dir=str(tmp_path), bird=False)
+    assert dp.calculate(c).check is None  # between resyncs: no snapshot, no second calc
+    plan = dp.calculate(c, full=True)
+    assert plan.check is not None
+    name = next(n for n in plan.state.ipsets if n.startswith("cali40s:"))
+    plan.state.ipsets[name] = IpSet(name, frozenset({"10.9.9.9"}))  # a wrong incremental result
+    first = dp.policy_calc
+    dp._cross_check(plan)
+    assert plan.check is None
+    assert plan.state.ipsets == dataplane_state(c, dp.calc_cfg).ipsets  # the full result wins
+    assert plan.state.ipsets[name].members == frozenset({"10.0.0.2"})
+    dp.calculate(c)
+    assert dp.policy_calc is not first  # rebuilt from the model
+
+
+def test_snapshot_does_not_follow_later_events():
+    c = cluster_of(*pod("a", "web", "10.0.0.1"))
+    snap = c.snapshot()
+    for u in cluster_of(*pod("a", "web", "10.0.0.7")).pods.values():
+        c.apply(upd(u))
+    assert [e.ips for e in snap.endpoints()] == [("10.0.0.1",)]
+    assert [e.ips for e in c.endpoints()] == [("10.0.0.1",)]  # the WEP's address wins in the join
+    assert snap.pods["a/web"].ips == ("10.0.0.1",) and c.pods["a/web"].ips == ("10.0.0.7",)
