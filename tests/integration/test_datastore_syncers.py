@@ -87,7 +87,11 @@ class EtcdBackend:
         await self.store.client.put(b"/tortie-other/filler", b"x")  # a revision past the delete
         rev, _ = await self.store.list_prefix()
         await self.store.compact(rev)
-        await self.syncer.store.reset()  # the client's connection breaks
+        # The connection breaks under the watch (reset() no longer closes a client that
+        # calls still use, so close the channel itself, as a dropped connection would).
+        c = self.syncer.store._client
+        if c is not None:
+            await c.close()
 
     async def close(self):
         if self.store:
