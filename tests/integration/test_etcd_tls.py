@@ -128,3 +128,21 @@ def test_agent_with_the_wrong_ca_says_so_and_an_expired_cert_stops_it(tls_cluste
     assert expired.wait(timeout=30) == 2
     assert "configuration error: etcd_cert_file" in c.agent_log(node) and "expired on" in c.agent_log(node)
     c.agents.pop(node.name, None)
+
+
+def test_the_readme_tls_example_works(tls_cluster: LabCluster):
+    """README.md's tortiectl-over-TLS example, with the lab's endpoint and files."""
+    from tests.integration.test_readme_examples import readme_commands
+    c, certs = tls_cluster, tls_cluster.etcd.certs
+    [example] = [cmd for cmd in readme_commands() if "--etcd-ca-file" in cmd]
+    argv = example.split()
+    assert argv[0] == "tortiectl" and argv[-3:] == ["get", "pods", "-A"], example
+    files = {"--etcd-endpoints": f"https://127.0.0.1:{c.etcd.port}", "--etcd-ca-file": certs.ca,
+             "--etcd-cert-file": certs.client[0], "--etcd-key-file": certs.client[1]}
+    for i, a in enumerate(argv):
+        if a in files:
+            argv[i + 1] = files.pop(a)
+    assert not files, f"the README example lost {sorted(files)}"
+    p = subprocess.run([os.path.join(VENV_BIN, "tortiectl"), *argv[1:]], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (argv, p.stderr)
+    assert p.stdout.split()[:3] == ["NAMESPACE", "NAME", "NODE"] or "No pods found" in p.stdout, p.stdout
