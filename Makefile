@@ -25,9 +25,9 @@ KUBE_TOOLS := go:golang-go dpkg-source:dpkg-dev containerd:containerd ctr:contai
               busybox:busybox-static gcc:gcc openssl:openssl nsenter:util-linux unshare:util-linux
 KUBE_APT := $(sort $(foreach t,$(KUBE_TOOLS),$(lastword $(subst :, ,$(t)))) libc6-dev)
 
-# make image without a docker engine: podman and buildah (no daemon), debootstrap for the
+# make image without a docker engine: podman and buildah (no daemon; runc: crun refuses hybrid cgroups), debootstrap for the
 # base image when no registry is reachable (deploy/base-image.sh); not needed by the tests.
-IMAGE_TOOLS := podman:podman buildah:buildah debootstrap:debootstrap
+IMAGE_TOOLS := podman:podman buildah:buildah debootstrap:debootstrap runc:runc
 IMAGE_APT_PACKAGES := $(sort $(foreach t,$(IMAGE_TOOLS),$(lastword $(subst :, ,$(t)))))
 
 .PHONY: deps test unit integration bench chaos demo demo-down cni-binary image image-deps clean e2e e2e-manifest kube-deps kube-up kube-down

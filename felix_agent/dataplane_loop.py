@@ -142,7 +142,7 @@ class Dataplane:
         state.routes = routing.state.routes
         errors.extend(routing.errors)
         return Plan(state=state, vxlan=routing.vxlan, bird_conf=routing.bird_conf,
-                    ipip_addr=routing.ipip_addr, errors=errors,
+                    ipip_addr=routing.ipip_addr, bird_secrets=routing.bird_secrets, errors=errors,
                     check=cluster.snapshot() if full else None)
 
     def _cross_check(self, plan: Plan) -> None:
