@@ -14,7 +14,9 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cni_plugin cni_plugin
+COPY podnet podnet
 COPY felix_agent felix_agent
+COPY tortiectl tortiectl
 COPY deploy/build-cni.sh deploy/cni_entry.py deploy/
 # The kubernetes client ships an asyncio copy of itself (68 MB): the agent uses the sync one
 # (the import check below fails the build if that changes).
@@ -24,7 +26,7 @@ RUN python3 -m venv /opt/tortie/venv \
  && /opt/tortie/venv/bin/pip uninstall -y -q pyinstaller pyinstaller-hooks-contrib altgraph \
  && SP=$(/opt/tortie/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
  && rm -rf "$SP/kubernetes/aio" \
- && /opt/tortie/venv/bin/python -c 'import felix_agent.main, felix_agent.datastore.kubernetes, felix_agent.cli' \
+ && /opt/tortie/venv/bin/python -c 'import felix_agent.agent.main, felix_agent.datastore.kubernetes, tortiectl.cli' \
  && /opt/tortie/venv/bin/pip uninstall -y -q pip setuptools
 
 # Stage 2: the agent with bird2, iptables (legacy and nft), ipset, iproute2, conntrack.

@@ -109,7 +109,7 @@ kube-up: kube-deps cni-binary
 kube-down:
 	@if [ -x $(PY) ]; then $(PY) -m tests.kube.cluster down; else python3 -m tests.kube.cluster down; fi
 
-dist/tortie: $(wildcard cni_plugin/*.py) deploy/build-cni.sh deploy/cni_entry.py
+dist/tortie: $(wildcard cni_plugin/*.py podnet/*.py) deploy/build-cni.sh deploy/cni_entry.py
 	bash deploy/build-cni.sh
 
 image: image-deps

@@ -1,2 +1,2 @@
 """tortie's CNI plugin: spec handling (stdlib only) and the pod plumbing (rtnetlink
-through cni_plugin.rtnl, imported lazily).  Entry point: cni_plugin.main:main; see cni_plugin/commands.py."""
+through podnet.rtnl, imported lazily).  Entry point: cni_plugin.main:main; see cni_plugin/commands.py."""

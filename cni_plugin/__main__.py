@@ -1,4 +1,4 @@
 """`python -m cni_plugin` behaves exactly like the `tortie` binary."""
-from .main import main
+from cni_plugin.main import main
 
 main()

@@ -11,8 +11,8 @@ import time
 from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM
 from _socket import socket as _sock
 
-from .agent_protocol import ProtocolError, recv_msg, send_msg
-from .errors import TRY_AGAIN_LATER, CNIError
+from podnet.agent_protocol import ProtocolError, recv_msg, send_msg
+from podnet.errors import TRY_AGAIN_LATER, CNIError
 
 # CLOCK_MONOTONIC stamps of the last call (the binary's debug "timing" line).
 last_sent = 0.0

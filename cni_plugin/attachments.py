@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from . import jsoncodec as json
-from .errors import IO_FAILURE, CNIError
-from .records import Record
+from podnet import jsoncodec as json
+from podnet.errors import IO_FAILURE, CNIError
+from podnet.records import Record
 
 
 class Attachment(Record):

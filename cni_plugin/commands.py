@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import os
 
-from . import agent_client, nsutil, versions
-from .config import CniEnv, NetConf
-from .errors import (INVALID_CONFIG, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, CNIError)
-from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
-from .logsetup import get_logger
-from .result import DNS, Interface, IPConfig, Result, ResultError, Route, parse_interface
+from cni_plugin import agent_client
+
+from podnet import nsutil, versions
+from podnet.netconf import CniEnv, NetConf
+from podnet.errors import (INVALID_CONFIG, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, CNIError)
+from podnet.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
+from podnet.logsetup import get_logger
+from podnet.result import DNS, Interface, IPConfig, Result, ResultError, Route, parse_interface
 
 log = get_logger("tortie.cni")
 
 
 def _host_ifname(env: CniEnv) -> str:
-    from . import naming  # hashlib (OpenSSL): not on the agent path, where the agent names it
+    from podnet import naming
     return naming.host_iface_for(env.k8s_namespace, env.k8s_pod, env.container_id, env.ifname)
 
 
@@ -88,8 +90,8 @@ def cmd_add(conf: NetConf, env: CniEnv, raw_args: str) -> Result:
 
 
 def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) -> Result:
-    from . import ipam_exec
-    from .attachments import Attachment, AttachmentStore
+    from cni_plugin import ipam_exec
+    from cni_plugin.attachments import Attachment, AttachmentStore
     store = AttachmentStore(conf.state_dir, conf.name)
     prior = _refuse_taken_ifname(env, nsfd, store)  # before the record, IPAM or any change
     att = Attachment(env.container_id, env.ifname, _host_ifname(env), env.netns, conf.ipam_type, raw_args)
@@ -103,7 +105,7 @@ def _add_with_ipam_plugin(conf: NetConf, env: CniEnv, raw_args: str, nsfd: int) 
         if conf.uses_agent:
             res = _agent_result(_agent(conf, _request("ADD", conf, env, ips), (nsfd,)))
         else:
-            from . import plumbing as wiring  # only here, never on the agent path
+            from podnet import plumbing as wiring
             info = wiring.setup(nsfd, env.ifname, att.host_ifname, ips, conf.mtu, sandbox=env.netns)
             plumbing = wiring  # setup() undoes itself when it fails; after this, we undo
             res = build_result(conf, env, info, ips, ipam_res.dns)
@@ -129,7 +131,7 @@ def _refuse_taken_ifname(env: CniEnv, nsfd: int, store):
     that made it goes on as always (setup() re-wires it; its record is returned, so a
     failure can put it back); anyone else's is refused here, so the existing pod keeps its
     interface, address, routes and reservation."""
-    from . import plumbing  # netlink on its own socket, stdlib only
+    from podnet import plumbing
     held = plumbing.occupant(nsfd, env.ifname)
     if held is None:
         return None
@@ -163,8 +165,8 @@ def cmd_del(conf: NetConf, env: CniEnv, raw_args: str) -> None:
     if conf.ipam_is_tortie:
         _agent(conf, _request("DEL", conf, env))
         return
-    from . import ipam_exec
-    from .attachments import AttachmentStore
+    from cni_plugin import ipam_exec
+    from cni_plugin.attachments import AttachmentStore
     store = AttachmentStore(conf.state_dir, conf.name)
     rec = store.load(env.container_id, env.ifname)
     host_ifname = rec.host_ifname if rec else _host_ifname(env)
@@ -175,7 +177,7 @@ def cmd_del(conf: NetConf, env: CniEnv, raw_args: str) -> None:
     elif conf.uses_agent:
         _agent(conf, _request("DEL", conf, env, rec.ips if rec else []))
     elif _host_iface_exists(host_ifname) or (env.netns and nsutil.namespace_exists(env.netns)):
-        from . import plumbing  # only when there is something to remove (a repeated DEL is cheap)
+        from podnet import plumbing
         plumbing.teardown(env.netns or None, env.ifname, host_ifname)
     ipam_exec.ipam_del(conf, env, raw_args)
     store.remove(env.container_id, env.ifname)
@@ -205,14 +207,14 @@ def cmd_check(conf: NetConf, env: CniEnv, raw_args: str) -> None:
         if conf.ipam_is_tortie:
             _agent(conf, _request("CHECK", conf, env), (nsfd,))
             return
-        from . import ipam_exec
-        from .attachments import AttachmentStore
+        from cni_plugin import ipam_exec
+        from cni_plugin.attachments import AttachmentStore
         ipam_exec.ipam_check(conf, env, raw_args)
         if conf.uses_agent:
             _agent(conf, _request("CHECK", conf, env, ips), (nsfd,))
             return
         rec = AttachmentStore(conf.state_dir, conf.name).load(env.container_id, env.ifname)
-        from . import plumbing
+        from podnet import plumbing
         plumbing.check(nsfd, env.ifname, rec.host_ifname if rec else _host_ifname(env), ips)
     finally:
         os.close(nsfd)
@@ -228,7 +230,7 @@ def cmd_status(conf: NetConf, env: CniEnv) -> None:
         except agent_client.AgentUnavailable as e:
             raise CNIError(PLUGIN_NOT_AVAILABLE, e.msg, e.details) from None
     if not conf.ipam_is_tortie:
-        from . import ipam_exec
+        from cni_plugin import ipam_exec
         try:
             ipam_exec.find_plugin(conf.ipam_type, env.path)
         except CNIError as e:
@@ -247,8 +249,8 @@ def cmd_gc(conf: NetConf, env: CniEnv) -> None:
     if conf.uses_agent:
         _agent(conf, _request("GC", conf, env))  # valid attachments are in the config
     if not conf.ipam_is_tortie:
-        from . import ipam_exec
-        from .attachments import AttachmentStore
+        from cni_plugin import ipam_exec
+        from cni_plugin.attachments import AttachmentStore
         store = AttachmentStore(conf.state_dir, conf.name)
         for rec in store.all():
             if (rec.container_id, rec.ifname) in valid:
@@ -256,7 +258,7 @@ def cmd_gc(conf: NetConf, env: CniEnv) -> None:
             log.info("GC: removing stale attachment %s/%s (%s)", rec.container_id, rec.ifname, rec.host_ifname)
             try:
                 if not conf.uses_agent:
-                    from . import plumbing
+                    from podnet import plumbing
                     plumbing.teardown(None, rec.ifname, rec.host_ifname)
                 ipam_exec.release_attachment(conf, env.path, rec.container_id, rec.ifname, rec.cni_args)
                 store.remove(rec.container_id, rec.ifname)

@@ -16,12 +16,12 @@ import sys
 import time
 from _signal import SIGKILL, SIGPIPE, SIGXFSZ
 
-from . import jsoncodec as json
-from .config import CniEnv, NetConf
-from .errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, IPAM_FAILURE, CNIError
-from .logsetup import get_logger
-from .records import Record
-from .result import Result, ResultError
+from podnet import jsoncodec as json
+from podnet.netconf import CniEnv, NetConf
+from podnet.errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, IPAM_FAILURE, CNIError
+from podnet.logsetup import get_logger
+from podnet.records import Record
+from podnet.result import Result, ResultError
 
 log = get_logger("tortie.cni.ipam")
 

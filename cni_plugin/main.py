@@ -3,19 +3,21 @@ out on stdout, exit status 0 or 1.  Nothing else is ever written to stdout.
 
 The binary is a new process for every CNI call, so its imports are its latency: this
 module and what it pulls in on the agent path stay within json, os, sys, time, _socket
-and the plugin's own small modules (see cni_plugin/records.py, logsetup.py)."""
+and the plugin's own small modules (see podnet/records.py, logsetup.py)."""
 from __future__ import annotations
 
 import os
 import sys
 import time
 
-from . import agent_client, commands, versions
-from . import jsoncodec as json
-from .config import parse_config, parse_env, parse_version_request, peek_version, try_decode
-from .errors import INTERNAL, IO_FAILURE, CNIError
-from .logsetup import configure, enabled, get_logger
-from .result import Result
+from cni_plugin import agent_client, commands
+
+from podnet import versions
+from podnet import jsoncodec as json
+from podnet.netconf import parse_config, parse_env, parse_version_request, peek_version, try_decode
+from podnet.errors import INTERNAL, IO_FAILURE, CNIError
+from podnet.logsetup import configure, enabled, get_logger
+from podnet.result import Result
 
 log = get_logger("tortie.cni")
 
@@ -76,7 +78,7 @@ def _dispatch(command: str, conf, env, raw_args: str):
 def validate_conflist_main() -> None:
     """`tortie --validate-conflist < conflist`: what the install script runs before a
     conflist may land in /etc/cni/net.d. Exit 0 when valid, 1 with the reason."""
-    from .config import validate_conflist
+    from podnet.netconf import validate_conflist
 
     try:
         types = validate_conflist(sys.stdin.buffer.read())

@@ -14,8 +14,8 @@
 #    processes are avoided by creating netlink sockets with setns), nor pkgutil/inspect
 #    on frozen modules.  The command line cannot drop hooks, hence the generated spec.
 #  - no ctypes package: PyInstaller's bootstrap imports ctypes at every start when the
-#    bundle has it (~1.6 ms); cni_plugin/nsutil.py calls setns through _ctypes instead.
-#    No pyroute2 either: the plumbing speaks netlink through cni_plugin/rtnl.py.
+#    bundle has it (~1.6 ms); podnet/nsutil.py calls setns through _ctypes instead.
+#    No pyroute2 either: the plumbing speaks netlink through podnet/rtnl.py.
 #  - not worth it (measured, no difference beyond noise): optimize=1/2, -X frozen_modules.
 # The rest is in the code: the agent path imports no json, re, logging, socket,
 # dataclasses, ipaddress or hashlib (cni_plugin/main.py, jsoncodec.py, records.py).

@@ -15,7 +15,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .logs import kv
+from felix_agent.logs import kv
 
 log = logging.getLogger("tortie.metrics")
 REGISTRY = CollectorRegistry(auto_describe=True)

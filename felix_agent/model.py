@@ -3,7 +3,7 @@
 Every record is a frozen dataclass with value equality so the calc can compare an old
 and a new version and do nothing when they are equal.  Collections are tuples (or
 frozensets) for the same reason.  Records know nothing about where they came from:
-both datastores (kubernetes API, etcd) build them with felix_agent.convert.
+both datastores (kubernetes API, etcd) build them with felix_agent.datastore.convert.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Only this node's endpoints get endpoint chains; the ipsets hold pods of every no
 Policy chains exist once per policy that selects at least one local endpoint.
 
 A pod scheduled to this node gets its chains BEFORE its CNI ADD, under the interface name
-the plugin will give it (cni_plugin.naming): nothing in the filter table depends on its
+the plugin will give it (podnet.naming): nothing in the filter table depends on its
 address (calc/dispatch.py), so the ADD only adds the address to ipsets, and the pod is
 protected from its first packet without an iptables-restore on the ADD's path.
 """
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from cni_plugin.naming import host_iface_name
+from podnet.naming import host_iface_name
 
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Hook, IpSet

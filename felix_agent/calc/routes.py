@@ -4,7 +4,7 @@ node needs for every other node's pod blocks, by the routing mode of the block's
 A node's blocks are its BlockAffinity CIDRs (etcd mode) plus Node.pod_cidrs (kubernetes
 mode).  A block belongs to the enabled pool that contains it; blocks outside every
 enabled pool get no route at all (a disabled pool is not routed, as in the BIRD filters
-of felix_agent.bgp.config, so the two halves never disagree).
+of felix_agent.calc.bird_conf, so the two halves never disagree).
 
 Per mode, for a block of a REMOTE node:
   direct  `<block> via <nodeIP> dev <uplink> onlink` - only for nodes on my subnet: across
@@ -15,7 +15,7 @@ Per mode, for a block of a REMOTE node:
           no route until it does).
           crossSubnet: `<block> via <nodeIP> dev <uplink>` on my subnet, VXLAN across.
   ipip    `<block> via <nodeIP> dev tunl0 onlink`; crossSubnet: plain next hop on my subnet.
-  bgp     nothing: BIRD learns and programs these (felix_agent.bgp.config).
+  bgp     nothing: BIRD learns and programs these (felix_agent.calc.bird_conf).
 For MY OWN blocks in non-bgp pools, local_block_routes() gives blackhole routes, so
 traffic to an unused address of my block is dropped here instead of bouncing out of the
 default route (the /32 routes of local pods are more specific and win).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .cmd import CommandError, CommandNotFound, have_command, run
+from felix_agent.dataplane.cmd import CommandError, CommandNotFound, have_command, run
 
 Backend = Literal["nft", "legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "legacy")

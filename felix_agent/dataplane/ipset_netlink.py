@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import socket
 
-from cni_plugin.nsutil import entered, netns_path
+from podnet.nsutil import entered, netns_path
 from pyroute2 import IPSet
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .cmd import CommandError
+from felix_agent.dataplane.cmd import CommandError
 
 DIMENSIONS = frozenset({"ip", "net", "iface"})
 

@@ -37,9 +37,9 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from ..calc.desired import IpSet
-from .cmd import CommandError, run
-from .ipset_netlink import IpsetNetlink, member_ops
+from felix_agent.calc.desired import IpSet
+from felix_agent.dataplane.cmd import CommandError, run
+from felix_agent.dataplane.ipset_netlink import IpsetNetlink, member_ops
 
 log = logging.getLogger(__name__)
 

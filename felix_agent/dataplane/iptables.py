@@ -46,9 +46,9 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from ..calc.desired import Hook
-from .backend import BackendError, command
-from .cmd import CommandError, run
+from felix_agent.calc.desired import Hook
+from felix_agent.dataplane.backend import BackendError, command
+from felix_agent.dataplane.cmd import CommandError, run
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..calc.desired import Route
+from felix_agent.calc.desired import Route
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from cni_plugin import nsutil
-from cni_plugin.naming import PREFIX as WL_PREFIX
+from podnet import nsutil
+from podnet.naming import PREFIX as WL_PREFIX
 
 CONF_DIR = "/proc/sys/net/ipv4/conf"
 

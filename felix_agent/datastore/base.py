@@ -26,9 +26,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
-from .. import model
-from ..convert import ConvertError, from_k8s
-from ..model import Event, Record, SyncStatus, Update
+from felix_agent import model
+from felix_agent.datastore.convert import ConvertError, from_k8s
+from felix_agent.model import Event, Record, SyncStatus, Update
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from .. import metrics, model
-from ..convert import ConvertError, from_k8s, to_k8s
-from ..model import Record
-from . import keys
-from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log
-from .etcd_tls import EtcdTLS, TLSClient, explain
+from felix_agent import metrics, model
+from felix_agent.datastore.convert import ConvertError, from_k8s, to_k8s
+from felix_agent.model import Record
+from felix_agent.datastore import keys
+from felix_agent.datastore.base import Backoff, Emit, EmittedState, RecordId, convert_or_log
+from felix_agent.datastore.etcd_tls import EtcdTLS, TLSClient, explain
 
 log = logging.getLogger(__name__)
 

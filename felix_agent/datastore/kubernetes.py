@@ -31,9 +31,9 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from ..convert import key_from_k8s
-from ..model import KINDS, BlockAffinity, Node, Record
-from .base import Backoff, Emit, EmittedState, RecordId, convert_or_log, record_id
+from felix_agent.datastore.convert import key_from_k8s
+from felix_agent.model import KINDS, BlockAffinity, Node, Record
+from felix_agent.datastore.base import Backoff, Emit, EmittedState, RecordId, convert_or_log, record_id
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@
     ipam = IPAM(node, PodCIDRBackend(node, pod_cidrs))    # kubernetes mode: podCIDRs
     await ipam.start(); a = await ipam.allocate(container_id, "eth0", namespace=, pod=)
 """
-from .allocator import IPAM, BlockReport, IPAMReport
-from .backends import EtcdBackend, IPAMBackend, PodCIDRBackend
-from .blocks import block_capacity, blocks_from, next_free, usable_range
-from .errors import IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool, StateDirInUse
-from .state import DEFAULT_STATE_DIR, Allocation
+from felix_agent.ipam.allocator import IPAM, BlockReport, IPAMReport
+from felix_agent.ipam.backends import EtcdBackend, IPAMBackend, PodCIDRBackend
+from felix_agent.ipam.blocks import block_capacity, blocks_from, next_free, usable_range
+from felix_agent.ipam.errors import IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool, StateDirInUse
+from felix_agent.ipam.state import DEFAULT_STATE_DIR, Allocation
 
 __all__ = [
     "IPAM", "BlockReport", "IPAMReport", "EtcdBackend", "IPAMBackend", "PodCIDRBackend",

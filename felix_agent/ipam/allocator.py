@@ -21,10 +21,10 @@ from typing import Iterable
 
 from felix_agent.model import BlockAffinity, IPPool
 
-from .backends import IPAMBackend
-from .blocks import block_capacity, blocks_from, next_free, pool_network
-from .errors import IPAMConfigError, IPAMExhausted, NoUsablePool
-from .state import DEFAULT_STATE_DIR, Allocation, IPAMState, StateFile
+from felix_agent.ipam.backends import IPAMBackend
+from felix_agent.ipam.blocks import block_capacity, blocks_from, next_free, pool_network
+from felix_agent.ipam.errors import IPAMConfigError, IPAMExhausted, NoUsablePool
+from felix_agent.ipam.state import DEFAULT_STATE_DIR, Allocation, IPAMState, StateFile
 
 log = logging.getLogger("tortie.ipam")
 

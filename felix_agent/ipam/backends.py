@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 from felix_agent.datastore.keys import DEFAULT_PREFIX, object_key
 from felix_agent.model import BlockAffinity, IPPool
 
-from .blocks import parse_network
+from felix_agent.ipam.blocks import parse_network
 
 log = logging.getLogger("tortie.ipam")
 
@@ -60,14 +60,14 @@ class EtcdBackend:
     def _value(affinity: BlockAffinity) -> str:
         # The same Kubernetes-shaped JSON every record has, so the Syncer's watch decodes
         # a claim like any other BlockAffinity event.
-        from felix_agent.convert import to_k8s
+        from felix_agent.datastore.convert import to_k8s
         return json.dumps(to_k8s(affinity), separators=(",", ":"), sort_keys=True)
 
     async def claim(self, affinity: BlockAffinity) -> bool:
         return bool(await self.store.create_if_absent(self._key(affinity.cidr), self._value(affinity)))
 
     async def unclaim(self, affinity: BlockAffinity) -> bool:
-        from felix_agent.convert import from_k8s
+        from felix_agent.datastore.convert import from_k8s
         key = self._key(affinity.cidr)
         value = await self.store.get_value(key)
         if value is None:

@@ -12,7 +12,7 @@ from typing import Iterator, Union
 
 from felix_agent.model import IPPool
 
-from .errors import IPAMConfigError
+from felix_agent.ipam.errors import IPAMConfigError
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]

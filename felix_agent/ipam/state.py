@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from felix_agent.model import BlockAffinity
 
-from .errors import IPAMError, StateDirInUse
+from felix_agent.ipam.errors import IPAMError, StateDirInUse
 
 DEFAULT_STATE_DIR = "/var/lib/tortie/ipam"
 STATE_FILE = "state.json"

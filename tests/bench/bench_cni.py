@@ -44,8 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cni_plugin import nsutil  # noqa: E402
-from cni_plugin.runtime import Attachment, k8s_args  # noqa: E402
+from podnet import nsutil
+from tests.lab.cni_runtime import Attachment, k8s_args  # noqa: E402
 
 CNI_DIR = "/usr/lib/cni"
 COMMANDS = ("ADD", "DEL")
@@ -106,7 +106,7 @@ def schedule(cluster, node, pods: list[str]) -> None:
     """Bind the real agent's pods to its node before any ADD, as the scheduler does before
     kubelet asks for a sandbox, and wait until the agent has programmed their chains (it
     does so before their ADD: felix_agent/calc/filter.py)."""
-    from cni_plugin.naming import host_iface_name
+    from podnet.naming import host_iface_name
     from tests.lab.cluster import wait_for
     from tests.lab.prober import census
 

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from felix_agent.calc.cluster import Cluster  # noqa: E402
-from felix_agent.convert import to_k8s  # noqa: E402
+from felix_agent.datastore.convert import to_k8s  # noqa: E402
 from felix_agent.model import KIND_OF, SyncStatus, Update  # noqa: E402
 from tests.bench.scale_cluster import CHANGE_KINDS, LOCAL_NODE, SIZES, Synthetic  # noqa: E402
 
@@ -63,7 +63,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def make_dataplane(netns: str, kubernetes: bool, run_dir: str):
-    from felix_agent.dataplane_loop import Dataplane
+    from felix_agent.dataplane.barrier import Dataplane
     return Dataplane(LOCAL_NODE, "eth0", netns=netns, iptables_backend="nft", run_dir=run_dir,
                      derive_vteps=kubernetes)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 
-from cni_plugin.naming import host_iface_name
+from podnet.naming import host_iface_name
 from felix_agent.model import (
     BlockAffinity,
     IPBlock,

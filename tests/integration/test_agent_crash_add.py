@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from cni_plugin.naming import host_iface_for
+from podnet.naming import host_iface_for
 from tests.lab.cluster import LabCluster, wait_for
 from tests.lab.netns import sh
 

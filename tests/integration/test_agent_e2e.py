@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from cni_plugin.naming import host_iface_name
+from podnet.naming import host_iface_name
 from tests.lab.cluster import ingress_only_from, wait_for
 from tests.lab.netns import sh
 from tests.lab.prober import census

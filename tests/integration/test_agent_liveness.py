@@ -17,8 +17,8 @@ import time
 import urllib.error
 import urllib.request
 
-from felix_agent import health
-from felix_agent.agent import Agent
+from felix_agent.agent import health
+from felix_agent.agent.loop import Agent
 from felix_agent.config import AgentConfig
 from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
 from felix_agent.model import Namespace, SyncStatus, Update
@@ -30,7 +30,7 @@ class StuckPlan:
 
 
 class BlockingDataplane:
-    """Stands in for felix_agent.dataplane_loop.Dataplane: apply() blocks until released."""
+    """Stands in for felix_agent.dataplane.barrier.Dataplane: apply() blocks until released."""
 
     backend, modes, problems = "nft", (), {}
 

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from felix_agent.bgp.bird import BirdError
-from felix_agent.bgp.config import bird_config
+from felix_agent.dataplane.bird import BirdError
+from felix_agent.calc.bird_conf import bird_config
 from felix_agent.model import BlockAffinity, IPPool, Node
 from tests.integration.test_routing_support import birds, wait_for, wire_pod  # noqa: F401 (fixture)
 from tests.lab import tcp_probe

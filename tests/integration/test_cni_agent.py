@@ -1,8 +1,8 @@
 """The binary's agent path: `ipam.type: tortie` (and `agent_socket` with host-local),
 against a FAKE AGENT defined in this file.  The fake stands in for the node agent's local
-API (felix_agent/localapi.py, built separately): it answers the wire protocol of
-cni_plugin/agent_protocol.py from a thread pool, allocates with host-local (standing in
-for the agent's own IPAM) and wires pods with cni_plugin.plumbing on the netns fd the
+API (felix_agent/agent/localapi.py, built separately): it answers the wire protocol of
+podnet/agent_protocol.py from a thread pool, allocates with host-local (standing in
+for the agent's own IPAM) and wires pods with podnet.plumbing on the netns fd the
 binary sent — so the binary's whole agent path, fd passing included, really runs."""
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cni_plugin.runtime import Attachment, invoke
+from tests.lab.cni_runtime import Attachment, invoke
 
-from .test_cni_helpers import CNI_DIR, ROOT, make_net, pod_ip, runner, tortie_binary  # noqa: F401
+from tests.integration.test_cni_helpers import CNI_DIR, ROOT, make_net, pod_ip, runner, tortie_binary  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -28,10 +28,10 @@ pytestmark = pytest.mark.root
 # --- the fake agent (runs as its own process inside the node namespace) ----------------
 
 def fake_agent_main(argv: list[str]) -> None:
-    from cni_plugin import naming, plumbing
-    from cni_plugin.agent_protocol import recv_msg, send_msg
-    from cni_plugin.errors import CNIError
-    from cni_plugin.result import Result
+    from podnet import naming, plumbing
+    from podnet.agent_protocol import recv_msg, send_msg
+    from podnet.errors import CNIError
+    from podnet.result import Result
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--socket", required=True)

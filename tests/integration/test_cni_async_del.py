@@ -1,4 +1,4 @@
-"""The agent's DEL answers before the kernel has destroyed the veth (felix_agent/retired_links.py),
+"""The agent's DEL answers before the kernel has destroyed the veth (felix_agent/dataplane/retired_links.py),
 and that changes nothing a runtime or another pod can see: when DEL returns, the pod is cut
 off, its host route and its name are gone and its address is free; the retired veth is
 deleted shortly after, also when it was left behind by an agent that stopped before reaping.
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cni_plugin.plumbing import RETIRED_GROUP, RETIRED_PREFIX
+from podnet.plumbing import RETIRED_GROUP, RETIRED_PREFIX
 from tests.lab.cluster import wait_for
 from tests.lab.netns import sh
 

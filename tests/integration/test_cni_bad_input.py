@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cni_plugin.runtime import invoke
-from cni_plugin.versions import SUPPORTED_VERSIONS
+from tests.lab.cni_runtime import invoke
+from podnet.versions import SUPPORTED_VERSIONS
 
-from .test_cni_helpers import CNI_DIR, make_net, runner, tortie_binary  # noqa: F401 (fixtures)
+from tests.integration.test_cni_helpers import CNI_DIR, make_net, runner, tortie_binary  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.root
 

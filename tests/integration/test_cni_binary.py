@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from cni_plugin.naming import host_iface_name
-from cni_plugin.versions import SUPPORTED_VERSIONS
+from podnet.naming import host_iface_name
+from podnet.versions import SUPPORTED_VERSIONS
 from tests.lab import sh
 
-from .test_cni_helpers import Net, make_net, pod_ip, runner, tortie_binary  # noqa: F401 (fixtures)
+from tests.integration.test_cni_helpers import Net, make_net, pod_ip, runner, tortie_binary  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.root
 
@@ -167,7 +167,7 @@ def test_version_and_status(make_lab, tmp_path, runner):
 def test_the_bundle_leaves_out_what_would_slow_every_start(tortie_binary):
     """PyInstaller's bootstrap imports ctypes at every start when the bundle holds the
     package (~1.6 ms a call), and pyroute2 is not needed since the plumbing speaks netlink
-    itself (cni_plugin/rtnl.py).  setns goes through the _ctypes extension, which must be
+    itself (podnet/rtnl.py).  setns goes through the _ctypes extension, which must be
     there: test_add_check_del runs the built binary's own plumbing through it."""
     internal = os.path.join(os.path.dirname(os.path.realpath(tortie_binary)), "_internal")
     names = set(os.listdir(internal))

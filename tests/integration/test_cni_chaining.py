@@ -5,10 +5,10 @@ import subprocess
 
 import pytest
 
-from cni_plugin.runtime import ConfList
+from tests.lab.cni_runtime import ConfList
 from tests.lab import tcp_probe
 
-from .test_cni_helpers import make_net, pod_ip, require_cni_plugins, tortie_binary  # noqa: F401
+from tests.integration.test_cni_helpers import make_net, pod_ip, require_cni_plugins, tortie_binary  # noqa: F401
 
 pytestmark = pytest.mark.root
 

@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .test_cni_helpers import make_net, pod_ip, tortie_binary  # noqa: F401 (fixtures)
+from tests.integration.test_cni_helpers import make_net, pod_ip, tortie_binary  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.root
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cni_plugin.runtime import Attachment, PluginRun, invoke, k8s_args
+from tests.lab.cni_runtime import Attachment, PluginRun, invoke, k8s_args
 from tests.lab import Lab, cni_plugin_path
 
 from tests.lab.cnibin import BINARY, MODULE, ROOT

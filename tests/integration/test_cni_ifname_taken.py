@@ -12,11 +12,11 @@ import subprocess
 
 import pytest
 
-from cni_plugin.errors import DATAPLANE_FAILURE
-from cni_plugin.runtime import invoke
+from podnet.errors import DATAPLANE_FAILURE
+from tests.lab.cni_runtime import invoke
 from tests.lab.cnibin import MODULE
 
-from .test_cni_helpers import make_net, pod_ip, tortie_binary  # noqa: F401 (fixture)
+from tests.integration.test_cni_helpers import make_net, pod_ip, tortie_binary  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.root
 

@@ -5,7 +5,7 @@ timer reads and reconciles everything again."""
 import pytest
 
 from felix_agent.calc.desired import DesiredState, Hook, Route
-from felix_agent.dataplane_loop import Dataplane, Plan
+from felix_agent.dataplane.barrier import Dataplane, Plan
 
 pytestmark = pytest.mark.root
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from felix_agent import model
-from felix_agent.convert import ConvertError
+from felix_agent.datastore.convert import ConvertError
 from felix_agent.datastore.base import Backoff
 from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer, EtcdUnavailable, parse_endpoint
 from tests.fakes.recorder import running

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from felix_agent import model
-from felix_agent.convert import from_k8s, to_k8s
+from felix_agent.datastore.convert import from_k8s, to_k8s
 from felix_agent.datastore.base import Backoff
 from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
 from felix_agent.datastore.kubernetes import KubernetesSyncer, records_of

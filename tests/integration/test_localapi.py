@@ -15,10 +15,10 @@ import stat
 import pytest
 
 from cni_plugin import agent_client
-from cni_plugin.errors import DATAPLANE_FAILURE, TRY_AGAIN_LATER, CNIError
-from cni_plugin.naming import host_iface_name
+from podnet.errors import DATAPLANE_FAILURE, TRY_AGAIN_LATER, CNIError
+from podnet.naming import host_iface_name
 from felix_agent.ipam import IPAM, PodCIDRBackend
-from felix_agent.localapi import CNIService, LocalAPI
+from felix_agent.agent.localapi import CNIService, LocalAPI
 from tests.lab.nsproxy import setns
 
 pytestmark = pytest.mark.root
@@ -161,7 +161,7 @@ def test_add_wires_the_pod_after_registering_and_del_cleans_up(harness):
         assert await h.call("DEL", pod_ns, "web-0", "cid1", send_fd=False) == {}
         assert host_if not in h.links(h.node.ns)
         # The veth was retired (down, renamed), not yet destroyed: the pod has lost its carrier
-        # at once, and the reaper deletes the pair shortly after (felix_agent/retired_links.py).
+        # at once, and the reaper deletes the pair shortly after (felix_agent/dataplane/retired_links.py).
         assert "NO-CARRIER" in h.lab.exec(pod_ns, "ip", "link", "show", "eth0", check=False).stdout or \
             "eth0" not in h.links(pod_ns)
         deadline = asyncio.get_running_loop().time() + 10

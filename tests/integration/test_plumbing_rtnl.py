@@ -1,4 +1,4 @@
-"""cni_plugin.plumbing on its own rtnetlink client (cni_plugin/rtnl.py), called in-process
+"""podnet.plumbing on its own rtnetlink client (podnet/rtnl.py), called in-process
 from a thread inside a lab node's namespace, as the agent's workers call it.  What the
 kernel ends up with is read back with `ip -j`, so a wrong field in a hand-packed message
 shows up as a wrong address, route, MAC, MTU or flag."""
@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from cni_plugin import nsutil, plumbing
-from cni_plugin.errors import DATAPLANE_FAILURE, INVALID_CONFIG, CNIError
-from cni_plugin.rtnl import NetlinkError, Rtnl
+from podnet import nsutil, plumbing
+from podnet.errors import DATAPLANE_FAILURE, INVALID_CONFIG, CNIError
+from podnet.rtnl import NetlinkError, Rtnl
 
 pytestmark = pytest.mark.root
 
@@ -274,7 +274,7 @@ def test_add_and_del_in_a_fresh_interpreter_import_no_pyroute2(node):
     pod = lab.add_pod_ns("fresh")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (f"import sys; sys.path.insert(0, {root!r})\n"
-            "from cni_plugin import plumbing\n"
+            "from podnet import plumbing\n"
             f"plumbing.setup({pod!r}, 'eth0', {HOST!r}, ['10.77.2.1/32', 'fd77::2:1/128'])\n"
             f"plumbing.teardown({pod!r}, 'eth0', {HOST!r})\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'asyncio')))\n")

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from felix_agent.bgp.bird import BirdDaemon
+from felix_agent.dataplane.bird import BirdDaemon
 from felix_agent.calc.routes import vtep_for
-from felix_agent.convert import from_k8s
+from felix_agent.datastore.convert import from_k8s
 from felix_agent.datastore.etcd import EtcdStore
 from felix_agent.dataplane.tunnels import IpipDevice
 from felix_agent.model import BlockAffinity, Node

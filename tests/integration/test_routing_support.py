@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from felix_agent.bgp.bird import BirdDaemon
+from felix_agent.dataplane.bird import BirdDaemon
 from felix_agent.calc.desired import Route
 from tests.lab import Lab
 

@@ -23,9 +23,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from .cnibin import ROOT, cni_command
-from .etcd import Etcd
-from .netns import Lab, LabNode, sh
+from tests.lab.cnibin import ROOT, cni_command
+from tests.lab.etcd import Etcd
+from tests.lab.netns import Lab, LabNode, sh
 
 VENV_BIN = os.path.dirname(sys.executable) if os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "tortie-agent")) else os.path.join(ROOT, ".venv", "bin")

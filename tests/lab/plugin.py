@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from .etcd import Etcd
-from .netns import Lab, delete_namespaces, new_prefix
-from .tools import is_root, missing_tools
+from tests.lab.etcd import Etcd
+from tests.lab.netns import Lab, delete_namespaces, new_prefix
+from tests.lab.tools import is_root, missing_tools
 
 _SESSION_PREFIX = new_prefix()
 _counter = iter(range(1, 1_000_000))
@@ -62,7 +62,7 @@ def make_cluster(make_lab, tmp_path):
     cross_subnet=False, start=True, **LabCluster kwargs) -> a LabCluster with real etcd,
     agents (started unless start=False) and the real CNI plugin; torn down after the test
     (agents, BIRD, pods, namespaces, etcd and its data)."""
-    from .cluster import LabCluster
+    from tests.lab.cluster import LabCluster
 
     etcds: list[Etcd] = []
 

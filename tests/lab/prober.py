@@ -42,7 +42,7 @@ from typing import Iterable, Mapping, Sequence
 from felix_agent.datastore.etcd import EtcdStore
 from felix_agent.model import Pod, WorkloadEndpoint, labels_of
 
-from .netns import Lab, sh
+from tests.lab.netns import Lab, sh
 
 # The program each prober runs.  With --serve-sctp PORT it also listens on SCTP (the lab's
 # shared server, LabCluster.serve, speaks TCP and UDP only).

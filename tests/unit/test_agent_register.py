@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from felix_agent.agent import Agent
+from felix_agent.agent.loop import Agent
 from felix_agent.config import AgentConfig
 from felix_agent.model import Pod
 
@@ -146,7 +146,7 @@ def test_unreachable_datastore_before_first_sync_fails_the_add():
 
 
 def test_unreachable_datastore_after_sync_wires_and_publishes_later(monkeypatch):
-    import felix_agent.agent as agent_mod
+    import felix_agent.agent.loop as agent_mod
     monkeypatch.setattr(agent_mod, "PUBLISH_RETRY_MIN", 0.01)
 
     async def main():

@@ -1,4 +1,4 @@
-"""BIRD config rendering (felix_agent.bgp.config), checked structurally and by BIRD's own
+"""BIRD config rendering (felix_agent.calc.bird_conf), checked structurally and by BIRD's own
 parser (`bird -p -c`, no root needed), plus the `show protocols` parser and the config
 safety of BirdDaemon (a bad config never replaces a good one)."""
 import os
@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from felix_agent.bgp.bird import BirdDaemon, BirdError, parse_protocols
-from felix_agent.bgp.config import bird_config, protocol_name, sessions
+from felix_agent.dataplane.bird import BirdDaemon, BirdError, parse_protocols
+from felix_agent.calc.bird_conf import bird_config, protocol_name, sessions
 from felix_agent.model import BGPPeer, BlockAffinity, IPPool, Node
 
 needs_bird = pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 is not installed")
@@ -217,7 +217,7 @@ def test_daemon_rejects_bad_config_and_keeps_good_one(tmp_path):
 def test_passwords_are_includes_never_text(tmp_path):
     """Sessions with a password file include a file the agent writes; the rendered config
     holds only paths.  The mesh password covers node sessions; a BGPPeer its own."""
-    from felix_agent.bgp.secrets import write_includes
+    from felix_agent.dataplane.bird_secrets import write_includes
 
     secrets = tmp_path / "secrets"
     peer = BGPPeer("tor", "192.168.100.1", 65001, password_file=str(tmp_path / "tor.pw"))

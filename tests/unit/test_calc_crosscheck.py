@@ -9,7 +9,7 @@ import pytest
 
 from felix_agent.calc.desired import IpSet
 from felix_agent.calc.filter import dataplane_state
-from felix_agent.dataplane_loop import Dataplane
+from felix_agent.dataplane.barrier import Dataplane
 from felix_agent.model import NetworkPolicy, PolicyPeer, PolicyRule
 from tests.unit.test_calc_fixtures import ME, cluster_of, pod, sel, upd
 

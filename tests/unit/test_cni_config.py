@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from cni_plugin import config
-from cni_plugin.agent_protocol import DEFAULT_SOCKET
-from cni_plugin.errors import CNIError
+from podnet import netconf as config
+from podnet.agent_protocol import DEFAULT_SOCKET
+from podnet.errors import CNIError
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/var/run/netns/p1",
             "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni:/opt/cni/bin",

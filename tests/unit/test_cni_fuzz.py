@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cni_plugin.main import run
-from cni_plugin.versions import SUPPORTED_VERSIONS
+from podnet.versions import SUPPORTED_VERSIONS
 
 WELL_KNOWN = {1, 2, 3, 4, 5, 6, 7}
 

@@ -2,7 +2,7 @@
 
 The CNI binary is a new process for every pod, so what cni_plugin.main imports is paid
 on every ADD and DEL.  These tests fail when a heavy module creeps back onto that path,
-and check that cni_plugin.jsoncodec (the _json-based codec that replaces `json` there)
+and check that podnet.jsoncodec (the _json-based codec that replaces `json` there)
 reads and writes exactly what json does."""
 import json
 import math
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cni_plugin import jsoncodec
+from podnet import jsoncodec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +92,7 @@ def test_jsoncodec_accepts_a_utf8_bom_like_json():
 def test_jsoncodec_errors_without_json_loaded_beforehand():
     """The C scanner reports syntax errors through json.decoder without importing it; in a
     fresh interpreter (the bundle) the codec must still raise a proper JSONDecodeError."""
-    code = ("from cni_plugin import jsoncodec\n"
+    code = ("from podnet import jsoncodec\n"
             "try:\n    jsoncodec.loads(b'{\"cniVersion\": ')\n"
             "except ValueError as e:\n    print(type(e).__name__, e)\n")
     p = subprocess.run([sys.executable, "-S", "-E", "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n" + code],
@@ -110,11 +110,11 @@ def test_jsoncodec_refuses_what_json_cannot_encode():
 
 
 def test_the_no_agent_plumbing_path_imports_no_pyroute2():
-    """Without an agent the binary runs cni_plugin.plumbing itself; it speaks rtnetlink on
-    its own socket (cni_plugin/rtnl.py) and leaves pyroute2 (110-140 ms to import, plus
+    """Without an agent the binary runs podnet.plumbing itself; it speaks rtnetlink on
+    its own socket (podnet/rtnl.py) and leaves pyroute2 (110-140 ms to import, plus
     asyncio) to CHECK.  The teardown of an absent attachment below really asks the kernel
     (RTM_GETLINK needs no root); the full ADD/DEL is tests/integration/test_plumbing_rtnl.py."""
-    loaded = _modules_after("from cni_plugin import plumbing; plumbing.teardown(None, 'eth0', 'calinosuchif0')")
+    loaded = _modules_after("from podnet import plumbing; plumbing.teardown(None, 'eth0', 'calinosuchif0')")
     assert not {m for m in loaded if m.split(".")[0] in ("pyroute2", "asyncio", "threading")}, sorted(loaded)
 
 

@@ -1,5 +1,5 @@
 """What the binary's no-agent path does without ipaddress, dataclasses and json reads and
-writes what those did: pod addresses (cni_plugin.result.parse_interface against
+writes what those did: pod addresses (podnet.result.parse_interface against
 ipaddress.ip_interface) and the attachment records (the file bytes as before)."""
 import ipaddress
 import json
@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from cni_plugin.attachments import Attachment, AttachmentStore
 from cni_plugin.commands import pod_addresses
-from cni_plugin.plumbing import _parse_ips
-from cni_plugin.errors import INVALID_ENV, CNIError
-from cni_plugin.result import Result, parse_interface
+from podnet.plumbing import _parse_ips
+from podnet.errors import INVALID_ENV, CNIError
+from podnet.result import Result, parse_interface
 
 TRICKY = [
     "10.0.0.1", "10.0.0.1/32", "10.0.0.1/24", "0.0.0.0/0", "255.255.255.255/32", "1.2.3.4/033",

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cni_plugin.main import run
-from cni_plugin.versions import SUPPORTED_VERSIONS
+from podnet.versions import SUPPORTED_VERSIONS
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/nonexistent/netns/p1",
        "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}

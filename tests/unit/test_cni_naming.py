@@ -1,7 +1,7 @@
 """Host veth names: Calico's cali + sha1 scheme, within the kernel's 15 characters."""
 import hashlib
 
-from cni_plugin.naming import host_iface_for, host_iface_name, host_iface_name_for_container
+from podnet.naming import host_iface_for, host_iface_name, host_iface_name_for_container
 
 
 def test_calico_scheme():

@@ -2,8 +2,8 @@
 1.1.0 fields appear only in 1.1.0 output."""
 import pytest
 
-from cni_plugin.result import Result, ResultError
-from cni_plugin.versions import SUPPORTED_VERSIONS, at_least
+from podnet.result import Result, ResultError
+from podnet.versions import SUPPORTED_VERSIONS, at_least
 
 V11 = {
     "cniVersion": "1.1.0",

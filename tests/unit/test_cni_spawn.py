@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cni_plugin import ipam_exec
-from cni_plugin.errors import IPAM_FAILURE, CNIError
+from podnet.errors import IPAM_FAILURE, CNIError
 from cni_plugin.ipam_exec import Invocation, SpawnTimeout, spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,4 +1,4 @@
-"""felix_agent.convert against every recorded kube-apiserver v1.28 object, plus tortie's
+"""felix_agent.datastore.convert against every recorded kube-apiserver v1.28 object, plus tortie's
 own kinds, the API's NetworkPolicy validation and the to_k8s round trip."""
 import copy
 import glob
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from felix_agent import model
-from felix_agent.convert import ConvertError, from_k8s, key_from_k8s, kind_of, to_k8s
+from felix_agent.datastore.convert import ConvertError, from_k8s, key_from_k8s, kind_of, to_k8s
 
 from tests.fakes.apiserver import DATA_DIR as DATA  # tests/fixtures/k8s-api
 

@@ -3,7 +3,7 @@ to_k8s and reads with from_k8s, so nothing may be lost or changed on the way).""
 from hypothesis import given, settings, strategies as st
 
 from felix_agent import model
-from felix_agent.convert import from_k8s, to_k8s
+from felix_agent.datastore.convert import from_k8s, to_k8s
 
 label_part = st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 labels = st.dictionaries(label_part, label_part, max_size=3).map(model.labels_of)

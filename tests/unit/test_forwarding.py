@@ -2,7 +2,7 @@
 /readyz.  The sysctl is stood in for by a file (proc_path): a unit test must never write the
 root namespace's /proc/sys; the kube lab (tests/kube) covers the real one in node namespaces."""
 from felix_agent.dataplane.forwarding import Forwarding
-from felix_agent.health import Health
+from felix_agent.agent.health import Health
 
 
 def test_turns_forwarding_on(tmp_path):

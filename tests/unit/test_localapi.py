@@ -10,11 +10,11 @@ import stat
 import pytest
 
 from cni_plugin import agent_client
-from cni_plugin.agent_protocol import recv_msg
-from cni_plugin.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, INVALID_ENV,
+from podnet.agent_protocol import recv_msg
+from podnet.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, INVALID_ENV,
                                PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError)
 from felix_agent.ipam import IPAM, PodCIDRBackend
-from felix_agent.localapi import CNIService, LocalAPI, parse_request
+from felix_agent.agent.localapi import CNIService, LocalAPI, parse_request
 
 CONF = {"cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "tortie", "ipam": {"type": "tortie"}}
 

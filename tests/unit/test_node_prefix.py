@@ -3,10 +3,10 @@ its uplink (calc.routes.with_own_prefix) and judges peers by whether their Inter
 in it.  Found against a real kube-apiserver: as a /32 every peer was "another subnet", so
 bgp's kernel export accepted no route, direct installed none and crossSubnet always
 encapsulated."""
-from felix_agent.bgp.config import bird_config
+from felix_agent.calc.bird_conf import bird_config
 from felix_agent.calc.desired import Route
 from felix_agent.calc.routes import remote_routes, unreachable_direct_nodes, with_own_prefix
-from felix_agent.convert import from_k8s, to_k8s
+from felix_agent.datastore.convert import from_k8s, to_k8s
 from felix_agent.model import IPPool
 
 

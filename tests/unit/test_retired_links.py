@@ -1,11 +1,11 @@
-"""RetiredLinkReaper's scheduling (felix_agent/retired_links.py), without root: `reap` is a
-recording function standing in for cni_plugin.plumbing.reap_retired (the kernel side is
+"""RetiredLinkReaper's scheduling (felix_agent/dataplane/retired_links.py), without root: `reap` is a
+recording function standing in for podnet.plumbing.reap_retired (the kernel side is
 tested in tests/integration/test_plumbing_rtnl.py and test_cni_async_del.py)."""
 import asyncio
 import concurrent.futures
 import threading
 
-from felix_agent.retired_links import RetiredLinkReaper
+from felix_agent.dataplane.retired_links import RetiredLinkReaper
 
 
 class Kernel:

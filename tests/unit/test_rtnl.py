@@ -1,4 +1,4 @@
-"""cni_plugin.rtnl's message packing and reply handling, against a stand-in socket that
+"""podnet.rtnl's message packing and reply handling, against a stand-in socket that
 records what is sent and plays back kernel replies (no root; the kernel's own verdict on
 these messages is in tests/integration/test_plumbing_rtnl.py)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from cni_plugin import rtnl
-from cni_plugin.rtnl import NetlinkError, Rtnl
+from podnet import rtnl
+from podnet.rtnl import NetlinkError, Rtnl
 
 HDR = struct.Struct("=IHHII")
 

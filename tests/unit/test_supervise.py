@@ -8,7 +8,7 @@ import pytest
 
 from felix_agent import metrics
 from felix_agent.datastore.base import Backoff
-from felix_agent.supervise import FatalError, supervise
+from felix_agent.agent.supervise import FatalError, supervise
 
 
 def restarts(task: str) -> float:

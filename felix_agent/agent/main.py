@@ -11,11 +11,13 @@ import os
 import signal
 import sys
 
-from . import config, health, logs, metrics
-from .agent import Agent
-from .logs import kv
-from .model import Node, Update, WorkloadEndpoint
-from .supervise import FatalError, supervise
+from felix_agent import config, logs, metrics
+
+from felix_agent.agent import health
+from felix_agent.agent.loop import Agent
+from felix_agent.logs import kv
+from felix_agent.model import Node, Update, WorkloadEndpoint
+from felix_agent.agent.supervise import FatalError, supervise
 
 log = logging.getLogger("tortie.main")
 
@@ -55,7 +57,7 @@ def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], se
     here: the agent adopts them from the datastore if their veth is among these)."""
     from pyroute2 import IPRoute
 
-    from cni_plugin.naming import host_iface_for
+    from podnet.naming import host_iface_for
 
     weps = []
     with IPRoute() as ipr:
@@ -99,10 +101,10 @@ class NodeRegistrar:
 
 
 async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
-    from .dataplane_loop import Dataplane
-    from .ipam import IPAM, EtcdBackend, PodCIDRBackend
-    from .intents import IntentLog
-    from .localapi import CNIService, LocalAPI
+    from felix_agent.dataplane.barrier import Dataplane
+    from felix_agent.ipam import IPAM, EtcdBackend, PodCIDRBackend
+    from felix_agent.agent.intents import IntentLog
+    from felix_agent.agent.localapi import CNIService, LocalAPI
 
     log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
@@ -112,8 +114,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
                           ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
     store = None
     if cfg.datastore == "etcd":
-        from .datastore.etcd import EtcdStore, EtcdSyncer
-        from .datastore.etcd_tls import EtcdTLS, TLSConfigError
+        from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
+        from felix_agent.datastore.etcd_tls import EtcdTLS, TLSConfigError
 
         tls = EtcdTLS(cfg.etcd_ca_file, cfg.etcd_cert_file, cfg.etcd_key_file) if cfg.etcd_tls else None
         if tls is not None:
@@ -126,7 +128,7 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
         syncer = EtcdSyncer(store.clone())
         backend = EtcdBackend(store)
     else:
-        from .datastore.kubernetes import KubernetesSyncer
+        from felix_agent.datastore.kubernetes import KubernetesSyncer
 
         syncer = KubernetesSyncer(kubeconfig=cfg.kubeconfig or None)
         backend = PodCIDRBackend(cfg.name)

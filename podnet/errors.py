@@ -6,7 +6,7 @@ unchanged from wherever it happened to the runtime.
 """
 from __future__ import annotations
 
-from . import jsoncodec as json
+from podnet import jsoncodec as json
 
 # Well-known codes (CNI spec, "Error" section).
 INCOMPATIBLE_VERSION = 1

@@ -7,7 +7,7 @@ A netlink socket keeps the namespace it was created in, so the thread only visit
 pod's namespace for the instant it takes to create that socket (nsutil.entered restores
 it, per thread), and every later call is namespace-safe from any thread.
 
-Everything here speaks rtnetlink through cni_plugin.rtnl (stdlib, ~30 us a request), not
+Everything here speaks rtnetlink through podnet.rtnl (stdlib, ~30 us a request), not
 pyroute2: its sync API costs 0.2-0.4 ms a call and 110-140 ms to import, which the binary
 would pay on every call without an agent.  The agent keeps pyroute2 for its route drivers.
 
@@ -29,12 +29,12 @@ import _thread
 import errno
 import os
 
-from . import nsutil
-from .layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
-from .logsetup import get_logger
-from .errors import DATAPLANE_FAILURE, INVALID_CONFIG, INVALID_ENV, CNIError
-from .result import IPInterface, parse_interface
-from .rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, NetlinkError, Rtnl
+from podnet import nsutil
+from podnet.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
+from podnet.logsetup import get_logger
+from podnet.errors import DATAPLANE_FAILURE, INVALID_CONFIG, INVALID_ENV, CNIError
+from podnet.result import IPInterface, parse_interface
+from podnet.rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, NetlinkError, Rtnl
 
 log = get_logger("tortie.cni.plumbing")
 

@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from . import model
-from .convert import ConvertError, from_k8s, to_k8s
-from .datastore import keys
-from .datastore.etcd import EtcdStore, EtcdUnavailable, record_key
-from .datastore.etcd_tls import EtcdTLS
+from felix_agent import model
+from felix_agent.datastore.convert import ConvertError, from_k8s, to_k8s
+from felix_agent.datastore import keys
+from felix_agent.datastore.etcd import EtcdStore, EtcdUnavailable, record_key
+from felix_agent.datastore.etcd_tls import EtcdTLS
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 APPLICABLE = ("Pod", "Namespace", "Node", "NetworkPolicy", "IPPool", "BGPPeer")
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_delete)
 
     # Views of one node's agent (status, node status, ipam show) read its /status.
-    from .cli_status import add_commands
+    from tortiectl.status import add_commands
     add_commands(sub)
     return p
 

@@ -23,12 +23,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import metrics
-from .calc.cluster import Cluster
-from .config import AgentConfig
-from .health import Health
-from .logs import kv
-from .model import IPPool, SyncStatus, Update, WorkloadEndpoint
+from felix_agent import metrics
+from felix_agent.calc.cluster import Cluster
+from felix_agent.config import AgentConfig
+from felix_agent.agent.health import Health
+from felix_agent.logs import kv
+from felix_agent.model import IPPool, SyncStatus, Update, WorkloadEndpoint
 
 log = logging.getLogger("tortie.agent")
 
@@ -61,7 +61,7 @@ class Status:
 
 class Agent:
     def __init__(self, cfg: AgentConfig, dataplane, syncer, store=None, ipam=None):
-        """`dataplane` is a felix_agent.dataplane_loop.Dataplane (drivers + calc glue);
+        """`dataplane` is a felix_agent.dataplane.barrier.Dataplane (drivers + calc glue);
         `syncer` a datastore Syncer; `store` the etcd store for writes (None in kubernetes
         mode); `ipam` the node's IPAM."""
         self.cfg = cfg
@@ -316,7 +316,7 @@ class Agent:
         """Make the datastore's copies of this node's endpoints equal what it serves.
         Deletions go first: an address released by a DEL and handed to a new pod must not
         appear in two published endpoints (two label sets) at once."""
-        from .datastore.etcd import encode_record, record_key
+        from felix_agent.datastore.etcd import encode_record, record_key
 
         self._publish_due = False
         try:

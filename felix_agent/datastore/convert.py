@@ -22,8 +22,8 @@ import socket
 import re
 from typing import Any, Callable
 
-from . import model
-from .model import (
+from felix_agent import model
+from felix_agent.model import (
     BGPPeer, BlockAffinity, IPBlock, IPPool, LabelSelector, NamedPort, Namespace, NetworkPolicy,
     Node, Pod, PolicyPeer, PolicyPort, PolicyRule, Record, SelectorRequirement, WorkloadEndpoint,
 )

@@ -16,8 +16,8 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import metrics
-from .metrics import REGISTRY
+from felix_agent import metrics
+from felix_agent.metrics import REGISTRY
 
 
 @dataclass

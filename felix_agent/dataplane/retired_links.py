@@ -2,7 +2,7 @@
 
 The kernel needs 16-48 ms to destroy one veth (it waits for RCU grace periods before the
 netlink call returns), more than Debian's whole ptp DEL.  So the agent's DEL only
-*retires* the host veth (cni_plugin.plumbing.retire: one netlink message takes it down,
+*retires* the host veth (podnet.plumbing.retire: one netlink message takes it down,
 which cuts the pod off and drops its IPv4 host route at once, renames it out of the cali
 namespace so a new sandbox of the same pod can have the name straight away, and moves it
 into our link group) and answers.  This reaper then deletes every retired veth of the node
@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Callable
 
-from .logs import kv
+from felix_agent.logs import kv
 
 log = logging.getLogger("tortie.retired")
 
@@ -32,7 +32,7 @@ BATCH_WINDOW = 0.02
 
 
 class RetiredLinkReaper:
-    """Runs `reap` (cni_plugin.plumbing.reap_retired: delete every retired link, return how
+    """Runs `reap` (podnet.plumbing.reap_retired: delete every retired link, return how
     many) on `executor` soon after `notify()`, one run at a time; retirements made during a
     run get another run right after it."""
 

@@ -11,7 +11,7 @@ import errno
 import fcntl
 import os
 
-from .errors import INVALID_ENV, UNKNOWN_CONTAINER, CNIError
+from podnet.errors import INVALID_ENV, UNKNOWN_CONTAINER, CNIError
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: which kind of namespace it is

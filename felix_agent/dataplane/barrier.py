@@ -24,25 +24,25 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import metrics
-from .bgp.bird import BirdDaemon
-from .bgp.config import bird_config, password_include, sessions
-from .bgp.secrets import md5_counters, write_includes
-from .calc import routes as route_calc
-from .calc.cluster import Cluster
-from .calc.desired import DesiredState
-from .calc.filter import CalcConfig, dataplane_state
-from .dataplane.backend import BackendError, detect, require_backend
-from .dataplane.cmd import CommandError
-from .dataplane.forwarding import Forwarding
-from .calc.incremental import IncrementalCalc
-from .dataplane.ipsets import IpsetDriver
-from .dataplane.iptables import IptablesTable
-from .dataplane.routes import RouteDriver
-from .dataplane.sysctls import reset_route_localnet
-from .dataplane.tunnels import IpipDevice, KernelModuleMissing, VxlanDevice
-from .logs import kv
-from .model import DEFAULT_AS
+from felix_agent import metrics
+from felix_agent.dataplane.bird import BirdDaemon
+from felix_agent.calc.bird_conf import bird_config, password_include, sessions
+from felix_agent.dataplane.bird_secrets import md5_counters, write_includes
+from felix_agent.calc import routes as route_calc
+from felix_agent.calc.cluster import Cluster
+from felix_agent.calc.desired import DesiredState
+from felix_agent.calc.filter import CalcConfig, dataplane_state
+from felix_agent.dataplane.backend import BackendError, detect, require_backend
+from felix_agent.dataplane.cmd import CommandError
+from felix_agent.dataplane.forwarding import Forwarding
+from felix_agent.calc.incremental import IncrementalCalc
+from felix_agent.dataplane.ipsets import IpsetDriver
+from felix_agent.dataplane.iptables import IptablesTable
+from felix_agent.dataplane.routes import RouteDriver
+from felix_agent.dataplane.sysctls import reset_route_localnet
+from felix_agent.dataplane.tunnels import IpipDevice, KernelModuleMissing, VxlanDevice
+from felix_agent.logs import kv
+from felix_agent.model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
 TABLES = ("filter", "nat", "raw")

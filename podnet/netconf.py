@@ -5,12 +5,12 @@ error and touches nothing.  Stdlib only (this is the binary's hot path).
 """
 from __future__ import annotations
 
-from . import jsoncodec as json
-from . import versions
-from .agent_protocol import DEFAULT_SOCKET
-from .errors import (DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, UNSUPPORTED_FIELD, CNIError)
-from .records import Record
-from .result import Result, ResultError
+from podnet import jsoncodec as json
+from podnet import versions
+from podnet.agent_protocol import DEFAULT_SOCKET
+from podnet.errors import (DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, UNSUPPORTED_FIELD, CNIError)
+from podnet.records import Record
+from podnet.result import Result, ResultError
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 # Which variables each command needs (the spec's "Parameters" table).

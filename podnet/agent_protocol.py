@@ -22,7 +22,7 @@ import sys
 import _socket
 from _socket import CMSG_SPACE, SCM_RIGHTS, SOL_SOCKET
 
-from . import jsoncodec as json
+from podnet import jsoncodec as json
 
 MAX_MESSAGE = 4 * 1024 * 1024
 MAX_FDS = 4

@@ -1,7 +1,7 @@
 """The CNI spec versions tortie speaks, and comparisons between them."""
 from __future__ import annotations
 
-from .errors import INCOMPATIBLE_VERSION, CNIError
+from podnet.errors import INCOMPATIBLE_VERSION, CNIError
 
 # 0.1.0/0.2.0 had a different result shape (ip4/ip6 keys); no runtime of the last years
 # sends them, so they are refused with code 1 rather than half-supported.

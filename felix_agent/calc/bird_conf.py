@@ -161,7 +161,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
 
     L: list[str] = []
     w = L.append
-    w(f"# BIRD config of tortie node {me}, rendered by felix_agent.bgp.config: edits are overwritten.")
+    w(f"# BIRD config of tortie node {me}, rendered by felix_agent.calc.bird_conf: edits are overwritten.")
     w(f"router id {my_ip};")
     w("timeformat protocol iso long;  # fixed-width 'since' column for the protocols parser")
     w("")

@@ -21,7 +21,7 @@ import _socket
 import os
 import struct
 
-from .records import Record
+from podnet.records import Record
 
 # linux/netlink.h
 NETLINK_ROUTE = 0

@@ -104,7 +104,7 @@ def _cmd(render, select):
         try:
             st = fetch_status(args.agent)
         except AgentUnreachable as e:
-            from .cli import CliError
+            from tortiectl.cli import CliError
             raise CliError(str(e)) from None
         print(json.dumps(select(st), indent=2) if args.output == "json" else render(st))
         return 0

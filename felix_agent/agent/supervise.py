@@ -9,9 +9,9 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from . import metrics
-from .datastore.base import Backoff
-from .logs import kv
+from felix_agent import metrics
+from felix_agent.datastore.base import Backoff
+from felix_agent.logs import kv
 
 log = logging.getLogger("tortie.supervise")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from _socket import AF_INET, AF_INET6, inet_pton
 
-from . import versions
-from .records import Record
+from podnet import versions
+from podnet.records import Record
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing (~2 ms)
 if TYPE_CHECKING:

@@ -1,12 +1,12 @@
 """The agent's local API: the Unix socket the CNI binary calls, and the CNI service behind it.
 
 LocalAPI is the transport: an asyncio server on a Unix stream socket (mode 0600: only root
-may wire pods), one request per connection in cni_plugin.agent_protocol framing, the pod's
+may wire pods), one request per connection in podnet.agent_protocol framing, the pod's
 netns fd passed with SCM_RIGHTS.  Each connection is its own task, so requests are served
 concurrently; the received fd is closed when the request is done, whatever happened.
 
 CNIService is the handler: ADD / DEL / CHECK / STATUS / GC on top of IPAM, the pod
-plumbing (cni_plugin.plumbing, run on a worker thread because setns is per thread) and
+plumbing (podnet.plumbing, run on a worker thread because setns is per thread) and
 the agent's endpoint registry (register returns once the endpoint's policy is
 programmed, so a pod never runs unprotected).  Any ADD failure undoes every step.
 
@@ -32,19 +32,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cni_plugin import naming, nsutil, versions
-from cni_plugin.agent_protocol import DEFAULT_SOCKET, ProtocolError, recv_msg, send_msg
-from cni_plugin.config import K8S_ARGS, NetConf, config_from, valid_id, validate_ifname
-from cni_plugin.errors import (DATAPLANE_FAILURE, DECODE_FAILURE, INTERNAL, INVALID_CONFIG, INVALID_ENV,
+from podnet import naming, nsutil, versions
+from podnet.agent_protocol import DEFAULT_SOCKET, ProtocolError, recv_msg, send_msg
+from podnet.netconf import K8S_ARGS, NetConf, config_from, valid_id, validate_ifname
+from podnet.errors import (DATAPLANE_FAILURE, DECODE_FAILURE, INTERNAL, INVALID_CONFIG, INVALID_ENV,
                                IO_FAILURE, IPAM_FAILURE, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError)
-from cni_plugin.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
-from cni_plugin.result import Interface, IPConfig, Result, Route
+from podnet.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
+from podnet.result import Interface, IPConfig, Result, Route
 
-from . import metrics
-from .intents import AddIntent, IntentLog
-from .ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
-from .model import WorkloadEndpoint
-from .retired_links import RetiredLinkReaper
+from felix_agent import metrics
+from felix_agent.agent.intents import AddIntent, IntentLog
+from felix_agent.ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
+from felix_agent.model import WorkloadEndpoint
+from felix_agent.dataplane.retired_links import RetiredLinkReaper
 
 log = logging.getLogger("tortie.localapi")
 
@@ -416,7 +416,7 @@ class KeyedLocks:
 
 def _k8s_or_default(namespace: str, pod: str, container_id: str) -> tuple[str, str]:
     """Without Kubernetes args (cnitool, a bare runtime) the container id names the
-    workload, in namespace "" (cni_plugin.naming names its veth the same way)."""
+    workload, in namespace "" (podnet.naming names its veth the same way)."""
     if namespace and pod:
         return namespace, pod
     return "", container_id
@@ -433,13 +433,13 @@ def _host_mac_of(info: Any) -> tuple[str, str]:
 
 class CNIService:
     """The local API's handler.  `executor` runs the plumbing (blocking netlink/setns
-    work); `plumbing` defaults to the cni_plugin.plumbing module."""
+    work); `plumbing` defaults to the podnet.plumbing module."""
 
     def __init__(self, ipam: IPAM, registry: EndpointRegistry, node_name: str,
                  executor: concurrent.futures.Executor, *, plumbing: Any = None,
                  register_timeout: float = 30.0, intents: IntentLog | None = None):
         if plumbing is None:
-            from cni_plugin import plumbing as _plumbing
+            from podnet import plumbing as _plumbing
             plumbing = _plumbing
         self.ipam = ipam
         self.registry = registry
@@ -455,7 +455,7 @@ class CNIService:
         # Requests for one host veth run one at a time: a runtime's retried ADD, or a late
         # DEL of an old sandbox racing the ADD of its successor, must not interleave.
         self._veth_locks = KeyedLocks()
-        # DEL retires the host veth and a reaper deletes it later (felix_agent/retired_links.py);
+        # DEL retires the host veth and a reaper deletes it later (felix_agent/dataplane/retired_links.py);
         # a plumbing without retire() (a test double) tears down synchronously.
         self._retire = getattr(plumbing, "retire", None)
         reap = getattr(plumbing, "reap_retired", None)
