@@ -45,7 +45,7 @@ mkdir -p build
 exec 9>build/.build-cni.lock
 flock 9
 if [ "$FORCE" = 0 ] && [ -x dist/tortie-cni/tortie-cni ] && \
-   [ -z "$(find cni_plugin -name '*.py' -newer dist/tortie-cni/tortie-cni)" ] && \
+   [ -z "$(find cni_plugin podnet -name '*.py' -newer dist/tortie-cni/tortie-cni)" ] && \
    [ dist/tortie-cni/tortie-cni -nt deploy/cni_entry.py ] && [ dist/tortie-cni/tortie-cni -nt deploy/build-cni.sh ]; then
   echo "cni-binary: dist/tortie is up to date"
   exit 0
