@@ -22,7 +22,7 @@ def test_the_fake_apiserver_reads_the_repository_copy():
 def test_nothing_reads_a_shared_directory_beside_the_checkout():
     pattern = re.compile(r"""\.\./shared|["']shared["']""")
     paths = [os.path.join(ROOT, "Makefile")]
-    for top in ("tests", "deploy", "felix_agent", "cni_plugin", ".ci"):
+    for top in ("tests", "deploy", "felix_agent", "cni_plugin", "podnet", "tortiectl", ".ci"):
         for dirpath, _dirs, files in os.walk(os.path.join(ROOT, top)):
             paths += [os.path.join(dirpath, fn) for fn in files if fn.endswith((".py", ".sh")) or top == ".ci"]
     hits = []
