@@ -144,6 +144,12 @@ def _host_rtnl(stack: ExitStack) -> Rtnl:
     return nl
 
 
+def _both_sides(stack: ExitStack, netns: str | int) -> tuple[int, Rtnl, Rtnl]:
+    """The pod's namespace opened, and a netlink socket on each side of the veth."""
+    nsfd = stack.enter_context(nsutil.opened(netns))
+    return nsfd, _host_rtnl(stack), _rtnl_in(stack, nsfd)
+
+
 def _write_sysctl(rel: str, value: str) -> None:
     # /proc/sys/net resolves against the calling thread's namespace: the node's.
     with open(f"/proc/sys/net/{rel}", "w") as f:
@@ -195,9 +201,7 @@ def occupant(netns: str | int, ifname: str) -> str | None:
     with a peer here: not ours at all).  The caller knows which container owns that name;
     an ADD must never replace another container's interface."""
     with ExitStack() as stack:
-        nsfd = stack.enter_context(nsutil.opened(netns))
-        host = _host_rtnl(stack)
-        pod = _rtnl_in(stack, nsfd)
+        _nsfd, host, pod = _both_sides(stack, netns)
         link = pod.link(ifname)
         if link is None:
             return None
@@ -235,11 +239,9 @@ def setup(netns: str | int, ifname: str, host_ifname: str, ips: list[str], mtu: 
         raise CNIError(INVALID_CONFIG, f"mtu {mtu} is below 1280, the IPv6 minimum, and the pod has an "
                                        "IPv6 address", "raise mtu in the network config or use IPv4 only")
     with _lock_for(host_ifname), ExitStack() as stack:
-        nsfd = stack.enter_context(nsutil.opened(netns))
+        nsfd, host, pod = _both_sides(stack, netns)
         if not sandbox:
             sandbox = nsutil.netns_path(netns) if isinstance(netns, str) else ""
-        host = _host_rtnl(stack)
-        pod = _rtnl_in(stack, nsfd)
 
         stale = host.link(host_ifname)
         if stale is not None:
@@ -406,9 +408,7 @@ def check(netns: str | int, ifname: str, host_ifname: str, ips: list[str]) -> No
         raise CNIError(DATAPLANE_FAILURE, f"CHECK failed: {what}")
 
     with ExitStack() as stack:
-        nsfd = stack.enter_context(nsutil.opened(netns))
-        host = _host_rtnl(stack)
-        pod = _rtnl_in(stack, nsfd)
+        _nsfd, host, pod = _both_sides(stack, netns)
         hlink = host.link(host_ifname)
         if hlink is None:
             fail(f"host interface {host_ifname} does not exist")

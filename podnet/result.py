@@ -242,6 +242,18 @@ def _ip(value: str, where: str) -> str:
     return value
 
 
+def _objects(d: dict, key: str, where: str):
+    """(where, item) for each item of the list d[key], each checked to be an object."""
+    items = d.get(key) or []
+    if not isinstance(items, list):
+        raise ResultError(f"{where}.{key} must be a list")
+    for i, raw in enumerate(items):
+        w = f"{where}.{key}[{i}]"
+        if not isinstance(raw, dict):
+            raise ResultError(f"{w} must be an object")
+        yield w, raw
+
+
 class Result(Record):
     __slots__ = ("interfaces", "ips", "routes", "dns")
 
@@ -257,24 +269,12 @@ class Result(Record):
         if not isinstance(d, dict):
             raise ResultError(f"{where} must be a JSON object")
         res = cls()
-        ifaces = d.get("interfaces") or []
-        if not isinstance(ifaces, list):
-            raise ResultError(f"{where}.interfaces must be a list")
-        for i, raw in enumerate(ifaces):
-            w = f"{where}.interfaces[{i}]"
-            if not isinstance(raw, dict):
-                raise ResultError(f"{w} must be an object")
+        for w, raw in _objects(d, "interfaces", where):
             res.interfaces.append(Interface(
                 name=_str(raw, "name", w, required=True), mac=_str(raw, "mac", w),
                 sandbox=_str(raw, "sandbox", w), mtu=_int(raw, "mtu", w),
                 socket_path=_str(raw, "socketPath", w), pci_id=_str(raw, "pciID", w)))
-        ips = d.get("ips") or []
-        if not isinstance(ips, list):
-            raise ResultError(f"{where}.ips must be a list")
-        for i, raw in enumerate(ips):
-            w = f"{where}.ips[{i}]"
-            if not isinstance(raw, dict):
-                raise ResultError(f"{w} must be an object")
+        for w, raw in _objects(d, "ips", where):
             ipc = IPConfig(address=_cidr(_str(raw, "address", w, required=True), f"{w}.address"))
             gw = _str(raw, "gateway", w)
             ipc.gateway = _ip(gw, f"{w}.gateway") if gw else ""
@@ -285,13 +285,7 @@ class Result(Record):
             if fam is not None and fam != ipc.family:
                 raise ResultError(f"{w}.version {fam!r} does not match address {ipc.address}")
             res.ips.append(ipc)
-        routes = d.get("routes") or []
-        if not isinstance(routes, list):
-            raise ResultError(f"{where}.routes must be a list")
-        for i, raw in enumerate(routes):
-            w = f"{where}.routes[{i}]"
-            if not isinstance(raw, dict):
-                raise ResultError(f"{w} must be an object")
+        for w, raw in _objects(d, "routes", where):
             r = Route(dst=_cidr(_str(raw, "dst", w, required=True), f"{w}.dst"))
             gw = _str(raw, "gw", w)
             r.gw = _ip(gw, f"{w}.gw") if gw else ""
