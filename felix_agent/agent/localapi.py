@@ -41,6 +41,7 @@ from podnet.layout import GATEWAY_V4, GATEWAY_V6, HOST_MAC
 from podnet.result import Interface, IPConfig, Result, Route
 
 from felix_agent import metrics
+from felix_agent.tasks import cancelled_from_outside
 from felix_agent.agent.intents import AddIntent, IntentLog
 from felix_agent.ipam import IPAM, Allocation, IPAMConfigError, IPAMError, IPAMExhausted, NoUsablePool
 from felix_agent.model import WorkloadEndpoint
@@ -337,7 +338,7 @@ class LocalAPI:
         except CNIError as e:
             return error_response(e)
         except asyncio.CancelledError:
-            if _being_cancelled():
+            if cancelled_from_outside():
                 raise  # the agent is stopping
             # Something below (a gRPC call whose channel closed) raised CancelledError into
             # this request: it is a failure of the request, which gets an answer.
@@ -562,7 +563,7 @@ class CNIService:
                 await asyncio.wait_for(self.registry.register(wep), self.register_timeout)
         except BaseException as e:
             await self._rollback(req, namespace, pod, host_if, allocated, plumbing_tried, registered)
-            if isinstance(e, asyncio.CancelledError) and _being_cancelled():
+            if isinstance(e, asyncio.CancelledError) and cancelled_from_outside():
                 raise
             if isinstance(e, asyncio.TimeoutError):
                 raise CNIError(DATAPLANE_FAILURE, f"the endpoint's policy was not programmed within "
@@ -696,12 +697,6 @@ class CNIService:
         if errors:
             raise CNIError(DATAPLANE_FAILURE, f"GC freed {len(freed)} addresses but could not remove "
                                               f"{len(errors)} interfaces", "; ".join(errors))
-
-
-def _being_cancelled() -> bool:
-    """The current task itself is being cancelled (not a CancelledError from below)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _host_cidr(ip: str) -> str:
