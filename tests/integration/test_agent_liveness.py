@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 from felix_agent.agent import health
-from felix_agent.agent.loop import Agent
+from felix_agent.agent.wiring import Agent
 from felix_agent.config import AgentConfig
 from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
 from felix_agent.model import Namespace, SyncStatus, Update
@@ -69,8 +69,8 @@ def test_stuck_dataplane_pass_fails_livez():
 
     async def main():
         stop = asyncio.Event()
-        loop_task = asyncio.create_task(agent.run_loop(stop))
-        agent.emit(SyncStatus(True))
+        loop_task = asyncio.create_task(agent.loop.run_loop(stop))
+        agent.loop.emit(SyncStatus(True))
         await asyncio.sleep(0.3)
         assert dp.passes == 1
         assert (await asyncio.to_thread(livez, port))[0] == 200  # a pass in progress, not yet long
@@ -82,7 +82,7 @@ def test_stuck_dataplane_pass_fails_livez():
         code, body = await asyncio.to_thread(livez, port)
         assert code == 200, body
         stop.set()
-        agent.queue.put_nowait(None)
+        agent.state.wake()
         await asyncio.wait_for(loop_task, 5)
 
     try:
