@@ -75,7 +75,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     from felix_agent.dataplane.barrier import Dataplane
     from felix_agent.ipam import IPAM, EtcdBackend, PodCIDRBackend
     from felix_agent.agent.intents import IntentLog
-    from felix_agent.agent.localapi import CNIService, LocalAPI
+    from felix_agent.agent.cni_service import CNIService
+    from felix_agent.agent.localapi import LocalAPI
 
     log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
