@@ -18,173 +18,18 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable
-
-import yaml
 
 from felix_agent import model
-from felix_agent.datastore.convert import ConvertError, from_k8s, to_k8s
+from felix_agent.datastore.convert import ConvertError, from_k8s
 from felix_agent.datastore import keys
 from felix_agent.datastore.etcd import EtcdStore, EtcdUnavailable, record_key
 from felix_agent.datastore.etcd_tls import EtcdTLS
+from tortiectl import status
+from tortiectl.documents import read_documents, resolve_kind, validate_documents
+from tortiectl.errors import CliError
+from tortiectl.render import render
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
-APPLICABLE = ("Pod", "Namespace", "Node", "NetworkPolicy", "IPPool", "BGPPeer")
-
-# Every spelling kubectl users type, to the kind.
-ALIASES = {}
-for _kind, _names in {
-    "Pod": ("pod", "pods", "po"),
-    "Namespace": ("namespace", "namespaces", "ns"),
-    "Node": ("node", "nodes", "no"),
-    "NetworkPolicy": ("networkpolicy", "networkpolicies", "netpol"),
-    "IPPool": ("ippool", "ippools", "pool", "pools"),
-    "BGPPeer": ("bgppeer", "bgppeers", "peer", "peers"),
-    "WorkloadEndpoint": ("workloadendpoint", "workloadendpoints", "wep", "weps"),
-    "BlockAffinity": ("blockaffinity", "blockaffinities", "block", "blocks"),
-}.items():
-    for _n in _names:
-        ALIASES[_n] = _kind
-
-
-class CliError(Exception):
-    """A user-facing error: printed as `Error: ...`, exit status 1."""
-
-
-def resolve_kind(text: str) -> str:
-    kind = ALIASES.get(text.lower())
-    if kind is None:
-        raise CliError(f"unknown resource type {text!r} (one of: {', '.join(sorted(set(ALIASES.values())))})")
-    return kind
-
-
-# --- reading manifests ------------------------------------------------------------------
-
-def _describe(obj: Any) -> str:
-    if not isinstance(obj, dict):
-        return "not a mapping"
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    name = meta.get("name", "<unnamed>")
-    ns = meta.get("namespace")
-    return f"{obj.get('kind', '<no kind>')} {ns + '/' if ns else ''}{name}"
-
-
-def read_documents(path: str) -> list[tuple[str, dict]]:
-    """(label, object) for every non-empty document; kind: List is flattened. The label
-    ("FILE document N (Kind ns/name)") is what errors name."""
-    try:
-        text = sys.stdin.read() if path == "-" else open(path).read()
-    except OSError as e:
-        raise CliError(f"cannot read {path}: {e.strerror}") from None
-    src = "stdin" if path == "-" else path
-    out = []
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as e:
-        raise CliError(f"{src}: invalid YAML: {e}") from None
-    for i, doc in enumerate(docs, 1):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise CliError(f"{src} document {i}: not a Kubernetes object (got {type(doc).__name__})")
-        items = doc.get("items") if doc.get("kind") == "List" else [doc]
-        for j, obj in enumerate(items or [], 1):
-            label = f"{src} document {i}" + (f" item {j}" if doc.get("kind") == "List" else "")
-            out.append((f"{label} ({_describe(obj)})", obj))
-    if not out:
-        raise CliError(f"{src}: no objects found")
-    return out
-
-
-def validate_documents(docs: list[tuple[str, dict]], kinds: Iterable[str] = APPLICABLE) -> list[model.Record]:
-    records = []
-    allowed = tuple(kinds)
-    for label, obj in docs:
-        kind = obj.get("kind") if isinstance(obj, dict) else None
-        if kind not in allowed:
-            raise CliError(f"{label}: kind {kind!r} cannot be applied (one of: {', '.join(allowed)})")
-        try:
-            records.append(from_k8s(obj))
-        except ConvertError as e:
-            raise CliError(f"{label}: {e}") from None
-    seen: dict[tuple[str, str], str] = {}
-    for (label, _), rec in zip(docs, records):
-        rid = (model.KIND_OF[type(rec)], rec.key)
-        if rid in seen:
-            raise CliError(f"{label}: the same object as {seen[rid]}")
-        seen[rid] = label
-    return records
-
-
-# --- output -------------------------------------------------------------------------------
-
-def _labels(labels: model.Labels) -> str:
-    return ",".join(f"{k}={v}" for k, v in labels) or "<none>"
-
-
-def _selector(sel: model.LabelSelector) -> str:
-    return "<all>" if sel.is_empty else sel.canonical()
-
-
-def _rules(rules: tuple[model.PolicyRule, ...]) -> str:
-    return str(len(rules))
-
-
-# kind -> (headers, row function, extra wide headers, wide row function)
-Columns = tuple[list[str], Callable[[Any], list[str]], list[str], Callable[[Any], list[str]]]
-COLUMNS: dict[str, Columns] = {
-    "Pod": (["NAMESPACE", "NAME", "NODE", "IPS"],
-            lambda r: [r.namespace, r.name, r.node or "<none>", ",".join(r.ips) or "<none>"],
-            ["HOSTNET", "PORTS", "LABELS"],
-            lambda r: [str(r.host_network).lower(),
-                       ",".join(f"{p.name}:{p.port}/{p.protocol}" for p in r.ports) or "<none>",
-                       _labels(r.labels)]),
-    "Namespace": (["NAME", "LABELS"], lambda r: [r.name, _labels(r.labels)], [], lambda r: []),
-    "Node": (["NAME", "IP", "AS", "POD-CIDRS"],
-             lambda r: [r.name, r.ip or "<none>", str(r.as_number or "default"),
-                        ",".join(r.pod_cidrs) or "<none>"],
-             ["IP6", "VXLAN", "IPIP", "RR-CLUSTER", "LABELS"],
-             lambda r: [r.ip6 or "<none>",
-                        f"{r.vxlan_tunnel_addr}/{r.vxlan_tunnel_mac}" if r.vxlan_tunnel_addr else "<none>",
-                        r.ipip_tunnel_addr or "<none>", r.route_reflector_cluster_id or "<none>",
-                        _labels(r.labels)]),
-    "NetworkPolicy": (["NAMESPACE", "NAME", "POD-SELECTOR", "TYPES"],
-                      lambda r: [r.namespace, r.name, _selector(r.pod_selector), ",".join(r.policy_types)],
-                      ["INGRESS-RULES", "EGRESS-RULES"],
-                      lambda r: [_rules(r.ingress), _rules(r.egress)]),
-    "IPPool": (["NAME", "CIDR", "BLOCK", "MODE", "NAT", "DISABLED"],
-               lambda r: [r.name, r.cidr, f"/{r.block_size}", r.mode, str(r.nat_outgoing).lower(),
-                          str(r.disabled).lower()],
-               ["CROSS-SUBNET"], lambda r: [str(r.cross_subnet).lower()]),
-    "BGPPeer": (["NAME", "PEER-IP", "AS", "NODE"],
-                lambda r: [r.name, r.peer_ip, str(r.as_number), r.node or "<all>"], [], lambda r: []),
-    "WorkloadEndpoint": (["NODE", "NAMESPACE", "POD", "IFACE", "IPS"],
-                         lambda r: [r.node, r.namespace, r.pod, r.iface, ",".join(r.ips)],
-                         ["MAC", "CONTAINER"], lambda r: [r.mac, r.container_id[:12]]),
-    "BlockAffinity": (["CIDR", "NODE", "POOL"], lambda r: [r.cidr, r.node, r.pool or "<none>"],
-                      [], lambda r: []),
-}
-
-
-def render_table(kind: str, records: list[model.Record], wide: bool = False) -> str:
-    headers, row, wheaders, wrow = COLUMNS[kind]
-    rows = [headers + (wheaders if wide else [])]
-    for r in records:
-        rows.append(row(r) + (wrow(r) if wide else []))
-    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows)
-
-
-def render(kind: str, records: list[model.Record], output: str, single: bool) -> str:
-    if output in ("json", "yaml"):
-        objs = [to_k8s(r) for r in records]
-        doc: Any = objs[0] if single else {"apiVersion": "v1", "kind": "List", "items": objs}
-        if output == "json":
-            return json.dumps(doc, indent=2)
-        return yaml.safe_dump(doc, sort_keys=False).rstrip()
-    if not records:
-        return f"No {keys.PLURAL[kind]} found."
-    return render_table(kind, records, wide=(output == "wide"))
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -322,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_delete)
 
     # Views of one node's agent (status, node status, ipam show) read its /status.
-    from tortiectl.status import add_commands
-    add_commands(sub)
+    status.add_commands(sub)
     return p
 
 

@@ -10,6 +10,9 @@ import time
 import urllib.error
 import urllib.request
 
+from tortiectl.errors import CliError
+from tortiectl.render import table
+
 DEFAULT_AGENT = os.environ.get("TORTIE_AGENT_URL", "http://127.0.0.1:9099")
 
 
@@ -23,12 +26,6 @@ def fetch_status(url: str) -> dict:
             return json.load(r)
     except (urllib.error.URLError, OSError) as e:
         raise AgentUnreachable(f"cannot reach the agent at {url}: {getattr(e, 'reason', e)}") from None
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    cols = [header, *rows]
-    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols)
 
 
 def render_bgp(st: dict) -> str:
@@ -104,7 +101,6 @@ def _cmd(render, select):
         try:
             st = fetch_status(args.agent)
         except AgentUnreachable as e:
-            from tortiectl.cli import CliError
             raise CliError(str(e)) from None
         print(json.dumps(select(st), indent=2) if args.output == "json" else render(st))
         return 0

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import signal
 import sys
 
-from felix_agent import config, logs, metrics
+from felix_agent import config, logs
 
 from felix_agent.agent import health
-from felix_agent.agent.loop import Agent
+from felix_agent.agent.wiring import Agent
+from felix_agent.datastore.publisher import Publisher
 from felix_agent.logs import kv
-from felix_agent.model import Node, Update, WorkloadEndpoint
+from felix_agent.model import WorkloadEndpoint
 from felix_agent.agent.supervise import FatalError, supervise
 
 log = logging.getLogger("tortie.main")
@@ -71,40 +71,12 @@ def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], se
     return weps, {name for name in present if name and name.startswith("cali")}
 
 
-class NodeRegistrar:
-    """etcd mode: publishes this node's address, AS, VTEP and IPIP tunnel address on its
-    Node record (keeping labels and fields others set, e.g. the route-reflector cluster id),
-    whenever what the datastore holds differs."""
-
-    def __init__(self, store, name: str, node_ip: str, as_number: int):
-        self.store, self.name, self.node_ip, self.as_number = store, name, node_ip, as_number
-
-    def wanted(self, current: Node | None, plan) -> Node:
-        n = current or Node(name=self.name)
-        changes = {"ip": self.node_ip}
-        if self.as_number:
-            changes["as_number"] = self.as_number
-        if plan is not None and plan.vxlan is not None:
-            changes["vxlan_tunnel_addr"] = plan.vxlan.addr
-            changes["vxlan_tunnel_mac"] = plan.vxlan.mac
-        if plan is not None and getattr(plan, "ipip_addr", None):
-            changes["ipip_tunnel_addr"] = plan.ipip_addr
-        return dataclasses.replace(n, **changes)
-
-    async def sync(self, agent: Agent, plan) -> None:
-        current = agent.cluster.nodes.get(self.name)
-        want = self.wanted(current, plan)
-        if want != current:
-            await self.store.put_record(want)
-            log.info("published this node's record", extra=kv(node=self.name, ip=want.ip,
-                                                               vtep=want.vxlan_tunnel_addr or "-"))
-
-
 async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     from felix_agent.dataplane.barrier import Dataplane
     from felix_agent.ipam import IPAM, EtcdBackend, PodCIDRBackend
     from felix_agent.agent.intents import IntentLog
-    from felix_agent.agent.localapi import CNIService, LocalAPI
+    from felix_agent.agent.cni_service import CNIService
+    from felix_agent.agent.localapi import LocalAPI
 
     log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
@@ -112,7 +84,7 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
                           derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip,
                           ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
-    store = None
+    store = writer = None
     if cfg.datastore == "etcd":
         from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
         from felix_agent.datastore.etcd_tls import EtcdTLS, TLSConfigError
@@ -126,14 +98,15 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
         store = EtcdStore(cfg.etcd_host, cfg.etcd_port, cfg.etcd_prefix, tls=tls)
         # The watch gets a connection of its own: nothing on the ADD path shares its channel.
         syncer = EtcdSyncer(store.clone())
-        backend = EtcdBackend(store)
+        writer = Publisher(store)  # every write this agent makes
+        backend = EtcdBackend(store, writer)
     else:
         from felix_agent.datastore.kubernetes import KubernetesSyncer
 
         syncer = KubernetesSyncer(kubeconfig=cfg.kubeconfig or None)
         backend = PodCIDRBackend(cfg.name)
-    agent = Agent(cfg, dataplane, syncer, store)
-    agent.node_ip = node_ip
+    agent = Agent(cfg, dataplane, syncer, store, writer)
+    agent.view.node_ip = node_ip
     ipam = IPAM(cfg.name, backend, os.path.join(cfg.state_dir, "ipam"))
     await ipam.start()
     agent.attach_ipam(ipam, backend if cfg.datastore == "kubernetes" else None)
@@ -141,14 +114,14 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     # pyroute2's IPRoute cannot be used on the event loop's own thread.
     weps, ifaces = await loop.run_in_executor(None, restore_local_endpoints, ipam, cfg.name)
     for wep in weps:
-        agent.adopt(wep)
-    agent.set_startup_ifaces(ifaces)
+        agent.endpoints.adopt(wep)
+    agent.endpoints.set_startup_ifaces(ifaces)
     if store is not None and cfg.register_node:
-        agent.registrar = NodeRegistrar(store, cfg.name, node_ip, cfg.as_number)
-    server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.status_dict) \
+        agent.register_node(node_ip, cfg.as_number)
+    server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.view.as_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
-    service = CNIService(ipam, agent, cfg.name, executor,
+    service = CNIService(ipam, agent.endpoints, cfg.name, executor,
                          intents=IntentLog(os.path.join(cfg.state_dir, "intents")))
     await service.recover_interrupted()  # ADDs a crash cut short: rolled back before serving
     if service.reaper is not None:
@@ -160,8 +133,9 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    core = {"syncer": lambda: syncer.run(agent.emit), "loop": lambda: agent.run_loop(stop),
-            "publisher": agent.run_publisher}
+    core = {"syncer": lambda: syncer.run(agent.loop.emit), "loop": lambda: agent.loop.run_loop(stop)}
+    if agent.publisher is not None:
+        core["publisher"] = agent.publisher.run
     tasks = [asyncio.create_task(supervise(name, fn, stop), name=name) for name, fn in core.items()]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -12,6 +12,7 @@ from typing import Awaitable, Callable
 from felix_agent import metrics
 from felix_agent.datastore.base import Backoff
 from felix_agent.logs import kv
+from felix_agent.tasks import cancelled_from_outside
 
 log = logging.getLogger("tortie.supervise")
 
@@ -36,8 +37,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio
                 return
             error = "returned while the agent runs"
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if cancelled_from_outside():
                 raise  # shutdown
             error = "cancelled from inside (not by shutdown)"
         except FatalError:

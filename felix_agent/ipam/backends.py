@@ -2,22 +2,20 @@
 
 - EtcdBackend: pools are IPPool records; a block is claimed by creating its BlockAffinity
   key with an etcd transaction that succeeds only while the key does not exist, so two
-  nodes can never own one block, whatever the timing.
+  nodes can never own one block, whatever the timing (the write is the datastore
+  Publisher's, felix_agent/datastore/publisher.py).
 - PodCIDRBackend: Kubernetes mode; the node's Node.spec.podCIDRs are its blocks, assigned
   by the controller manager, and nothing is ever claimed.
 """
 from __future__ import annotations
 
-import json
-import logging
 from typing import Protocol, Sequence
 
-from felix_agent.datastore.keys import DEFAULT_PREFIX, object_key
+from felix_agent.datastore.etcd import EtcdStore
+from felix_agent.datastore.publisher import Publisher
 from felix_agent.model import BlockAffinity, IPPool
 
 from felix_agent.ipam.blocks import parse_network
-
-log = logging.getLogger("tortie.ipam")
 
 
 class IPAMBackend(Protocol):
@@ -39,13 +37,15 @@ class IPAMBackend(Protocol):
 
 
 class EtcdBackend:
-    """IPAM on an felix_agent.datastore.etcd.EtcdStore (pools and affinities as records)."""
+    """IPAM on etcd: pools and affinities are read from the EtcdStore; claims are written
+    through the datastore's Publisher (its create-only and compare-and-delete
+    transactions)."""
 
     claims_blocks = True
 
-    def __init__(self, store):
+    def __init__(self, store: EtcdStore, publisher: Publisher | None = None):
         self.store = store
-        self.prefix = getattr(store, "prefix", DEFAULT_PREFIX)
+        self.publisher = publisher or Publisher(store)
 
     async def list_pools(self) -> list[IPPool]:
         return [p for p in await self.store.get_all("IPPool") if isinstance(p, IPPool)]
@@ -53,35 +53,11 @@ class EtcdBackend:
     async def list_affinities(self) -> list[BlockAffinity]:
         return [a for a in await self.store.get_all("BlockAffinity") if isinstance(a, BlockAffinity)]
 
-    def _key(self, cidr: str) -> str:
-        return object_key(self.prefix, "BlockAffinity", cidr)
-
-    @staticmethod
-    def _value(affinity: BlockAffinity) -> str:
-        # The same Kubernetes-shaped JSON every record has, so the Syncer's watch decodes
-        # a claim like any other BlockAffinity event.
-        from felix_agent.datastore.convert import to_k8s
-        return json.dumps(to_k8s(affinity), separators=(",", ":"), sort_keys=True)
-
     async def claim(self, affinity: BlockAffinity) -> bool:
-        return bool(await self.store.create_if_absent(self._key(affinity.cidr), self._value(affinity)))
+        return await self.publisher.claim_block(affinity)
 
     async def unclaim(self, affinity: BlockAffinity) -> bool:
-        from felix_agent.datastore.convert import from_k8s
-        key = self._key(affinity.cidr)
-        value = await self.store.get_value(key)
-        if value is None:
-            return False
-        try:
-            current = from_k8s(json.loads(value))
-        except Exception:  # noqa: BLE001 - a record we cannot read is not ours to delete
-            log.warning("block affinity %s holds an unreadable value; not deleting it", key)
-            return False
-        if not isinstance(current, BlockAffinity) or current.node != affinity.node:
-            return False
-        # Compare-and-delete on the exact bytes read: if another node re-claimed the block
-        # in between, its value differs and the delete does nothing.
-        return bool(await self.store.delete_if_value(key, value))
+        return await self.publisher.release_block(affinity)
 
 
 class PodCIDRBackend:

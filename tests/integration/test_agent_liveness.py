@@ -18,11 +18,12 @@ import urllib.error
 import urllib.request
 
 from felix_agent.agent import health
-from felix_agent.agent.loop import Agent
+from felix_agent.agent.wiring import Agent
 from felix_agent.config import AgentConfig
-from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
+from felix_agent.datastore.etcd import EtcdStore
 from felix_agent.model import Namespace, SyncStatus, Update
 from tests.lab.etcd import Etcd
+from tests.lab.etcd_syncer import synced_syncer
 
 
 class StuckPlan:
@@ -69,8 +70,8 @@ def test_stuck_dataplane_pass_fails_livez():
 
     async def main():
         stop = asyncio.Event()
-        loop_task = asyncio.create_task(agent.run_loop(stop))
-        agent.emit(SyncStatus(True))
+        loop_task = asyncio.create_task(agent.loop.run_loop(stop))
+        agent.loop.emit(SyncStatus(True))
         await asyncio.sleep(0.3)
         assert dp.passes == 1
         assert (await asyncio.to_thread(livez, port))[0] == 200  # a pass in progress, not yet long
@@ -82,7 +83,7 @@ def test_stuck_dataplane_pass_fails_livez():
         code, body = await asyncio.to_thread(livez, port)
         assert code == 200, body
         stop.set()
-        agent.queue.put_nowait(None)
+        agent.state.wake()
         await asyncio.wait_for(loop_task, 5)
 
     try:
@@ -94,17 +95,8 @@ def test_stuck_dataplane_pass_fails_livez():
 
 
 async def _silent_watch_death(e: Etcd) -> None:
-    store = EtcdStore("127.0.0.1", e.port, "/live", timeout=2.0)
-    await store.put_record(Namespace(name="before"))
-    syncer = EtcdSyncer(store)
-    syncer.probe_interval = 1.0
-    events: list = []
-    task = asyncio.create_task(syncer.run(events.append))
+    store, _, events, task = await synced_syncer(e.port, "/live", timeout=2.0)
     try:
-        deadline = time.monotonic() + 10
-        while not any(isinstance(ev, SyncStatus) and ev.in_sync for ev in events):
-            assert time.monotonic() < deadline, "no first sync"
-            await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # the watch is established
         # aetcd's stream task ends by CancelledError, which its `except Exception` misses.
         handler = store.client._watcher._request_handler

@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer, EtcdUnavailable
-from felix_agent.model import Namespace, SyncStatus, Update
+from felix_agent.datastore.etcd import EtcdUnavailable
+from felix_agent.model import Namespace, Update
 from tests.lab.etcd import Etcd
+from tests.lab.etcd_syncer import synced_syncer
 
 READERS = 16
 
@@ -37,13 +38,7 @@ async def _wait(pred, timeout: float, what: str) -> None:
 
 
 async def _scenario(e: Etcd) -> None:
-    store = EtcdStore("127.0.0.1", e.port, "/faults", timeout=1.0)
-    await store.put_record(Namespace(name="before"))
-    syncer = EtcdSyncer(store)
-    syncer.probe_interval = 1.0
-    events: list = []
-    sync_task = asyncio.create_task(syncer.run(events.append), name="syncer")
-    await _wait(lambda: any(isinstance(ev, SyncStatus) and ev.in_sync for ev in events), 10, "first sync")
+    store, _, events, sync_task = await synced_syncer(e.port, "/faults", timeout=1.0)
 
     outcomes = {"ok": 0, "unavailable": 0}
     unexpected: list[BaseException] = []

@@ -18,7 +18,8 @@ from cni_plugin import agent_client
 from podnet.errors import DATAPLANE_FAILURE, TRY_AGAIN_LATER, CNIError
 from podnet.naming import host_iface_name
 from felix_agent.ipam import IPAM, PodCIDRBackend
-from felix_agent.agent.localapi import CNIService, LocalAPI
+from felix_agent.agent.cni_service import CNIService
+from felix_agent.agent.localapi import LocalAPI
 from tests.lab.nsproxy import setns
 
 pytestmark = pytest.mark.root

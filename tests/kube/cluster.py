@@ -534,6 +534,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def down(self) -> None:
         teardown(self.prefix, self.procs)
 
+    def up_or_remove(self, what: str, **up_args) -> "KubeLab":
+        """up(); on any failure say where the logs are and remove the half-made cluster."""
+        try:
+            self.up(**up_args)
+        except BaseException:
+            print(f"{what} failed; logs in {self.dir}/logs (removing the cluster)", file=sys.stderr)
+            self.down()
+            raise
+        return self
+
 
 # -- teardown (also for a cluster left by a crashed run) -----------------------------------
 
@@ -660,13 +670,7 @@ def leftovers(prefix: str) -> list[str]:
 def _main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "up"
     if cmd == "up":
-        lab = KubeLab()
-        try:
-            lab.up()
-        except BaseException:
-            print(f"kube-up failed; logs in {lab.dir}/logs (removing the cluster)", file=sys.stderr)
-            lab.down()
-            raise
+        lab = KubeLab().up_or_remove("kube-up")
         kc = lab.kubeconfig
         print(f"""
 cluster {lab.prefix} is up: control plane in netns {lab.cp}, nodes {', '.join(n.ns for n in lab.nodes)}

@@ -163,13 +163,7 @@ def down(prefix: str, procs: dict | None = None) -> None:
 def up(prefix: str | None = None) -> ManifestLab:
     lab = ManifestLab(**({"prefix": prefix} if prefix else {}))
     lab.image_archives = [image_archive()]
-    try:
-        lab.up()
-    except BaseException:
-        print(f"manifest lab failed; logs in {lab.dir}/logs (removing the cluster)", file=sys.stderr)
-        lab.down()
-        raise
-    return lab
+    return lab.up_or_remove("manifest lab")
 
 
 if __name__ == "__main__":

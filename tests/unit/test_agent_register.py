@@ -1,12 +1,13 @@
-"""Agent.register learns a pod's labels from the datastore when the watch has not
+"""EndpointRegistry.register learns a pod's labels from the datastore when the watch has not
 delivered the Pod yet, so the first dataplane pass for the endpoint already applies the
 policies that select it by label."""
 import asyncio
 
 import pytest
 
-from felix_agent.agent.loop import Agent
+from felix_agent.agent.wiring import Agent
 from felix_agent.config import AgentConfig
+from felix_agent.datastore.etcd import encode_record, record_key
 from felix_agent.model import Pod
 
 
@@ -31,20 +32,20 @@ def test_unknown_pod_is_read_from_the_datastore():
     pod = Pod("x", "a", labels=(("app", "web"),), node="n1")
     store = FakeStore({"x/a": pod})
     a = agent(store)
-    asyncio.run(a._learn_pod("x", "a"))
-    assert a.cluster.pods["x/a"] == pod
+    asyncio.run(a.endpoints._learn_pod("x", "a"))
+    assert a.state.cluster.pods["x/a"] == pod
     assert store.calls == [("Pod", "x", "a")]
 
 
 def test_known_pod_is_not_read_again_and_outage_is_tolerated():
     pod = Pod("x", "a", labels=(("app", "web"),), node="n1")
     a = agent(FakeStore({"x/a": pod}))
-    asyncio.run(a._learn_pod("x", "a"))
-    a.store = FakeStore({}, fail=True)
-    asyncio.run(a._learn_pod("x", "a"))  # known: no read
-    assert a.store.calls == []
-    asyncio.run(a._learn_pod("y", "b"))  # unknown and etcd down: no error, nothing learnt
-    assert a.store.calls == [("Pod", "y", "b")] and "y/b" not in a.cluster.pods
+    asyncio.run(a.endpoints._learn_pod("x", "a"))
+    a.endpoints.reader = FakeStore({}, fail=True)
+    asyncio.run(a.endpoints._learn_pod("x", "a"))  # known: no read
+    assert a.endpoints.reader.calls == []
+    asyncio.run(a.endpoints._learn_pod("y", "b"))  # unknown and etcd down: no error, nothing learnt
+    assert a.endpoints.reader.calls == [("Pod", "y", "b")] and "y/b" not in a.state.cluster.pods
 
 
 # --- the ADD waits for the pass, not for the etcd write ---------------------------------
@@ -62,7 +63,6 @@ class PublishStore(FakeStore):
         self.release = asyncio.Event()
 
     async def put_record(self, record):
-        from felix_agent.datastore.etcd import encode_record, record_key
         self.puts.append(record.key)
         await self.release.wait()
         if self.put_fail:
@@ -85,11 +85,9 @@ class PublishStore(FakeStore):
 
 
 async def one_pass(a):
-    """What Agent.run_loop does for one woken pass, without a dataplane."""
-    await a.queue.get()
-    async with a._applied:
-        a.applied_generation = a.generation
-        a._applied.notify_all()
+    """What AgentLoop.run_loop does for one woken pass, without a dataplane."""
+    await a.state.queue.get()
+    await a.state.programmed(a.state.generation)
 
 
 def wep(pod="a", ip="10.65.0.7"):
@@ -107,7 +105,7 @@ async def until(pred, timeout=5.0):
 
 def synced_agent(store):
     a = agent(store)
-    a._synced_once = a.status.in_sync = True
+    a.state.synced_once = a.status.in_sync = True
     return a
 
 
@@ -118,18 +116,18 @@ def test_add_returns_after_the_pass_while_the_write_is_still_in_flight():
         store = PublishStore()
         store.pods["x/a"] = Pod("x", "a", node="n1")
         a = synced_agent(store)
-        publisher = asyncio.ensure_future(a.run_publisher())
-        reg = asyncio.ensure_future(a.register(wep()))
+        publisher = asyncio.ensure_future(a.publisher.run())
+        reg = asyncio.ensure_future(a.endpoints.register(wep()))
         await asyncio.sleep(0.05)
         # No pass yet: no answer, and the publisher lets the pass go first (no write yet).
         assert not reg.done() and store.puts == []
         await one_pass(a)
         await asyncio.wait_for(reg, 5)
         await until(lambda: store.puts == ["n1/x/a"])
-        assert "n1/x/a" not in a._ds_weps  # the write is pending; the ADD had its answer
+        assert "n1/x/a" not in a.publisher.copies  # the write is pending; the ADD had its answer
         store.release.set()
-        await until(lambda: "n1/x/a" in a._ds_weps)
-        assert a._ds_weps["n1/x/a"] == wep() and not a._publish_due
+        await until(lambda: "n1/x/a" in a.publisher.copies)
+        assert a.publisher.copies["n1/x/a"] == wep() and not a.publisher.due
         publisher.cancel()
     asyncio.run(main())
 
@@ -140,28 +138,28 @@ def test_unreachable_datastore_before_first_sync_fails_the_add():
         store.release.set()
         a = agent(store)  # never synced: no pass will ever come
         with pytest.raises(ConnectionError):
-            await asyncio.wait_for(a.register(wep()), 5)
-        assert a.applied_generation == -1  # failed before any pass: nothing programmed
+            await asyncio.wait_for(a.endpoints.register(wep()), 5)
+        assert a.state.applied_generation == -1  # failed before any pass: nothing programmed
     asyncio.run(main())
 
 
 def test_unreachable_datastore_after_sync_wires_and_publishes_later(monkeypatch):
-    import felix_agent.agent.loop as agent_mod
-    monkeypatch.setattr(agent_mod, "PUBLISH_RETRY_MIN", 0.01)
+    import felix_agent.agent.endpoint_publisher as publisher_mod
+    monkeypatch.setattr(publisher_mod, "PUBLISH_RETRY_MIN", 0.01)
 
     async def main():
         store = PublishStore(fail=True)
         store.release.set()
         a = synced_agent(store)
-        publisher = asyncio.ensure_future(a.run_publisher())
-        reg = asyncio.ensure_future(a.register(wep()))
+        publisher = asyncio.ensure_future(a.publisher.run())
+        reg = asyncio.ensure_future(a.endpoints.register(wep()))
         await one_pass(a)
         await asyncio.wait_for(reg, 5)  # wired although etcd refuses the write
         await asyncio.sleep(0.05)
-        assert a._publish_due and "n1/x/a" in a._local_weps and "n1/x/a" not in a._ds_weps
+        assert a.publisher.due and "n1/x/a" in a.endpoints.local and "n1/x/a" not in a.publisher.copies
         store.put_fail = False  # etcd is back: the retry publishes it
         await asyncio.sleep(0.1)
-        assert a._ds_weps["n1/x/a"] == wep() and not a._publish_due
+        assert a.publisher.copies["n1/x/a"] == wep() and not a.publisher.due
         publisher.cancel()
     asyncio.run(main())
 
@@ -174,25 +172,25 @@ def test_publisher_deletes_before_it_writes_and_keeps_each_keys_order():
         store = PublishStore()
         store.release.set()
         a = synced_agent(store)
-        publisher = asyncio.ensure_future(a.run_publisher())
-        reg = asyncio.ensure_future(a.register(wep("old", "10.65.0.9")))
+        publisher = asyncio.ensure_future(a.publisher.run())
+        reg = asyncio.ensure_future(a.endpoints.register(wep("old", "10.65.0.9")))
         await one_pass(a)
         await reg
         await until(lambda: store.log)
         assert store.log == [("put", "n1/x/old", ("10.65.0.9",))]
         # The publisher is busy elsewhere while a DEL and the next ADD come in.
-        a._publish_wake.clear()
+        a.publisher._wake.clear()
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
-        await a.unregister("x", "old")
+        await a.endpoints.unregister("x", "old")
         await one_pass(a)
         for pod in ("new", "brief"):
-            reg = asyncio.ensure_future(a.register(wep(pod, "10.65.0.9" if pod == "new" else "10.65.0.10")))
+            reg = asyncio.ensure_future(a.endpoints.register(wep(pod, "10.65.0.9" if pod == "new" else "10.65.0.10")))
             await one_pass(a)
             await reg
-        await a.unregister("x", "brief")
+        await a.endpoints.unregister("x", "brief")
         await one_pass(a)
-        publisher = asyncio.ensure_future(a.run_publisher())
+        publisher = asyncio.ensure_future(a.publisher.run())
         await until(lambda: len(store.log) >= 3)
         await asyncio.sleep(0.01)
         assert store.log[1:] == [("delete", "/tortie/workloadendpoints/n1/x/old", ()),

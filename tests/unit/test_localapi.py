@@ -14,7 +14,9 @@ from podnet.agent_protocol import recv_msg
 from podnet.errors import (DECODE_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, INVALID_ENV,
                                PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError)
 from felix_agent.ipam import IPAM, PodCIDRBackend
-from felix_agent.agent.localapi import CNIService, LocalAPI, parse_request
+from felix_agent.agent.cni_request import parse_request
+from felix_agent.agent.cni_service import CNIService
+from felix_agent.agent.localapi import LocalAPI
 
 CONF = {"cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "tortie", "ipam": {"type": "tortie"}}
 
