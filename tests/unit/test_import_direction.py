@@ -14,7 +14,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRODUCT = ("podnet", "cni_plugin", "felix_agent", "tortiectl")
-BASE = {"felix_agent", "felix_agent.model", "felix_agent.config", "felix_agent.logs", "felix_agent.metrics"}
+BASE = {"felix_agent", "felix_agent.model", "felix_agent.config", "felix_agent.logs", "felix_agent.metrics",
+        "felix_agent.tasks"}
 
 # Which stages a stage may import (itself included).
 ALLOWED = {
