@@ -4,7 +4,8 @@ import pytest
 from felix_agent.calc.desired import IpSet
 from felix_agent.dataplane import cmd as cmd_mod
 from felix_agent.dataplane import ipsets as ipsets_mod
-from felix_agent.dataplane.ipsets import IpsetDriver, parse_save
+from felix_agent.dataplane.ipsets import IpsetDriver
+from felix_agent.dataplane.ipsets_diff import parse_save
 
 pytestmark = pytest.mark.root
 

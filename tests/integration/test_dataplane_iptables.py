@@ -7,7 +7,8 @@ from felix_agent.calc.desired import Hook
 from felix_agent.dataplane import cmd as cmd_mod
 from felix_agent.dataplane import iptables as ipt_mod
 from felix_agent.dataplane.cmd import CommandError
-from felix_agent.dataplane.iptables import IptablesTable, chain_rule_ids, hook_id, parse_save
+from felix_agent.dataplane.iptables import IptablesTable
+from felix_agent.dataplane.iptables_rules import chain_rule_ids, hook_id, parse_save
 
 pytestmark = pytest.mark.root
 

@@ -2,9 +2,9 @@
 import pytest
 
 from felix_agent.calc.desired import IpSet
-from felix_agent.dataplane.ipsets import (
-    IpsetDriver, SavedSet, advance_updates, canonical_member, parse_save, plan_updates, swap_compatible,
-    temp_name,
+from felix_agent.dataplane.ipsets import IpsetDriver
+from felix_agent.dataplane.ipsets_diff import (
+    SavedSet, advance_updates, canonical_member, parse_save, plan_updates, swap_compatible, temp_name,
 )
 
 SAVE = """create cali40s:a hash:net family inet hashsize 1024 maxelem 1048576 bucketsize 12 initval 0x1
