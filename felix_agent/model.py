@@ -184,7 +184,7 @@ class Node:
     def key(self) -> str:
         return self.name
 
-    @property
+    @cached_property  # asked ~20 times per node per routing pass (sessions, subnets, routes)
     def address(self) -> str:
         """The IPv4 address without prefix."""
         return self.ip.split("/")[0] if self.ip else ""

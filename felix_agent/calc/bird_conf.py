@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from felix_agent.calc.routes import (Blocks, Nodes, Pools, blocks_by_node, ipv4_address, pool_for, records,
+from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, blocks_by_node, ipv4_address, pool_for, records,
                                      same_subnet)
 from felix_agent.model import DEFAULT_AS, BGPPeer, Node
 
@@ -130,10 +130,12 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
                 blocks: Blocks, me: str, *, listen_port: int = 179,
                 uplink: str = "eth0", default_as: int = DEFAULT_AS,
                 local_route: str = "blackhole", mesh_password_file: str = "",
-                secrets_dir: str = "") -> str:
+                secrets_dir: str = "", sess: list[Session] | None = None,
+                by_node: ByNode | None = None) -> str:
     """The bird2 configuration text for node `me` (see the module doc).  Raises
     ValueError for input that cannot make a valid config (unknown node, non-IPv4
-    address, bad cluster id, out-of-range port)."""
+    address, bad cluster id, out-of-range port).  `sess` and `by_node`: sessions() and
+    blocks_by_node() of the same input, when the caller has them already."""
     if local_route not in ("blackhole", "unreachable"):
         raise ValueError(f"local_route must be blackhole or unreachable, not {local_route!r}")
     if not 0 < listen_port < 65536:
@@ -141,7 +143,8 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", uplink):
         raise ValueError(f"uplink {uplink!r} is not an interface name")
     nodes = records(nodes)
-    sess = sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file)
+    if sess is None:
+        sess = sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file)
     if any(s.password_file for s in sess) and not secrets_dir.startswith("/"):
         raise ValueError(f"secrets_dir {secrets_dir!r} must be an absolute path when sessions have passwords")
     mine = next(n for n in nodes if n.name == me)
@@ -155,7 +158,8 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     ipip_cross = sorted(p.cidr for p in enabled if p.mode == "ipip" and p.cross_subnet)
     ipip_always = sorted(p.cidr for p in enabled if p.mode == "ipip" and not p.cross_subnet)
     all_pools = sorted(str(ipaddress.ip_network(p.cidr, strict=False)) for p in enabled)
-    my_blocks = [c for c in blocks_by_node(nodes, blocks).get(me, ())
+    by_node = by_node if by_node is not None else blocks_by_node(nodes, blocks)
+    my_blocks = [c for c in by_node.get(me, ())
                  if ipaddress.ip_network(c).version == 4 and pool_for(c, pools) is not None]
     reflector = bool(mine.route_reflector_cluster_id)
 

@@ -132,34 +132,35 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
     nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip)
     if cfg.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
         nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
+    by_node = route_calc.blocks_by_node(nodes, blocks)  # once a pass: 5,000 nodes' blocks
     state = DesiredState()
-    state.routes = (route_calc.remote_routes(nodes, pools, blocks, cfg.node, uplink=cfg.uplink)
-                    | route_calc.local_block_routes(nodes, pools, blocks, cfg.node))
+    state.routes = (route_calc.remote_routes(nodes, pools, blocks, cfg.node, uplink=cfg.uplink, by_node=by_node)
+                    | route_calc.local_block_routes(nodes, pools, blocks, cfg.node, by_node=by_node))
     enabled = [p for p in pools.values() if not p.disabled]
     plan = Plan(state=state, errors=errors, modes=tuple(sorted({p.mode for p in enabled})),
-                warnings=off_subnet_warnings(cluster, nodes, cfg.node))
+                warnings=off_subnet_warnings(cluster, nodes, cfg.node, by_node))
     if "vxlan" in plan.modes:
-        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan")
+        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan", by_node)
         if block:
             addr, mac = route_calc.vtep_for(cfg.node, block)
             fdb, neigh = route_calc.vxlan_peers(nodes, pools, cfg.node)
             plan.vxlan = VxlanWanted(addr, mac, fdb, neigh)
     if "ipip" in plan.modes:
-        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "ipip")
+        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "ipip", by_node)
         if block:
             # Like the VTEP: the block's first address, which IPAM never gives a pod.
             plan.ipip_addr = route_calc.vtep_for(cfg.node, block)[0]
     me = nodes.get(cfg.node)
     if cfg.bird and me is not None and me.address and plan.wants_bird:
         try:
+            sess = sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
+                            mesh_password_file=cfg.bgp_password_file)
             plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, cfg.node,
                                          uplink=cfg.uplink, default_as=cfg.default_as,
                                          mesh_password_file=cfg.bgp_password_file,
-                                         secrets_dir=cfg.secrets_dir)
-            plan.bird_secrets = {
-                password_include(cfg.secrets_dir, s.name): s.password_file
-                for s in sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
-                                  mesh_password_file=cfg.bgp_password_file) if s.password_file}
+                                         secrets_dir=cfg.secrets_dir, sess=sess, by_node=by_node)
+            plan.bird_secrets = {password_include(cfg.secrets_dir, s.name): s.password_file
+                                 for s in sess if s.password_file}
         except ValueError as e:
             errors.append(f"BIRD config: {e}")
     if plan.bird_conf is not None:
@@ -167,7 +168,7 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
     return plan
 
 
-def off_subnet_warnings(cluster: Cluster, nodes, me: str) -> tuple[PlanWarning, ...]:
+def off_subnet_warnings(cluster: Cluster, nodes, me: str, by_node=None) -> tuple[PlanWarning, ...]:
     """Which nodes' pods this node cannot reach because they sit behind a router and their
     pool does not encapsulate.  With explicit BGP peers (a ToR that routes the blocks)
     bgp mode can work across subnets: no warning then."""
@@ -176,7 +177,7 @@ def off_subnet_warnings(cluster: Cluster, nodes, me: str) -> tuple[PlanWarning, 
         why["bgp"] = "BGP routes with a next hop behind a router are not installed"
     out = []
     for mode, reason in why.items():
-        far = route_calc.off_subnet_nodes(nodes, cluster.pools, cluster.block_affinities, me, mode)
+        far = route_calc.off_subnet_nodes(nodes, cluster.pools, cluster.block_affinities, me, mode, by_node)
         if far:
             out.append(PlanWarning(
                 f"off-subnet/{mode}",

@@ -83,9 +83,16 @@ def _net(cidr: str) -> Net:
 
 def pool_for(block: str, pools: Pools) -> IPPool | None:
     """The enabled pool that contains `block` (the most specific when pools overlap)."""
+    return _pool_for(block, tuple(records(pools)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _pool_for(block: str, pools: tuple[IPPool, ...]) -> IPPool | None:
+    # Cached: a pass asks for every block of every node, several times (5,000 nodes: 10,000
+    # blocks), and pools are few and immutable records, so (block, pools) is a cheap key.
     b = _net(block)
     best: IPPool | None = None
-    for p in records(pools):
+    for p in pools:
         if p.disabled:
             continue
         pn = _net(p.cidr)
@@ -93,6 +100,9 @@ def pool_for(block: str, pools: Pools) -> IPPool | None:
             if best is None or pn.prefixlen > _net(best.cidr).prefixlen:
                 best = p
     return best
+
+
+ByNode = Mapping[str, tuple[str, ...]]  # node name -> its blocks, as blocks_by_node gives them
 
 
 def blocks_by_node(nodes: Nodes, blocks: Blocks) -> dict[str, tuple[str, ...]]:
@@ -152,8 +162,10 @@ def _by_name(nodes: list[Node]) -> dict[str, Node]:
     return {n.name: n for n in nodes}
 
 
-def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink: str = DEFAULT_UPLINK) -> frozenset[Route]:
-    """Routes to every remote node's blocks in non-bgp pools (see the module doc)."""
+def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink: str = DEFAULT_UPLINK,
+                  by_node: ByNode | None = None) -> frozenset[Route]:
+    """Routes to every remote node's blocks in non-bgp pools (see the module doc).
+    `by_node`: blocks_by_node(nodes, blocks) when the caller has it already."""
     nodes = records(nodes)
     by_name = _by_name(nodes)
     mine = by_name.get(me)
@@ -161,7 +173,7 @@ def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink
         return frozenset()  # my own Node record is not known yet: nothing is safe to route
     pools = records(pools)
     routes: set[Route] = set()
-    for name, cidrs in blocks_by_node(nodes, blocks).items():
+    for name, cidrs in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).items():
         if name == me:
             continue
         peer = by_name[name]
@@ -195,7 +207,8 @@ def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str) -> 
     return None  # bgp: BIRD's job
 
 
-def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str) -> tuple[str, ...]:
+def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str,
+                     by_node: ByNode | None = None) -> tuple[str, ...]:
     """Remote nodes with blocks in an enabled pool of `mode` that are NOT on my subnet.
     For "direct" they get no route at all; for "bgp" BIRD learns their blocks but the
     kernel export refuses them (the next hop is not on my link and the router in between
@@ -207,7 +220,7 @@ def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: 
         return ()
     pools = records(pools)
     out = []
-    for name, cidrs in blocks_by_node(nodes, blocks).items():
+    for name, cidrs in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).items():
         peer = by_name[name]
         if name == me or not peer.address or same_subnet(mine, peer):
             continue
@@ -222,7 +235,8 @@ def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str
     return off_subnet_nodes(nodes, pools, blocks, me, "direct")
 
 
-def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, kind: str = "blackhole") -> frozenset[Route]:
+def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, kind: str = "blackhole",
+                       by_node: ByNode | None = None) -> frozenset[Route]:
     """Blackhole (or unreachable, kind="unreachable") routes for my own blocks, in every
     mode: traffic to an unused address of my block is dropped here rather than sent out
     of the default route (pod /32 routes are more specific and win).  In bgp pools BIRD's
@@ -232,7 +246,7 @@ def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, k
         raise ValueError(f"local block route kind must be blackhole or unreachable, not {kind!r}")
     routes = set()
     pools = records(pools)
-    for cidr in blocks_by_node(nodes, blocks).get(me, ()):
+    for cidr in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).get(me, ()):
         pool = pool_for(cidr, pools)
         if pool is not None:
             routes.add(Route(dst=cidr, type=kind))
@@ -293,10 +307,12 @@ def vtep_for(node_name: str, block_cidr: str) -> tuple[str, str]:
     return str(_net(block_cidr).network_address), vtep_mac(node_name)
 
 
-def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str) -> str | None:
+def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str,
+                 by_node: ByNode | None = None) -> str | None:
     """My first block (lowest CIDR) in an enabled pool of `mode` ("vxlan" or "ipip"): its
     first address becomes the tunnel device's address.  None when I own no such block."""
-    return _first_block(blocks_by_node(nodes, blocks).get(me, ()), records(pools), mode)
+    by_node = by_node if by_node is not None else blocks_by_node(nodes, blocks)
+    return _first_block(by_node.get(me, ()), records(pools), mode)
 
 
 def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str) -> str | None:

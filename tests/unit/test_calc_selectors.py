@@ -1,9 +1,11 @@
 """Selector semantics: podSelector/namespaceSelector exactly as Kubernetes defines them."""
+import ipaddress
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from felix_agent.calc.selectors import ALL_PODS, PeerSelector, SelectorIndex, selector_members
+from felix_agent.calc.selectors import ALL_PODS, PeerSelector, SelectorIndex, ipv4_addresses, selector_members
 from felix_agent.model import LabelSelector, Namespace, PolicyPeer, SelectorRequirement
 from tests.unit.test_calc_fixtures import cluster_of, pod, req, sel
 
@@ -129,3 +131,14 @@ def test_selection_matches_reference(pods, ns_labels, pod_sel, ns_sel):
         if in_scope and reference_match(pod_sel or LabelSelector(), labels):
             expected.add(f"10.0.0.{i + 1}")
     assert SelectorIndex(c.endpoints(), c.namespaces).members(s) == expected
+
+
+@settings(max_examples=400)
+@given(st.one_of(st.ip_addresses().map(str), st.text(alphabet="0123456789.:/ abcdef", max_size=20),
+                 st.lists(st.integers(0, 300).map(str), min_size=3, max_size=5).map(".".join)))
+def test_ipv4_addresses_keeps_exactly_what_ipaddress_calls_ipv4(text):
+    try:
+        want = ipaddress.ip_address(text).version == 4
+    except ValueError:
+        want = False
+    assert ipv4_addresses([text]) == ([text] if want else [])
