@@ -7,7 +7,8 @@ Kept between passes (still pure: it reads only the model it is given):
 - every endpoint's labels, indexed by namespace and by label (key, value);
 - for each pod selector some set of a local policy uses, the endpoints it selects and the
   set's members; an endpoint that changed is checked against each selector (a label change
-  moves it between sets), and only sets whose members changed are rebuilt;
+  moves it between sets), and only sets whose members changed are rebuilt (named-port
+  members are counted endpoint by endpoint, so even those are not rescanned);
 - a new selector (a new or changed policy) is evaluated once, from the smallest label
   posting list of its matchLabels (or its namespace's endpoints), not from every pod;
 - namespace labels: a Namespace change re-evaluates the selectors with namespaceSelectors;
@@ -19,22 +20,42 @@ tests/unit/test_calc_incremental.py asserts equality after every event of random
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from felix_agent.calc.cluster import Cluster, PodId
 from felix_agent.calc.desired import DesiredState, IpSet
 from felix_agent.calc.filter import CalcConfig, render_state
 from felix_agent.calc.ipsets import SetSpec, desired_ipset
 from felix_agent.calc.nat import pool_sets
-from felix_agent.calc.selectors import PeerSelector, ipv4_addresses, namespace_labels
+from felix_agent.calc.selectors import PeerSelector, ipv4_addresses, namespace_labels, port_members
 from felix_agent.model import Endpoint, NetworkPolicy
 
 
 class _Selection:
-    __slots__ = ("pids", "members", "endpoints")
+    __slots__ = ("pids", "members", "endpoints", "named", "named_sets")
 
     def __init__(self, pids: set[PodId]):
         self.pids = pids
         self.members: frozenset[str] | None = None  # cached until a member changes
         self.endpoints: tuple[Endpoint, ...] | None = None
+        # (port name, protocol) -> member -> how many selected endpoints give it, kept up
+        # to date endpoint by endpoint: rebuilding a named-port set over every selected pod
+        # on each change cost ~40 ms at 100k pods.
+        self.named: dict[tuple[str, str], Counter[str]] = {}
+        self.named_sets: dict[tuple[str, str], frozenset[str]] = {}  # cached until a count changes
+
+    def follow(self, old: Endpoint | None, new: Endpoint | None) -> None:
+        """One selected endpoint left (old), arrived (new) or changed (both)."""
+        self.members = self.endpoints = None
+        self.named_sets.clear()
+        for (name, proto), counts in self.named.items():
+            if old is not None:
+                for m in port_members(old, name, proto):
+                    counts[m] -= 1
+                    if counts[m] <= 0:
+                        del counts[m]
+            if new is not None:
+                counts.update(port_members(new, name, proto))
 
 
 class IncrementalCalc:
@@ -92,21 +113,26 @@ class IncrementalCalc:
             del index[key]
 
     def _endpoint_changed(self, pid: PodId, ep: Endpoint | None) -> None:
-        if pid in self._eps:
+        old = self._eps.get(pid)
+        if old is not None:
             self._unindex(pid)
         if ep is not None:
             self._index(pid, ep)
+        changed = set()
         for sel, selection in self._sel.items():
+            was = pid in selection.pids
             now = ep is not None and self._matches(sel, pid, ep)
             if now:
                 selection.pids.add(pid)
-            elif pid in selection.pids:
+            elif was:
                 selection.pids.discard(pid)
             else:
                 continue
-            selection.members = selection.endpoints = None
-            for spec in [s for s in self._ipsets if getattr(s, "sel", None) == sel]:
-                del self._ipsets[spec]
+            selection.follow(old if was else None, ep if now else None)
+            changed.add(sel)
+        if changed:
+            self._ipsets = {spec: s for spec, s in self._ipsets.items()
+                            if getattr(spec, "sel", None) not in changed}
 
     def _ns_ok(self, sel: PeerSelector, ns: str) -> bool:
         if sel.namespaces is None:
@@ -179,6 +205,19 @@ class IncrementalCalc:
             eps = self._eps
             s.members = frozenset(ip for pid in s.pids for ip in ipv4_addresses(eps[pid].ips))
         return s.members
+
+    def named_members(self, sel: PeerSelector, port_name: str, protocol: str) -> frozenset[str]:
+        s = self._selection(sel)
+        key = (port_name, protocol)
+        hit = s.named_sets.get(key)
+        if hit is None:
+            counts = s.named.get(key)
+            if counts is None:
+                eps = self._eps
+                counts = s.named[key] = Counter(
+                    m for pid in s.pids for m in port_members(eps[pid], port_name, protocol))
+            hit = s.named_sets[key] = frozenset(counts)
+        return hit
 
     def _ipset(self, spec: SetSpec) -> IpSet:
         hit = self._ipsets.get(spec)

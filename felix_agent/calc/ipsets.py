@@ -20,7 +20,7 @@ from felix_agent.calc.names import (
     NETS_SET_PREFIX,
     SELECTOR_SET_PREFIX,
 )
-from felix_agent.calc.selectors import PeerSelector, SelectorIndex, ipv4_addresses
+from felix_agent.calc.selectors import PeerSelector, SelectorIndex
 
 HASH_CHARS = 22  # 132 bits of sha256: collisions are not a practical concern
 
@@ -94,22 +94,11 @@ def net_members(cidrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(out, key=lambda s: ipaddress.ip_network(s)))
 
 
-def named_port_members(spec: NamedPortSet, index: SelectorIndex) -> frozenset[str]:
-    proto = spec.protocol.lower()
-    out = set()
-    for ep in index.select(spec.sel):
-        for p in ep.ports:
-            if p.name == spec.port_name and p.protocol == spec.protocol:
-                for ip in ipv4_addresses(ep.ips):
-                    out.add(f"{ip},{proto}:{p.port}")
-    return frozenset(out)
-
-
 def set_members(spec: SetSpec, index: SelectorIndex) -> frozenset[str]:
     if isinstance(spec, SelectorSet):
         return index.members(spec.sel)
     if isinstance(spec, NamedPortSet):
-        return named_port_members(spec, index)
+        return index.named_members(spec.sel, spec.port_name, spec.protocol)
     return frozenset(spec.cidrs)
 
 

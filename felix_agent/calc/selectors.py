@@ -80,6 +80,15 @@ def ipv4_addresses(ips: Iterable[str]) -> list[str]:
     return [ip for ip in ips if _is_ipv4(ip)]
 
 
+def port_members(ep: Endpoint, port_name: str, protocol: str) -> list[str]:
+    """An endpoint's members of the named-port set (port_name, protocol): "ip,proto:port"."""
+    ports = [p.port for p in ep.ports if p.name == port_name and p.protocol == protocol]
+    if not ports:
+        return []
+    proto = protocol.lower()
+    return [f"{ip},{proto}:{port}" for port in ports for ip in ipv4_addresses(ep.ips)]
+
+
 class SelectorIndex:
     """Endpoints grouped by namespace with label dicts ready, and a cache of selections,
     so many policies with the same selectors cost one scan each."""
@@ -121,6 +130,10 @@ class SelectorIndex:
             hit = frozenset(ip for ep in self.select(sel) for ip in ipv4_addresses(ep.ips))
             self._members[sel] = hit
         return hit
+
+    def named_members(self, sel: PeerSelector, port_name: str, protocol: str) -> frozenset[str]:
+        """"ip,proto:port" of the selected pods that name a port `port_name`."""
+        return frozenset(m for ep in self.select(sel) for m in port_members(ep, port_name, protocol))
 
 
 def selector_members(sel: PeerSelector, endpoints: Iterable[Endpoint],
