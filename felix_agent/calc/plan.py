@@ -130,9 +130,10 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
     errors: list[str] = []
     pools, blocks = cluster.pools, cluster.block_affinities
     nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip)
+    # once a pass (5,000 nodes' blocks); deriving VTEPs leaves names and pod CIDRs as they are
+    by_node = route_calc.blocks_by_node(nodes, blocks)
     if cfg.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
-        nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
-    by_node = route_calc.blocks_by_node(nodes, blocks)  # once a pass: 5,000 nodes' blocks
+        nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks, by_node)}
     state = DesiredState()
     state.routes = (route_calc.remote_routes(nodes, pools, blocks, cfg.node, uplink=cfg.uplink, by_node=by_node)
                     | route_calc.local_block_routes(nodes, pools, blocks, cfg.node, by_node=by_node))
