@@ -152,9 +152,18 @@ class AgentLoop:
                 continue
             target = self.state.generation
             try:
-                plan = self.dataplane.calculate(self.state.cluster, full=resync_due)
-                t0 = self._pass_since = time.monotonic()
+                # The calc runs on the dataplane thread (at 100k pods a node add takes
+                # ~0.1 s, the first pass seconds), the model held still meanwhile: CNI
+                # requests, watches and probes are served; their changes wait for the next pass.
+                self._pass_since = time.monotonic()
                 try:
+                    self.state.hold()
+                    try:
+                        plan = await loop.run_in_executor(self._pool, self.dataplane.calculate,
+                                                          self.state.cluster, resync_due)
+                    finally:
+                        self.state.release()
+                    t0 = time.monotonic()
                     summary = await loop.run_in_executor(self._pool, self.dataplane.apply, plan, resync_due)
                 finally:
                     self._pass_since = None

@@ -45,13 +45,33 @@ class ModelState:
         # agent with a half-known model would otherwise tear down live pods' chains.
         self.synced_once = False
         self._applied = asyncio.Condition()
+        # While the calc reads the model on the dataplane thread, changes wait here (in
+        # order) instead of mutating it under the calc's feet; see hold()/release().
+        self._held: list[Update] | None = None
 
     def inject(self, update: Update) -> None:
+        metrics.DATASTORE_EVENTS.labels(kind=update.kind).inc()
+        if self._held is not None:
+            self._held.append(update)
+            self.generation += 1  # may turn out to change nothing: one pass too many at worst
+            return
+        self._apply(update)
+
+    def _apply(self, update: Update) -> None:
         changed = self.cluster.apply(update)
         if changed:
             self.generation += 1
             self.changed_kinds |= changed
-        metrics.DATASTORE_EVENTS.labels(kind=update.kind).inc()
+
+    def hold(self) -> None:
+        """From now until release(), changes are queued, not applied: another thread reads
+        the model (the calc, off the event loop, so CNI requests and watches go on)."""
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for update in held:
+            self._apply(update)
 
     def wake(self) -> None:
         """Have the loop look at the model now (a change that came from elsewhere than the
