@@ -6,7 +6,8 @@
     tortiectl delete -f FILE|-
 
 `apply` reads ordinary multi-document Kubernetes YAML (Pod, Namespace, Node,
-NetworkPolicy, and tortie's IPPool and BGPPeer), validates every document with
+NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, and
+tortie's IPPool and BGPPeer), validates every document with
 convert.from_k8s first, and writes them all in one etcd transaction: one bad document
 means an error naming it and its field, and nothing written.
 """
