@@ -53,7 +53,7 @@ class NamedPortSet:
 
     sel: PeerSelector
     port_name: str
-    protocol: str  # "TCP" | "UDP" | "SCTP"
+    protocol: str  # "TCP" | "UDP" | "SCTP", or "" for any (cluster policies' named ports)
 
     @cached_property
     def name(self) -> str:
@@ -95,13 +95,12 @@ def net_members(cidrs: Iterable[str]) -> tuple[str, ...]:
 
 
 def named_port_members(spec: NamedPortSet, index: SelectorIndex) -> frozenset[str]:
-    proto = spec.protocol.lower()
     out = set()
     for ep in index.select(spec.sel):
         for p in ep.ports:
-            if p.name == spec.port_name and p.protocol == spec.protocol:
+            if p.name == spec.port_name and spec.protocol in ("", p.protocol):
                 for ip in ipv4_addresses(ep.ips):
-                    out.add(f"{ip},{proto}:{p.port}")
+                    out.add(f"{ip},{p.protocol.lower()}:{p.port}")
     return frozenset(out)
 
 

@@ -55,13 +55,19 @@ class _Ports:
 
 
 @dataclass
-class _Builder:
-    policy: NetworkPolicy
+class RuleBuilder:
+    """What rule lines of one policy need: who it is (for errors), the pods it selects (an
+    ingress named port resolves on them) and its namespace (a bare podSelector peer picks
+    pods there; "" for cluster policies, whose peers always name their namespaces)."""
+
+    who: str
+    subject: PeerSelector
+    namespace: str = ""
     errors: list[str] = field(default_factory=list)
     sets: dict[SetSpec, None] = field(default_factory=dict)  # ordered set
 
     def error(self, msg: str) -> None:
-        self.errors.append(f"policy {self.policy.key}: {msg}")
+        self.errors.append(f"{self.who}: {msg}")
 
     def use(self, spec: SetSpec) -> str:
         self.sets.setdefault(spec, None)
@@ -72,7 +78,7 @@ class _Builder:
 def policy_chains(policy: NetworkPolicy) -> PolicyChains:
     """The policy's chains (one per policyType) and the sets they name.  Pure and cached
     by value: an unchanged policy costs a dict lookup."""
-    b = _Builder(policy)
+    b = RuleBuilder(f"policy {policy.key}", PeerSelector.of_policy(policy), policy.namespace)
     chains: dict[str, tuple[str, ...]] = {}
     for ptype in policy.policy_types:
         direction = DIRECTIONS.get(ptype)
@@ -82,14 +88,15 @@ def policy_chains(policy: NetworkPolicy) -> PolicyChains:
         rules = policy.ingress if direction == "ingress" else policy.egress
         body: list[str] = []
         for i, r in enumerate(rules):
-            for line in _rule_lines(b, r, i, direction):
+            for line in rule_lines(b, r, i, direction):
                 body += [line + (" " if line else "") + SET_ACCEPT_MARK, RETURN_IF_ACCEPTED]
         # No rules: an empty chain sets no mark, so the endpoint chain drops (default deny).
         chains[policy_chain(policy.id, direction)] = tuple(body)
     return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors))
 
 
-def _rule_lines(b: _Builder, r: PolicyRule, index: int, direction: str) -> list[str]:
+def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str) -> list[str]:
+    """The rule's matches, one line per peer x port alternative, without a target."""
     where = f"{direction} rule {index}"
     peers = [p for p in (_peer(b, peer, direction, where) for peer in r.peers) if p is not None]
     if r.peers and not peers:
@@ -105,7 +112,7 @@ def _rule_lines(b: _Builder, r: PolicyRule, index: int, direction: str) -> list[
             if port.named:
                 if direction == "ingress":
                     # The name resolves on the destination: the pods this policy selects.
-                    port_set = NamedPortSet(PeerSelector.of_policy(b.policy), port.named, port.proto.upper())
+                    port_set = NamedPortSet(b.subject, port.named, port.proto.upper())
                 elif peer.sel is not None:
                     # The destinations are the peer's pods; the set holds their ip,port
                     # pairs and so also stands in for the peer's own selector set.
@@ -152,7 +159,7 @@ def _merge_ports(ports: list[_Ports]) -> list[_Ports]:
     return out
 
 
-def _peer(b: _Builder, peer: PolicyPeer, direction: str, where: str) -> _Peer | None:
+def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> _Peer | None:
     side = "src" if direction == "ingress" else "dst"
     if peer.ip_block is not None:
         try:
@@ -178,7 +185,7 @@ def _peer(b: _Builder, peer: PolicyPeer, direction: str, where: str) -> _Peer | 
             matches = (f"-m set ! --match-set {spec.name} {side}",)
             sets = (spec,)
         return _Peer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
-    sel = PeerSelector.of_peer(peer, b.policy.namespace)
+    sel = PeerSelector.of_peer(peer, b.namespace)
     if sel is None:
         b.error(f"{where}: peer has neither ipBlock nor a selector; peer skipped")
         return None
@@ -186,9 +193,13 @@ def _peer(b: _Builder, peer: PolicyPeer, direction: str, where: str) -> _Peer | 
     return _Peer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
 
 
-def _port(b: _Builder, port: PolicyPort, where: str) -> _Ports | None:
+def _port(b: RuleBuilder, port: PolicyPort, where: str) -> _Ports | None:
     """One ports entry; a numeric one carries just "80" or "80:90" in `match` until
     _merge_ports turns the numbers of a protocol into iptables matches."""
+    if port.protocol == "" and isinstance(port.port, str) and port.port:
+        # Cluster policies name a port without a protocol: the destination pod's declared
+        # port of that name, whatever its protocol (the set's members carry it).
+        return _Ports(named=port.port)
     if port.protocol not in PROTOCOLS:
         b.error(f"{where}: protocol {port.protocol!r} is not one of {', '.join(PROTOCOLS)}; port skipped")
         return None
