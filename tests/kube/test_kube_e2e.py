@@ -204,7 +204,9 @@ def test_agent_rights_are_exactly_read_only(lab):
         if cols and not cols[0].startswith("["):  # resources (not non-resource URLs)
             rows[cols[0]] = line[line.rindex("[", 0, line.rindex("]")):].strip()
     want = {"pods": "[get list watch]", "namespaces": "[get list watch]", "nodes": "[get list watch]",
-            "networkpolicies.networking.k8s.io": "[get list watch]"}
+            "networkpolicies.networking.k8s.io": "[get list watch]",
+            **{f"{plural}.policy.networking.k8s.io": "[get list watch]"
+               for plural in ("clusternetworkpolicies", "adminnetworkpolicies", "baselineadminnetworkpolicies")}}
     for r, verbs in want.items():
         assert rows.get(r) == verbs, out
     # beyond them only what every authenticated user gets (self reviews)
