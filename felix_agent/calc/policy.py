@@ -33,6 +33,8 @@ class PolicyChains:
     chains: Mapping[str, tuple[str, ...]]  # read-only: results are cached and shared
     sets: tuple[SetSpec, ...]  # every set the rules name, first use first
     errors: tuple[str, ...] = ()
+    # chain -> for each of its lines, the index of the policy rule it came from (trace)
+    rule_of: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def policy_chains(policy: NetworkPolicy) -> PolicyChains:
     by value: an unchanged policy costs a dict lookup."""
     b = RuleBuilder(f"policy {policy.key}", PeerSelector.of_policy(policy), policy.namespace)
     chains: dict[str, tuple[str, ...]] = {}
+    rule_of: dict[str, tuple[int, ...]] = {}
     for ptype in policy.policy_types:
         direction = DIRECTIONS.get(ptype)
         if direction is None:
@@ -87,12 +90,15 @@ def policy_chains(policy: NetworkPolicy) -> PolicyChains:
             continue
         rules = policy.ingress if direction == "ingress" else policy.egress
         body: list[str] = []
+        index: list[int] = []
         for i, r in enumerate(rules):
             for line in rule_lines(b, r, i, direction):
                 body += [line + (" " if line else "") + SET_ACCEPT_MARK, RETURN_IF_ACCEPTED]
+                index += [i, i]
         # No rules: an empty chain sets no mark, so the endpoint chain drops (default deny).
         chains[policy_chain(policy.id, direction)] = tuple(body)
-    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors))
+        rule_of[policy_chain(policy.id, direction)] = tuple(index)
+    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors), MappingProxyType(rule_of))
 
 
 def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str) -> list[str]:

@@ -69,16 +69,21 @@ def tier_policy_chains(policy: ClusterPolicy) -> PolicyChains:
     Pure and cached by value."""
     b = RuleBuilder(f"{policy.kind} {policy.name}", subject_selector(policy))
     chains: dict[str, tuple[str, ...]] = {}
+    rule_of: dict[str, tuple[int, ...]] = {}
     for direction in ("ingress", "egress"):
         rules: tuple[TierRule, ...] = getattr(policy, direction)
         if not rules:
             continue  # "CNPs with no ingress rules do not affect ingress traffic"
         body: list[str] = []
+        index: list[int] = []
         for i, r in enumerate(rules):
             target, after = _TARGET[r.action]
             for line in rule_lines(b, _as_policy_rule(r), i, direction):
                 body.append(line + (" " if line else "") + target)
+                index.append(i)
                 if after:
                     body.append(after)
+                    index.append(i)
         chains[tier_chain(policy.id, direction)] = tuple(body)
-    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors))
+        rule_of[tier_chain(policy.id, direction)] = tuple(index)
+    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors), MappingProxyType(rule_of))

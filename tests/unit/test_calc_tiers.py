@@ -10,6 +10,7 @@ import ipaddress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from felix_agent.calc.trace import trace
 from felix_agent.model import (
     BANP_PRIORITY,
     AdminNetworkPolicy,
@@ -136,6 +137,16 @@ def test_forward_verdicts_match_the_tiered_reference(pods, cnps, anps, policies,
                 want = ((a["node"] != "n1" or tiered_allowed(cps, policies, "egress", a, b, proto, dport, b)) and
                         (b["node"] != "n1" or tiered_allowed(cps, policies, "ingress", b, a, proto, dport, b)))
                 assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+    # tortiectl trace's verdict, on every pair whatever their nodes (each node's own chains)
+    eps = {e.key: e for e in c.endpoints()}
+    for i, a in enumerate(info):
+        for j, b in enumerate(info):
+            if i != j:
+                want = (tiered_allowed(cps, policies, "egress", a, b, "tcp", 80, b) and
+                        tiered_allowed(cps, policies, "ingress", b, a, "tcp", 80, b))
+                t = trace(c, eps[f"{a['ns']}/q{i}"], eps[f"{b['ns']}/q{j}"], 80, "tcp")
+                assert t.allowed == want, (a, b, t)
+                assert t.allowed == all(d.allowed for d in t.directions), t
 
 
 # --- the cases the API documents, one by one ----------------------------------------------
