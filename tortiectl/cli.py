@@ -4,6 +4,7 @@
     tortiectl get KIND [NAME] [-n NS | -A] [-o json|yaml|wide]
     tortiectl delete KIND NAME [-n NS]
     tortiectl delete -f FILE|-
+    tortiectl trace NS/POD NS/POD|IP PORT/PROTO [-o json]
 
 `apply` reads ordinary multi-document Kubernetes YAML (Pod, Namespace, Node,
 NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, and
@@ -26,6 +27,7 @@ from felix_agent.datastore import keys
 from felix_agent.datastore.etcd import EtcdStore, EtcdUnavailable, record_key
 from felix_agent.datastore.etcd_tls import EtcdTLS
 from tortiectl import status
+from tortiectl import trace as trace_cmd
 from tortiectl.documents import read_documents, resolve_kind, validate_documents
 from tortiectl.errors import CliError
 from tortiectl.render import render
@@ -169,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Views of one node's agent (status, node status, ipam show) read its /status.
     status.add_commands(sub)
+    # `trace` reads the datastore alone and runs the agent's calc on it.
+    trace_cmd.add_commands(sub)
     return p
 
 

@@ -45,6 +45,12 @@ class Step:
     rule_name: str = ""
 
 
+    @property
+    def where(self) -> str:
+        """"Admin: ClusterNetworkPolicy/x", or just "NetworkPolicy ns/name"."""
+        return self.policy if self.tier == "NetworkPolicy" else f"{self.tier}: {self.policy}"
+
+
 @dataclass(frozen=True)
 class DirectionTrace:
     direction: Literal["egress", "ingress"]
@@ -142,11 +148,11 @@ def _direction(cluster_policies: dict[str, _Policy], state, ep: Endpoint, direct
             return DirectionTrace(*args, False, "NetworkPolicy",
                                   f"selected by {', '.join(np)}; no rule allows it", tuple(steps))
         s = steps[-1]
-        return DirectionTrace(*args, False, s.tier, f"{s.tier}: {s.policy} {direction} rule {s.rule}: Deny",
+        return DirectionTrace(*args, False, s.tier, f"{s.where} {direction} rule {s.rule}: Deny",
                               tuple(steps))
     if steps and steps[-1].action in ("Accept", "Allow"):
         s = steps[-1]
-        return DirectionTrace(*args, True, s.tier, f"{s.tier}: {s.policy} {direction} rule {s.rule}: {s.action}",
+        return DirectionTrace(*args, True, s.tier, f"{s.where} {direction} rule {s.rule}: {s.action}",
                               tuple(steps))
     if not body:
         return DirectionTrace(*args, True, "default", f"no policy selects {ep.key} for {direction}: default allow")
@@ -155,44 +161,64 @@ def _direction(cluster_policies: dict[str, _Policy], state, ep: Endpoint, direct
                           f"{ep.key} for {direction}: default allow", tuple(steps))
 
 
+class Tracer:
+    """Traces over one model, computing each node's state once (a truth table asks for
+    hundreds of connections)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._states: dict = {}
+        self._policies: dict[str, _Policy] | None = None
+
+    def _state(self, node: str):
+        if node not in self._states:
+            self._states[node] = dataplane_state(self.cluster, CalcConfig(node_name=node))
+        return self._states[node]
+
+    def trace(self, src: Party, dst: Party, port: int, protocol: str) -> Trace:
+        """The verdict for a new connection src -> dst:port/protocol, and why."""
+        proto = protocol.lower()
+        if proto not in PROTOCOLS:
+            raise TraceError(f"protocol {protocol!r} is not one of tcp, udp, sctp")
+        if not 1 <= port <= 65535:
+            raise TraceError(f"port {port} is not in 1-65535")
+        src_ip, dst_ip = _ipv4(src), _ipv4(dst)
+        label = lambda p: p.key if isinstance(p, Endpoint) else p  # noqa: E731
+        head = (label(src), label(dst), port, proto)
+        if isinstance(src, Endpoint) and isinstance(dst, Endpoint) and src.key == dst.key:
+            return Trace(*head, True, "a pod reaching itself never leaves it: no policy applies")
+        for p in (src, dst):
+            if isinstance(p, Endpoint) and not p.node:
+                raise TraceError(f"pod {p.key} is not scheduled to a node")
+        nodes = dict.fromkeys(p.node for p in (src, dst) if isinstance(p, Endpoint))
+        if self._policies is None:
+            self._policies = _policies(self.cluster)
+
+        def packet(node: str) -> Packet:
+            return Packet(src_ip, dst_ip, proto, port,
+                          in_iface=_iface(src) if isinstance(src, Endpoint) and src.node == node else UPLINK,
+                          out_iface=_iface(dst) if isinstance(dst, Endpoint) and dst.node == node else UPLINK)
+
+        allowed = True
+        for node in nodes:
+            state = self._state(node)
+            if run(state.chains["filter"], FILTER_FORWARD, packet(node), state.ipsets).verdict == "DROP":
+                allowed = False
+        directions = []
+        if isinstance(src, Endpoint):
+            directions.append(_direction(self._policies, self._state(src.node), src, "egress", packet(src.node)))
+        if isinstance(dst, Endpoint):
+            directions.append(_direction(self._policies, self._state(dst.node), dst, "ingress", packet(dst.node)))
+        denied = [d for d in directions if not d.allowed]
+        if denied:
+            reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in denied)
+        elif not allowed:
+            reason = "dropped before any policy: the source is not the pod's wired address or interface"
+        else:
+            reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in directions)
+        return Trace(*head, allowed, reason, tuple(directions))
+
+
 def trace(cluster: Cluster, src: Party, dst: Party, port: int, protocol: str) -> Trace:
     """The verdict for a new connection src -> dst:port/protocol, and why."""
-    proto = protocol.lower()
-    if proto not in PROTOCOLS:
-        raise TraceError(f"protocol {protocol!r} is not one of tcp, udp, sctp")
-    if not 1 <= port <= 65535:
-        raise TraceError(f"port {port} is not in 1-65535")
-    src_ip, dst_ip = _ipv4(src), _ipv4(dst)
-    label = lambda p: p.key if isinstance(p, Endpoint) else p  # noqa: E731
-    head = (label(src), label(dst), port, proto)
-    if isinstance(src, Endpoint) and isinstance(dst, Endpoint) and src.key == dst.key:
-        return Trace(*head, True, "a pod reaching itself never leaves it: no policy applies")
-    for p in (src, dst):
-        if isinstance(p, Endpoint) and not p.node:
-            raise TraceError(f"pod {p.key} is not scheduled to a node")
-    nodes = [p.node for p in (src, dst) if isinstance(p, Endpoint)]
-    states = {n: dataplane_state(cluster, CalcConfig(node_name=n)) for n in dict.fromkeys(nodes)}
-    pols = _policies(cluster)
-
-    def packet(node: str) -> Packet:
-        return Packet(src_ip, dst_ip, proto, port,
-                      in_iface=_iface(src) if isinstance(src, Endpoint) and src.node == node else UPLINK,
-                      out_iface=_iface(dst) if isinstance(dst, Endpoint) and dst.node == node else UPLINK)
-
-    allowed = True
-    for node, state in states.items():
-        if run(state.chains["filter"], FILTER_FORWARD, packet(node), state.ipsets).verdict == "DROP":
-            allowed = False
-    directions = []
-    if isinstance(src, Endpoint):
-        directions.append(_direction(pols, states[src.node], src, "egress", packet(src.node)))
-    if isinstance(dst, Endpoint):
-        directions.append(_direction(pols, states[dst.node], dst, "ingress", packet(dst.node)))
-    denied = [d for d in directions if not d.allowed]
-    if denied:
-        reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in denied)
-    elif not allowed:
-        reason = "dropped before any policy: the source is not the pod's wired address or interface"
-    else:
-        reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in directions)
-    return Trace(*head, allowed, reason, tuple(directions))
+    return Tracer(cluster).trace(src, dst, port, protocol)

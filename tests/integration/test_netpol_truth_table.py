@@ -22,6 +22,7 @@ an old UDP flow cannot carry a new probe past a policy.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -31,6 +32,8 @@ from typing import Callable, Mapping
 
 import pytest
 
+from felix_agent.calc.trace import Tracer
+from felix_agent.datastore.etcd import EtcdStore
 from tests.integration.test_netpol_reference import (
     CLUSTER_KINDS,
     NS_NAME_LABEL,
@@ -47,12 +50,14 @@ from tests.lab.prober import (
     Probe,
     Prober,
     flush_conntrack,
+    matrix_diff,
     probe_matrix,
     run_batches,
     sctp_available,
     wait_matrix,
 )
 from tests.lab.tools import is_root
+from tortiectl.trace import load_cluster
 
 pytestmark = pytest.mark.root
 
@@ -159,6 +164,28 @@ class World:
         passes, _ = wait_matrix(self.observe, self.expected(policies), self.names, deadline=deadline)
         return passes
 
+    def check_trace(self, policies: list[dict]) -> None:
+        """`tortiectl trace` agrees with the matrix just probed on every cell: its library
+        (felix_agent.calc.trace, on the records read back from etcd, as the CLI does) for
+        all of them, and the command itself, -o json, for one cell."""
+        async def load():
+            async with EtcdStore.from_endpoint(self.cluster.etcd.endpoint) as store:
+                return await load_cluster(store)
+        tracer = Tracer(asyncio.run(load()))
+        eps = tracer.cluster.endpoint_map()
+        ep = {k: eps[tuple(k.split("/"))] for k in self.names}
+        traced = {(proto, port): {(s, d): OK if tracer.trace(ep[s], ep[d], port, proto).allowed else TIMEOUT
+                                  for s in self.names for d in self.names}
+                  for proto, port in self.ports}
+        expected = self.expected(policies)  # what the probes just showed, exactly
+        diff = matrix_diff(self.names, expected, traced)
+        assert not diff, f"tortiectl trace disagrees with the probes:\n{diff}"
+        denied = [(s, d, proto, port) for (proto, port), cells in expected.items()
+                  for (s, d), ok in cells.items() if not ok]
+        s, d, proto, port = (denied or [("x/a", "y/b", "tcp", 80)])[0]
+        out = json.loads(self.cluster.tortiectl("trace", s, d, f"{port}/{proto}", "-o", "json").stdout)
+        assert out["allowed"] == expected[(proto, port)][(s, d)], out
+
     # -- waiting for the agents ------------------------------------------------------
 
     def filter_chains(self, node_ns: str) -> set[str]:
@@ -215,7 +242,8 @@ class World:
             self.cluster.apply(policies)
             self.wait_programmed(policies)
             passes = self.check(policies)
-            print(f"{case.name}: matrix as expected after {passes} pass(es)")
+            self.check_trace(policies)
+            print(f"{case.name}: matrix as expected after {passes} pass(es), and so is tortiectl trace")
             for step in case.steps:
                 self.set_labels(step.pod_labels, step.ns_labels)
                 for name in step.delete:
@@ -224,7 +252,8 @@ class World:
                 policies = [p for p in policies if p["metadata"]["name"] not in step.delete]
                 self.wait_programmed(policies)
                 passes = self.check(policies)
-                print(f"{case.name} / {step.what}: matrix as expected after {passes} pass(es)")
+                self.check_trace(policies)
+                print(f"{case.name} / {step.what}: matrix as expected after {passes} pass(es), and trace")
             ok = True
         finally:
             # After a failure, clear whatever is in the datastore, not just what we know of.

@@ -125,6 +125,11 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         assert rows[0][:4] == ["NAME", "TIER", "PRIORITY", "SUBJECT"] and "INGRESS-RULES" in rows[0], out
         assert rows[1][:3] == ["shop-guard", "Admin", "10"] and rows[1][-2:] == ["2", "0"], out
 
+    def trace(out: str) -> None:
+        text = open(README).read()
+        sample = text[text.index("    192.0.2.10 -> shop/frontend"):].split("\n\n")[0]
+        assert out.splitlines() == [ln[4:] for ln in sample.splitlines()], out
+
     def status(out: str) -> None:
         for label in status_labels():  # the README's sample shows the real fields
             assert label in out, (label, out)
@@ -151,6 +156,7 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         ("tortiectl get netpol allow-web -n shop -o yaml", False, get_netpol, None),
         ("tortiectl apply -f admin-policy.yaml", False, apply_cnp, None),
         ("tortiectl get cnp -o wide", False, get_cnp, None),
+        ("tortiectl trace 192.0.2.10 shop/frontend 9090/tcp", False, trace, None),
         ("tortiectl status", True, status, None),
         ("tortiectl node status", True, node_status, None),
         ("tortiectl ipam show", True, ipam_show, None),
