@@ -48,7 +48,7 @@ from felix_agent.calc.names import (
     WL_TO_HOST,
 )
 from felix_agent.calc.nat import nat_chains, pool_sets
-from felix_agent.calc.policy import policy_chains
+from felix_agent.calc.policy import PolicyChains, policy_chains
 from felix_agent.calc.raw import HOOKS as RAW_HOOKS
 from felix_agent.calc.raw import raw_chains
 from felix_agent.calc.selectors import PeerSelector, SelectorIndex
@@ -176,14 +176,17 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     sets: dict[SetSpec, None] = {}
     ingress_of: dict[str, list[str]] = {}
     egress_of: dict[str, list[str]] = {}
+
+    def use(rendered: PolicyChains) -> None:
+        errs.extend(rendered.errors)
+        filt.update(rendered.chains)
+        sets.update(dict.fromkeys(rendered.sets))
+
     for policy in policies:
         selected = here.select(PeerSelector.of_policy(policy))
         if not selected:
             continue
-        rendered = policy_chains(policy)
-        errs.extend(rendered.errors)
-        filt.update(rendered.chains)
-        sets.update(dict.fromkeys(rendered.sets))
+        use(policy_chains(policy))
         for ptype, by_ep in (("Ingress", ingress_of), ("Egress", egress_of)):
             if ptype in policy.policy_types:
                 for ep in selected:
@@ -194,10 +197,7 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         selected = here.select(subject_selector(cp))
         if not selected:
             continue
-        rendered = tier_policy_chains(cp)
-        errs.extend(rendered.errors)
-        filt.update(rendered.chains)
-        sets.update(dict.fromkeys(rendered.sets))
+        use(tier_policy_chains(cp))
         for direction in ("ingress", "egress"):
             if getattr(cp, direction):
                 by_ep = tiers.setdefault((cp.tier, direction), {})

@@ -109,29 +109,41 @@ POD = st.tuples(st.sampled_from(["x", "y"]), LBL, st.sampled_from(["n1", "n2"]),
 @given(pods=st.lists(POD, min_size=2, max_size=4), policies=st.lists(POLICY, max_size=3, unique_by=lambda p: p.key),
        ns_x=LBL, ns_y=LBL)
 def test_forward_verdicts_match_the_reference(pods, policies, ns_x, ns_y):
-    namespaces = {"x": ns_x, "y": ns_y}
+    info, c = make_world(pods, {"x": ns_x, "y": ns_y}, *policies)
+    for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("tcp", 81), ("udp", 53), ("sctp", 80),
+                                                              ("udp", 80))):
+        want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
+                (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
+        assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+
+
+def make_world(pods, namespaces: dict, *records) -> tuple[list[dict], object]:
+    """Generated pods q0.. (namespace, labels, node, named ports) as reference dicts, and
+    the cluster holding them, the namespaces and `records`."""
     info, recs = [], []
     for i, (ns, labels, node, ports) in enumerate(pods):
         ip = f"10.0.{i % 2}.{i + 2}"
         recs.append(pod(ns, f"q{i}", ip, node=node, labels=labels, ports=tuple(ports)))
-        info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports,
+        info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports, "key": f"{ns}/q{i}",
                      "iface": iface_of(ns, f"q{i}"),
                      "ns_labels": {**namespaces[ns], "kubernetes.io/metadata.name": ns}})
-    c = cluster_of(*[Namespace(n, tuple(sorted(lab.items()))) for n, lab in namespaces.items()], *recs, *policies)
+    c = cluster_of(*[Namespace(n, tuple(sorted(lab.items()))) for n, lab in namespaces.items()], *recs, *records)
+    return info, c
+
+
+def forward_verdicts(c, info: list[dict], ports):
+    """(a, b, proto, dport, verdict of n1's cali-FORWARD) for every pair with a pod on n1."""
     s = state(c)
     chains = s.chains["filter"]
     for a in info:
         for b in info:
             if a is b or (a["node"] != "n1" and b["node"] != "n1"):
                 continue
-            for proto, dport in (("tcp", 80), ("tcp", 81), ("udp", 53), ("sctp", 80), ("udp", 80)):
+            for proto, dport in ports:
                 pkt = Packet(a["ip"], b["ip"], proto, dport,
                              in_iface=a["iface"] if a["node"] == "n1" else "eth0",
                              out_iface=b["iface"] if b["node"] == "n1" else "eth0")
-                got = run(chains, "cali-FORWARD", pkt, s.ipsets)
-                want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
-                        (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
-                assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+                yield a, b, proto, dport, run(chains, "cali-FORWARD", pkt, s.ipsets)
 
 
 def test_spoofed_and_unknown_sources_are_dropped_and_host_paths():

@@ -28,7 +28,17 @@ from felix_agent.model import (
     TierRule,
 )
 from tests.unit.test_calc_fixtures import cluster_of, iface_of, pod, sel, state
-from tests.unit.test_calc_semantics import LBL, NAMED, POLICY, SEL, Packet, allowed, run
+from tests.unit.test_calc_semantics import (
+    LBL,
+    NAMED,
+    POLICY,
+    SEL,
+    Packet,
+    allowed,
+    forward_verdicts,
+    make_world,
+    run,
+)
 
 # --- reference semantics (from the API's documentation, not from the calc) -----------------
 
@@ -112,31 +122,12 @@ POD = st.tuples(st.sampled_from(["x", "y"]), LBL, st.sampled_from(["n1", "n2"]),
        anps=st.lists(ANP, max_size=1), policies=st.lists(POLICY, max_size=2, unique_by=lambda p: p.key),
        ns_x=LBL, ns_y=LBL)
 def test_forward_verdicts_match_the_tiered_reference(pods, cnps, anps, policies, ns_x, ns_y):
-    namespaces = {"x": ns_x, "y": ns_y}
-    info, recs = [], []
-    for i, (ns, labels, node, ports) in enumerate(pods):
-        ip = f"10.0.{i % 2}.{i + 2}"
-        recs.append(pod(ns, f"q{i}", ip, node=node, labels=labels, ports=tuple(ports)))
-        info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports,
-                     "iface": iface_of(ns, f"q{i}"),
-                     "ns_labels": {**namespaces[ns], "kubernetes.io/metadata.name": ns}})
     cps = [*cnps, *anps]
-    c = cluster_of(*[Namespace(n, tuple(sorted(lab.items()))) for n, lab in namespaces.items()], *recs,
-                   *policies, *cps)
-    s = state(c)
-    chains = s.chains["filter"]
-    for a in info:
-        for b in info:
-            if a is b or (a["node"] != "n1" and b["node"] != "n1"):
-                continue
-            for proto, dport in (("tcp", 80), ("tcp", 81), ("udp", 53), ("udp", 80)):
-                pkt = Packet(a["ip"], b["ip"], proto, dport,
-                             in_iface=a["iface"] if a["node"] == "n1" else "eth0",
-                             out_iface=b["iface"] if b["node"] == "n1" else "eth0")
-                got = run(chains, "cali-FORWARD", pkt, s.ipsets)
-                want = ((a["node"] != "n1" or tiered_allowed(cps, policies, "egress", a, b, proto, dport, b)) and
-                        (b["node"] != "n1" or tiered_allowed(cps, policies, "ingress", b, a, proto, dport, b)))
-                assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+    info, c = make_world(pods, {"x": ns_x, "y": ns_y}, *policies, *cps)
+    for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("tcp", 81), ("udp", 53), ("udp", 80))):
+        want = ((a["node"] != "n1" or tiered_allowed(cps, policies, "egress", a, b, proto, dport, b)) and
+                (b["node"] != "n1" or tiered_allowed(cps, policies, "ingress", b, a, proto, dport, b)))
+        assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
     # tortiectl trace's verdict, on every pair whatever their nodes (each node's own chains)
     eps = {e.key: e for e in c.endpoints()}
     for i, a in enumerate(info):
@@ -144,7 +135,7 @@ def test_forward_verdicts_match_the_tiered_reference(pods, cnps, anps, policies,
             if i != j:
                 want = (tiered_allowed(cps, policies, "egress", a, b, "tcp", 80, b) and
                         tiered_allowed(cps, policies, "ingress", b, a, "tcp", 80, b))
-                t = trace(c, eps[f"{a['ns']}/q{i}"], eps[f"{b['ns']}/q{j}"], 80, "tcp")
+                t = trace(c, eps[a["key"]], eps[b["key"]], 80, "tcp")
                 assert t.allowed == want, (a, b, t)
                 assert t.allowed == all(d.allowed for d in t.directions), t
 
