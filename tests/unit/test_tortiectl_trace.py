@@ -1,10 +1,10 @@
 """tortiectl trace's argument handling: a clear error for what it cannot answer."""
 import pytest
 
+from felix_agent.calc.trace import trace
 from tests.unit.test_calc_fixtures import cluster_of, pod
 from tortiectl.errors import CliError
 from tortiectl.trace import parse_port, render, resolve
-from felix_agent.calc.trace import trace
 
 
 def test_resolve_pods_addresses_and_errors():
