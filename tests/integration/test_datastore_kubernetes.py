@@ -212,3 +212,29 @@ def test_missing_network_policy_api_crds_are_said_once_and_do_not_stop_the_sync(
                          "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
                          "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies"}
     run(body())
+
+
+def test_cluster_policies_are_listed_and_watched_once_their_crds_exist(api, tmp_path):
+    """Installing the CRDs later is picked up at the next look; then objects are listed,
+    watched (a change and a delete arrive as events), and an invalid one is skipped."""
+    cnp = {"metadata": {"name": "guard"},
+           "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"ns": "y"}}}]}]}}
+
+    async def body():
+        syncer = _syncer(api, tmp_path, absent_recheck=0.05)
+        async with running(syncer) as rec:
+            await rec.wait_in_sync()
+            assert "ClusterNetworkPolicy" in syncer.notes
+            api.install_crd("clusternetworkpolicies")
+            api.upsert("clusternetworkpolicies", cnp)
+            await rec.wait(lambda: ("ClusterNetworkPolicy", "guard") in rec.state, what="the CNP listed")
+            assert "ClusterNetworkPolicy" not in syncer.notes and "AdminNetworkPolicy" in syncer.notes
+            assert rec.state[("ClusterNetworkPolicy", "guard")].ingress[0].action == "Deny"
+            api.upsert("clusternetworkpolicies", {**cnp, "spec": {**cnp["spec"], "priority": 7}})
+            await rec.wait(lambda: rec.state[("ClusterNetworkPolicy", "guard")].priority == 7, what="the change")
+            api.upsert("clusternetworkpolicies", {"metadata": {"name": "bad"}, "spec": {**cnp["spec"], "priority": 5000}})
+            api.remove("clusternetworkpolicies", "guard")
+            await rec.wait(lambda: ("ClusterNetworkPolicy", "guard") not in rec.state, what="the delete")
+            assert ("ClusterNetworkPolicy", "bad") not in rec.state  # priority out of range: skipped
+    run(body())
