@@ -322,11 +322,12 @@ class NamespacedPods:
 class TierPeer:
     """A subject, or one entry of a rule's from/to. Exactly one field is set (the API's
     MinProperties=MaxProperties=1): every pod of some namespaces, some pods of some
-    namespaces, or (egress only) IP networks."""
+    namespaces, or (egress only) IP networks or the nodes a label selector picks."""
 
     namespaces: LabelSelector | None = None
     pods: NamespacedPods | None = None
     networks: tuple[str, ...] = ()  # CIDRs as written
+    nodes: LabelSelector | None = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Hook, IpSet
 from felix_agent.calc.dispatch import dispatch_chains, sources_set
 from felix_agent.calc.endpoints import EndpointPolicies, endpoint_chains
-from felix_agent.calc.ipsets import SetSpec, desired_ipset
+from felix_agent.calc.ipsets import NodeSet, SetSpec, desired_ipset, node_members
 from felix_agent.calc.names import (
     FILTER_FORWARD,
     FILTER_INPUT,
@@ -213,7 +213,8 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
                                     policies_of(ep, "egress", egress_of)))
     filt.update(dispatch_chains(local))
 
-    ipsets = {spec.name: ipset_for(spec) for spec in sets}
+    ipsets = {spec.name: node_members(spec, cluster.nodes.values()) if isinstance(spec, NodeSet) else ipset_for(spec)
+              for spec in sets}
     ipsets.update(pool_ipsets())
     ipsets[WL_SOURCES_SET] = sources_set(wired)
     nat = nat_chains(wired, cluster.pools.values(), errs)

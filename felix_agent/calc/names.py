@@ -53,6 +53,7 @@ RAW_PREROUTING = "cali-PREROUTING"
 SELECTOR_SET_PREFIX = "cali40s:"  # hash:net, pod IPs a selector picks
 NAMED_PORT_SET_PREFIX = "cali40n:"  # hash:ip,port, "ip,proto:port" of a named port
 NETS_SET_PREFIX = "cali40e:"  # hash:net, the `except` CIDRs of an ipBlock
+NODES_SET_PREFIX = "cali40h:"  # hash:net, addresses of the nodes a cluster policy's nodes peer picks
 ALL_POOLS_SET = "cali40all-ipam-pools"
 MASQ_POOLS_SET = "cali40masq-ipam-pools"
 ALL_HOSTS_SET = "cali40all-hosts-net"

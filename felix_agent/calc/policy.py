@@ -38,7 +38,7 @@ class PolicyChains:
 
 
 @dataclass(frozen=True)
-class _Peer:
+class MatchPeer:
     """A from/to entry as match parts. `sel` is set for selector peers."""
 
     cidr: str = ""
@@ -101,17 +101,20 @@ def policy_chains(policy: NetworkPolicy) -> PolicyChains:
     return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors), MappingProxyType(rule_of))
 
 
-def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str) -> list[str]:
-    """The rule's matches, one line per peer x port alternative, without a target."""
+def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str,
+               more_peers: tuple[MatchPeer, ...] = ()) -> list[str]:
+    """The rule's matches, one line per peer x port alternative, without a target.
+    `more_peers`: peers NetworkPolicy has no form for (a cluster policy's nodes)."""
     where = f"{direction} rule {index}"
     peers = [p for p in (_peer(b, peer, direction, where) for peer in r.peers) if p is not None]
-    if r.peers and not peers:
+    if r.peers and not peers and not more_peers:
         return []  # every peer was IPv6 or broken: this rule allows nothing over IPv4
+    peers += more_peers
     ports = _merge_ports([p for p in (_port(b, port, where) for port in r.ports) if p is not None])
     if r.ports and not ports:
         return []
     lines: list[str] = []
-    for peer in peers or [_Peer()]:
+    for peer in peers or [MatchPeer()]:
         for port in ports or [_Ports()]:
             peer_matches, peer_sets = peer.matches, peer.sets
             port_match, port_set = port.match, None
@@ -165,7 +168,7 @@ def _merge_ports(ports: list[_Ports]) -> list[_Ports]:
     return out
 
 
-def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> _Peer | None:
+def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> MatchPeer | None:
     side = "src" if direction == "ingress" else "dst"
     if peer.ip_block is not None:
         try:
@@ -190,13 +193,13 @@ def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> _Peer
             spec = NetSet(net_members(excepts))
             matches = (f"-m set ! --match-set {spec.name} {side}",)
             sets = (spec,)
-        return _Peer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
+        return MatchPeer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
     sel = PeerSelector.of_peer(peer, b.namespace)
     if sel is None:
         b.error(f"{where}: peer has neither ipBlock nor a selector; peer skipped")
         return None
     spec = SelectorSet(sel)
-    return _Peer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
+    return MatchPeer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
 
 
 def _port(b: RuleBuilder, port: PolicyPort, where: str) -> _Ports | None:

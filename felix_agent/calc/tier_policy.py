@@ -22,7 +22,8 @@ from felix_agent.calc.names import (
     SET_PASS_MARK,
     tier_chain,
 )
-from felix_agent.calc.policy import PolicyChains, RuleBuilder, rule_lines
+from felix_agent.calc.ipsets import NodeSet
+from felix_agent.calc.policy import MatchPeer, PolicyChains, RuleBuilder, rule_lines
 from felix_agent.calc.selectors import MATCH_ALL, PeerSelector
 from felix_agent.model import ClusterPolicy, IPBlock, PolicyPeer, PolicyPort, PolicyRule, TierPeer, TierRule
 
@@ -47,6 +48,16 @@ def subject_selector(policy: ClusterPolicy) -> PeerSelector:
     sel = peer_selector(policy.subject)
     # convert.py refuses a networks subject; a hand-built one selects nobody.
     return sel if sel is not None else PeerSelector(pods=MATCH_ALL, namespace="")
+
+
+def _node_peers(r: TierRule) -> tuple[MatchPeer, ...]:
+    """`nodes` peers (egress only): their addresses as an ipset of Node records."""
+    out = []
+    for p in r.peers:
+        if p.nodes is not None:
+            spec = NodeSet(p.nodes)
+            out.append(MatchPeer(matches=(f"-m set --match-set {spec.name} dst",), sets=(spec,)))
+    return tuple(out)
 
 
 def _as_policy_rule(r: TierRule) -> PolicyRule:
@@ -78,7 +89,7 @@ def tier_policy_chains(policy: ClusterPolicy) -> PolicyChains:
         index: list[int] = []
         for i, r in enumerate(rules):
             target, after = _TARGET[r.action]
-            for line in rule_lines(b, _as_policy_rule(r), i, direction):
+            for line in rule_lines(b, _as_policy_rule(r), i, direction, _node_peers(r)):
                 body.append(line + (" " if line else "") + target)
                 index.append(i)
                 if after:

@@ -369,8 +369,7 @@ MAX_RULE_NAME = 100
 MAX_CIDR_TEXT = 43  # the CRD's maxLength of a CIDR
 # Egress peer kinds the API has that tortie does not enforce: refused with a clear error
 # rather than ignored (ignoring a Deny would let through what the admin meant to block).
-_UNSUPPORTED_PEERS = {"nodes": "nodes peers (experimental upstream) are not supported by tortie",
-                      "domainNames": "domainNames peers (experimental upstream) are not supported by tortie"}
+_UNSUPPORTED_PEERS = {"domainNames": "domainNames peers (experimental upstream) are not supported by tortie"}
 
 
 def _exactly_one(ctx: _Ctx, d: dict, path: str, fields: tuple[str, ...]) -> str:
@@ -406,6 +405,8 @@ def _tier_peer(ctx: _Ctx, v: Any, path: str, fields: tuple[str, ...]) -> TierPee
         return TierPeer(namespaces=_selector(ctx, d[which], f"{path}.namespaces"))
     if which == "pods":
         return TierPeer(pods=_namespaced_pods(ctx, d[which], f"{path}.pods"))
+    if which == "nodes":
+        return TierPeer(nodes=_selector(ctx, d[which], f"{path}.nodes"))
     nets = _items(ctx, d[which], f"{path}.networks", 1, MAX_NETWORKS)
     out = []
     for i, n in enumerate(nets):
@@ -488,9 +489,9 @@ def _tier_rule(ctx: _Ctx, v: Any, path: str, fl: _Flavour, egress: bool) -> Tier
         one = _cnp_port if fl is _CNP else _anp_port
         ports = tuple(one(ctx, p, f"{path}.{fl.ports_field}[{i}]") for i, p in
                       enumerate(_items(ctx, d[fl.ports_field], f"{path}.{fl.ports_field}", 1, fl.max_items)))
-    if any(p.networks for p in peers) and any(p.name for p in ports):
-        raise ctx.fail(path, "a networks peer cannot be combined with a named port "
-                       "(networks have no named ports)")
+    if any(p.networks or p.nodes is not None for p in peers) and any(p.name for p in ports):
+        raise ctx.fail(path, "a networks or nodes peer cannot be combined with a named port "
+                       "(they have no named ports)")
     return TierRule(action=fl.actions[action], peers=peers, ports=ports, name=name)
 
 
@@ -823,6 +824,8 @@ def _tier_peer_k8s(p: TierPeer) -> dict:
     if p.pods is not None:
         return {"pods": {"namespaceSelector": _selector_k8s(p.pods.namespaces),
                          "podSelector": _selector_k8s(p.pods.pods)}}
+    if p.nodes is not None:
+        return {"nodes": _selector_k8s(p.nodes)}
     return {"networks": list(p.networks)}
 
 

@@ -91,11 +91,13 @@ def policy(rng: random.Random) -> NetworkPolicy:
 
 
 def tier_peer(rng: random.Random, egress: bool) -> TierPeer:
-    shape = rng.randint(0, 2 if egress else 1)
+    shape = rng.randint(0, 3 if egress else 1)
     if shape == 0:
         return TierPeer(namespaces=selector(rng))
     if shape == 1:
         return TierPeer(pods=NamespacedPods(selector(rng), selector(rng)))
+    if shape == 2:
+        return TierPeer(nodes=selector(rng))
     return TierPeer(networks=("10.0.0.0/24",))
 
 
@@ -103,7 +105,7 @@ def tier_rules(rng: random.Random, egress: bool) -> tuple[TierRule, ...]:
     out = []
     for _ in range(rng.randint(0, 2)):
         peers = tuple(tier_peer(rng, egress) for _ in range(rng.randint(1, 2)))
-        named = not any(p.networks for p in peers)
+        named = not any(p.networks or p.nodes is not None for p in peers)
         tports = rng.choice(((), (TierPort("TCP", 80),), (TierPort("UDP", 50, 60),))
                             + (((TierPort(None, name="http"),),) if named else ()))
         out.append(TierRule(rng.choice(("Accept", "Deny", "Pass")), peers, tports))
@@ -148,7 +150,7 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
     elif roll < 0.88:
         rec = Namespace(rng.choice(NAMESPACES), labels(rng))
     elif roll < 0.93:
-        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24")
+        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24", labels=labels(rng))
     else:
         rec = IPPool("pool", rng.choice(("10.0.0.0/16", "10.1.0.0/16")), nat_outgoing=rng.random() < 0.5)
     kind = KIND_OF[type(rec)]

@@ -27,7 +27,7 @@ from felix_agent.model import (
     TierPort,
     TierRule,
 )
-from tests.unit.test_calc_fixtures import cluster_of, iface_of, pod, sel, state
+from tests.unit.test_calc_fixtures import cluster_of, iface_of, pod, sel, state, upd
 from tests.unit.test_calc_semantics import (
     LBL,
     NAMED,
@@ -244,3 +244,22 @@ def test_a_label_change_touches_set_members_only():
     after = state(cluster_of(pod("y", "c", "10.0.0.2", labels={"app": "d"}), pod("x", "s", "10.0.0.3"), policy))
     assert before.chains == after.chains
     assert before.ipsets != after.ipsets
+
+
+def test_egress_to_nodes_by_label_follows_node_records():
+    from felix_agent.model import Node
+    from felix_agent.calc.trace import trace as trace_
+    to_ctl = cnp("nodes", "Admin", 1, subject=Y, egress=(TierRule("Deny", (TierPeer(nodes=sel(role="ctl")),),
+                                                                  (TierPort("TCP", 6443),)),))
+    n1 = Node("n1", ip="192.168.100.11/24", labels=(("role", "ctl"),))
+    n2 = Node("n2", ip="192.168.100.12/24")
+    c = cluster_of(Namespace("y"), pod("y", "c", "10.0.0.2"), to_ctl, n1, n2)
+    client = c.endpoints()[0]
+    assert not trace_(c, client, "192.168.100.11", 6443, "tcp").allowed
+    assert trace_(c, client, "192.168.100.11", 443, "tcp").allowed
+    assert trace_(c, client, "192.168.100.12", 6443, "tcp").allowed
+    before = state(c)
+    c.apply(upd(Node("n2", ip="192.168.100.12/24", labels=(("role", "ctl"),))))
+    after = state(c)
+    assert before.chains == after.chains  # a node label change moves set members only
+    assert not trace_(c, client, "192.168.100.12", 6443, "tcp").allowed

@@ -52,7 +52,8 @@ tier_port = st.one_of(
 
 
 def tier_rules(actions: list[str], egress: bool):
-    peers = st.one_of(tier_peer, st.just(model.TierPeer(networks=("10.0.0.0/8", "fd00::/8")))) if egress else tier_peer
+    peers = st.one_of(tier_peer, st.just(model.TierPeer(networks=("10.0.0.0/8", "fd00::/8"))),
+                      st.builds(model.TierPeer, nodes=selector)) if egress else tier_peer
     plain = st.builds(model.TierRule, action=st.sampled_from(actions), peers=st.lists(tier_peer, min_size=1,
                       max_size=2).map(tuple), ports=st.lists(tier_port, max_size=2).map(tuple), name=label_part)
     nets = st.builds(model.TierRule, action=st.sampled_from(actions), peers=st.lists(peers, min_size=1,

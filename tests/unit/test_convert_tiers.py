@@ -51,10 +51,12 @@ def with_spec(base: dict, path: str, value) -> dict:
     ("ingress", [{"action": "Deny", "from": [{"namespaces": {}}]}] * 26, "spec.ingress: must have 0 to 25 items"),
     ("egress.0.to", [{"networks": ["10.0.0.300/8"]}], "spec.egress[0].to[0].networks[0]: '10.0.0.300/8' is not a valid CIDR"),
     ("egress.0.to", [{"networks": ["10.0.0.0/8", "10.0.0.0/8"]}], "duplicate entry"),
-    ("egress.0.to", [{"nodes": {}}], "nodes peers (experimental upstream) are not supported by tortie"),
+    ("egress.0.to", [{"nodes": {}, "networks": ["10.0.0.0/8"]}], "exactly one of namespaces, pods, nodes, networks, domainNames"),
     ("egress.0.to", [{"domainNames": ["example.com"]}], "domainNames peers"),
     ("egress.0", {"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}],
                   "protocols": [{"destinationNamedPort": "http"}]}, "cannot be combined with a named port"),
+    ("egress.0", {"action": "Deny", "to": [{"nodes": {}}], "protocols": [{"destinationNamedPort": "http"}]},
+     "a networks or nodes peer cannot be combined"),
 ])
 def test_bad_cluster_network_policy_names_object_and_field(path, value, msg):
     with pytest.raises(ConvertError) as e:
