@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_apply)
 
     g = sub.add_parser("get", help="list objects of a kind, or show one")
-    g.add_argument("kind", help="pods, namespaces, nodes, networkpolicies, ippools, bgppeers, "
-                                "workloadendpoints, blockaffinities (or kubectl's short names)")
+    g.add_argument("kind", help="pods, namespaces, nodes, networkpolicies, clusternetworkpolicies, "
+                                "adminnetworkpolicies, baselineadminnetworkpolicies, ippools, bgppeers, "
+                                "workloadendpoints, blockaffinities (or kubectl's short names: cnp, anp, banp...)")
     g.add_argument("name", nargs="?")
     g.add_argument("-n", "--namespace", help="only this namespace (default for a NAME: default)")
     g.add_argument("-A", "--all-namespaces", action="store_true",
