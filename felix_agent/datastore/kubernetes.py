@@ -206,8 +206,9 @@ class _Worker(threading.Thread):
                 if e.status == 410:
                     raise Gone(_explain(e, self.res.plural)) from None
                 if e.status == 404 and self.res.api == "custom":
-                    raise NotInstalled(f"the CRD {self.res.plural}.{self.res.group_version.split('/')[0]} "
-                                       f"is not installed: {self.res.kind} objects are not enforced") from None
+                    group, version = self.res.group_version.split("/")
+                    raise NotInstalled(f"the CRD {self.res.plural}.{group} is not installed (or does not "
+                                       f"serve {version}): {self.res.kind} objects are not enforced") from None
                 raise
             try:
                 body = json.loads(resp.data)
