@@ -163,6 +163,8 @@ def test_network_policy_api_crds_match_what_tortie_converts():
         assert crd.spec.scope == "Cluster" and crd.spec.names.plural == PLURAL[kind]
         assert f"{crd.spec.group}/{crd.spec.versions[0].name}" == API_VERSION[kind]
         assert "network-policy-api v0." in crd.metadata.annotations["tortie.io/upstream"]
+        # *.k8s.io groups are protected: without this the API server refuses the CRD
+        assert crd.metadata.annotations["api-approved.kubernetes.io"].startswith("https://github.com/")
     spec = by_kind["ClusterNetworkPolicy"].spec.versions[0].schema.open_apiv3_schema.properties["spec"]
     assert (spec.properties["priority"].minimum, spec.properties["priority"].maximum) == (0, 1000)
     assert spec.properties["tier"].enum == ["Admin", "Baseline"]
