@@ -1,4 +1,4 @@
-"""tortiectl trace's argument handling: a clear error for what it cannot answer."""
+"""tortiectl trace (argument handling: a clear error for what it cannot answer) and the status view's datastore notes."""
 import pytest
 
 from felix_agent.calc.trace import trace
@@ -26,3 +26,14 @@ def test_render_names_the_verdict():
     out = render(trace(c, resolve(c, "x/a", "s"), resolve(c, "x/b", "d"), 80, "tcp"))
     assert out.splitlines()[0] == "x/a -> x/b 80/tcp: ALLOWED"
     assert "no policy selects x/b for ingress: default allow" in out
+
+
+def test_status_shows_the_datastore_notes():
+    """The agent's notes (a network-policy-api CRD not installed) are one line each."""
+    from tortiectl.status import render_status
+    st = {"node": "n1", "node_ip": "192.168.100.11", "datastore": "kubernetes", "in_sync": True,
+          "datastore_notes": ["ClusterNetworkPolicy: the CRD clusternetworkpolicies.policy.networking.k8s.io "
+                              "is not installed (or does not serve v1alpha2): ClusterNetworkPolicy objects are "
+                              "not enforced"], "endpoints": [], "bgp_peers": []}
+    out = render_status(st)
+    assert "Datastore note:   ClusterNetworkPolicy: the CRD clusternetworkpolicies" in out, out
