@@ -1,4 +1,5 @@
-"""tortiectl trace (argument handling: a clear error for what it cannot answer) and the status view's datastore notes."""
+"""tortiectl trace's argument handling (a clear error for what it cannot answer) and the
+status view's datastore notes."""
 import pytest
 
 from felix_agent.calc.trace import trace
