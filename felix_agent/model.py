@@ -22,10 +22,14 @@ KINDS = (
     "Pod",
     "WorkloadEndpoint",
     "NetworkPolicy",
+    "ClusterNetworkPolicy",
+    "AdminNetworkPolicy",
+    "BaselineAdminNetworkPolicy",
     "BlockAffinity",
 )
 Kind = Literal[
-    "IPPool", "Node", "BGPPeer", "Namespace", "Pod", "WorkloadEndpoint", "NetworkPolicy", "BlockAffinity"
+    "IPPool", "Node", "BGPPeer", "Namespace", "Pod", "WorkloadEndpoint", "NetworkPolicy",
+    "ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "BlockAffinity",
 ]
 
 DEFAULT_AS = 64512
@@ -296,7 +300,114 @@ class NetworkPolicy:
         return hashlib.sha1(self.key.encode()).hexdigest()[:16]
 
 
-Record = Union[Namespace, Pod, WorkloadEndpoint, Node, IPPool, BGPPeer, BlockAffinity, NetworkPolicy]
+# --- tiered cluster policy (policy.networking.k8s.io: ClusterNetworkPolicy v1alpha2, and
+# AdminNetworkPolicy / BaselineAdminNetworkPolicy v1alpha1 mapped onto the same tiers) ---
+
+Tier = Literal["Admin", "Baseline"]
+TierAction = Literal["Accept", "Deny", "Pass"]
+TIERS: tuple[Tier, ...] = ("Admin", "Baseline")
+TIER_ACTIONS: tuple[TierAction, ...] = ("Accept", "Deny", "Pass")
+
+
+@dataclass(frozen=True)
+class NamespacedPods:
+    """Pods picked by `pods` within the namespaces `namespaces` picks (both may be empty =
+    everything)."""
+
+    namespaces: LabelSelector = field(default_factory=LabelSelector)
+    pods: LabelSelector = field(default_factory=LabelSelector)
+
+
+@dataclass(frozen=True)
+class TierPeer:
+    """A subject, or one entry of a rule's from/to. Exactly one field is set (the API's
+    MinProperties=MaxProperties=1): every pod of some namespaces, some pods of some
+    namespaces, or (egress only) IP networks or the nodes a label selector picks."""
+
+    namespaces: LabelSelector | None = None
+    pods: NamespacedPods | None = None
+    networks: tuple[str, ...] = ()  # CIDRs as written
+    nodes: LabelSelector | None = None
+
+
+@dataclass(frozen=True)
+class TierPort:
+    """A destination port match: a number or range of one protocol, every port of one
+    protocol, or a container port name (protocol None: the name resolves on the
+    destination pod to its own number and protocol)."""
+
+    protocol: Protocol | None = "TCP"
+    port: int | None = None  # None with a protocol: every port of it
+    end_port: int | None = None  # a range port..end_port
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TierRule:
+    """Traffic from/to any of `peers` on any of `ports` (empty: every port) gets
+    `action`; the first matching rule of the first matching policy decides."""
+
+    action: TierAction
+    peers: tuple[TierPeer, ...]
+    ports: tuple[TierPort, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterPolicy:
+    """What the three policy.networking.k8s.io kinds have in common.  The subclasses only
+    say which kind an object was (so both datastores keep them apart and write them back
+    as they came); the calc treats them alike through `tier` and `precedence`."""
+
+    name: str
+    tier: Tier
+    priority: int  # 0..1000, lower first; a BaselineAdminNetworkPolicy has none: BANP_PRIORITY
+    subject: TierPeer
+    ingress: tuple[TierRule, ...] = ()
+    egress: tuple[TierRule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def kind(self) -> str:
+        return KIND_OF[type(self)]
+
+    @property
+    def precedence(self) -> tuple[int, int, str]:
+        """Sort key within a tier.  The API leaves equal priorities to the implementation:
+        ties go CNP before ANP, then by name, so every node picks the same order."""
+        return (self.priority, _KIND_RANK[self.kind], self.name)
+
+    @cached_property
+    def id(self) -> str:
+        """Short stable id used in chain names (cali-ci-<id>, cali-co-<id>)."""
+        return hashlib.sha1(f"{self.kind}/{self.name}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClusterNetworkPolicy(ClusterPolicy):
+    pass
+
+
+@dataclass(frozen=True)
+class AdminNetworkPolicy(ClusterPolicy):
+    pass
+
+
+@dataclass(frozen=True)
+class BaselineAdminNetworkPolicy(ClusterPolicy):
+    pass
+
+
+BANP_PRIORITY = 1001  # the one BANP (it has no priority) goes after every Baseline CNP (0..1000)
+_KIND_RANK = {"ClusterNetworkPolicy": 0, "AdminNetworkPolicy": 1, "BaselineAdminNetworkPolicy": 2}
+CLUSTER_POLICY_KINDS = tuple(_KIND_RANK)
+
+
+Record = Union[Namespace, Pod, WorkloadEndpoint, Node, IPPool, BGPPeer, BlockAffinity, NetworkPolicy,
+               ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy]
 
 KIND_OF: dict[type, str] = {
     Namespace: "Namespace",
@@ -307,6 +418,9 @@ KIND_OF: dict[type, str] = {
     BGPPeer: "BGPPeer",
     BlockAffinity: "BlockAffinity",
     NetworkPolicy: "NetworkPolicy",
+    ClusterNetworkPolicy: "ClusterNetworkPolicy",
+    AdminNetworkPolicy: "AdminNetworkPolicy",
+    BaselineAdminNetworkPolicy: "BaselineAdminNetworkPolicy",
 }
 
 

@@ -4,9 +4,11 @@
     tortiectl get KIND [NAME] [-n NS | -A] [-o json|yaml|wide]
     tortiectl delete KIND NAME [-n NS]
     tortiectl delete -f FILE|-
+    tortiectl trace NS/POD NS/POD|IP PORT/PROTO [-o json]
 
 `apply` reads ordinary multi-document Kubernetes YAML (Pod, Namespace, Node,
-NetworkPolicy, and tortie's IPPool and BGPPeer), validates every document with
+NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, and
+tortie's IPPool and BGPPeer), validates every document with
 convert.from_k8s first, and writes them all in one etcd transaction: one bad document
 means an error naming it and its field, and nothing written.
 """
@@ -25,6 +27,7 @@ from felix_agent.datastore import keys
 from felix_agent.datastore.etcd import EtcdStore, EtcdUnavailable, record_key
 from felix_agent.datastore.etcd_tls import EtcdTLS
 from tortiectl import status
+from tortiectl import trace as trace_cmd
 from tortiectl.documents import read_documents, resolve_kind, validate_documents
 from tortiectl.errors import CliError
 from tortiectl.render import render
@@ -150,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_apply)
 
     g = sub.add_parser("get", help="list objects of a kind, or show one")
-    g.add_argument("kind", help="pods, namespaces, nodes, networkpolicies, ippools, bgppeers, "
-                                "workloadendpoints, blockaffinities (or kubectl's short names)")
+    g.add_argument("kind", help="pods, namespaces, nodes, networkpolicies, clusternetworkpolicies, "
+                                "adminnetworkpolicies, baselineadminnetworkpolicies, ippools, bgppeers, "
+                                "workloadendpoints, blockaffinities (or kubectl's short names: cnp, anp, banp...)")
     g.add_argument("name", nargs="?")
     g.add_argument("-n", "--namespace", help="only this namespace (default for a NAME: default)")
     g.add_argument("-A", "--all-namespaces", action="store_true",
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Views of one node's agent (status, node status, ipam show) read its /status.
     status.add_commands(sub)
+    # `trace` reads the datastore alone and runs the agent's calc on it.
+    trace_cmd.add_commands(sub)
     return p
 
 

@@ -12,7 +12,7 @@ from felix_agent import model
 from felix_agent.datastore.convert import ConvertError, from_k8s
 from tortiectl.errors import CliError
 
-APPLICABLE = ("Pod", "Namespace", "Node", "NetworkPolicy", "IPPool", "BGPPeer")
+APPLICABLE = ("Pod", "Namespace", "Node", "NetworkPolicy", "IPPool", "BGPPeer", *model.CLUSTER_POLICY_KINDS)
 
 # Every spelling kubectl users type, to the kind.
 ALIASES = {}
@@ -21,6 +21,9 @@ for _kind, _names in {
     "Namespace": ("namespace", "namespaces", "ns"),
     "Node": ("node", "nodes", "no"),
     "NetworkPolicy": ("networkpolicy", "networkpolicies", "netpol"),
+    "ClusterNetworkPolicy": ("clusternetworkpolicy", "clusternetworkpolicies", "cnp"),
+    "AdminNetworkPolicy": ("adminnetworkpolicy", "adminnetworkpolicies", "anp"),
+    "BaselineAdminNetworkPolicy": ("baselineadminnetworkpolicy", "baselineadminnetworkpolicies", "banp"),
     "IPPool": ("ippool", "ippools", "pool", "pools"),
     "BGPPeer": ("bgppeer", "bgppeers", "peer", "peers"),
     "WorkloadEndpoint": ("workloadendpoint", "workloadendpoints", "wep", "weps"),

@@ -26,7 +26,7 @@ def _selector(sel: model.LabelSelector) -> str:
     return "<all>" if sel.is_empty else sel.canonical()
 
 
-def _rules(rules: tuple[model.PolicyRule, ...]) -> str:
+def _rules(rules: tuple) -> str:
     return str(len(rules))
 
 
@@ -64,6 +64,20 @@ COLUMNS: dict[str, Columns] = {
     "BlockAffinity": (["CIDR", "NODE", "POOL"], lambda r: [r.cidr, r.node, r.pool or "<none>"],
                       [], lambda r: []),
 }
+
+
+def _subject(p: model.TierPeer) -> str:
+    if p.namespaces is not None:
+        return f"namespaces: {_selector(p.namespaces)}"
+    assert p.pods is not None
+    return f"pods: {_selector(p.pods.pods)} in namespaces: {_selector(p.pods.namespaces)}"
+
+
+for _kind in model.CLUSTER_POLICY_KINDS:
+    COLUMNS[_kind] = (["NAME", "TIER", "PRIORITY", "SUBJECT"],
+                      lambda r: [r.name, r.tier, str(r.priority) if r.priority != model.BANP_PRIORITY else "-",
+                                 _subject(r.subject)],
+                      ["INGRESS-RULES", "EGRESS-RULES"], lambda r: [_rules(r.ingress), _rules(r.egress)])
 
 
 def render_table(kind: str, records: list[model.Record], wide: bool = False) -> str:

@@ -49,6 +49,8 @@ def render_status(st: dict) -> str:
     ]
     if st.get("last_error"):
         lines.append(f"Last error:       {st['last_error']}")
+    for note in st.get("datastore_notes") or ():
+        lines.append(f"Datastore note:   {note}")
     if st.get("bad_records"):
         lines.append(f"Bad records:      {len(st['bad_records'])} in the datastore, skipped "
                      f"(first: {st['bad_records'][0]['key']})")

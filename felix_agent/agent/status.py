@@ -39,6 +39,8 @@ class StatusView:
             "last_apply": st.last_apply, "last_apply_seconds": round(st.last_apply_seconds, 4),
             "applies": st.applies, "last_error": "; ".join(e for e in (st.last_error, bad_text) if e),
             "bad_records": [{"key": k, "why": why} for k, why in sorted(bad.items())],
+            # e.g. a network-policy-api CRD that is not installed (kubernetes datastore)
+            "datastore_notes": [f"{k}: {why}" for k, why in sorted(dict(getattr(self.syncer, "notes", {})).items())],
             "endpoints": [{"namespace": w.namespace, "pod": w.pod, "iface": w.iface, "ips": list(w.ips),
                            "container_id": w.container_id} for w in weps],
             "bgp_peers": [p for p in bgp if p.get("proto") == "BGP"],

@@ -12,8 +12,11 @@ from types import MappingProxyType
 from typing import Mapping
 
 from felix_agent.model import (
+    CLUSTER_POLICY_KINDS,
     KIND_OF,
     KINDS,
+    TIERS,
+    ClusterPolicy,
     BGPPeer,
     BlockAffinity,
     Endpoint,
@@ -69,6 +72,7 @@ class Cluster:
         # last asked (take_endpoint_changes), so a pass touches only those.
         self._by_node: dict[str, set[PodId]] = {}
         self._ep_changes: set[PodId] = set()
+        self._cp_sorted: tuple[tuple[int, ...], tuple[ClusterPolicy, ...]] = ((), ())
 
     # --- feeding -------------------------------------------------------------------------
 
@@ -184,6 +188,16 @@ class Cluster:
     @property
     def policies(self) -> Mapping[str, NetworkPolicy]:
         return self._table("NetworkPolicy")
+
+    def cluster_policies(self) -> tuple[ClusterPolicy, ...]:
+        """Every ClusterNetworkPolicy, AdminNetworkPolicy and BaselineAdminNetworkPolicy in
+        evaluation order: the Admin tier, then the Baseline tier, each by precedence."""
+        version = self.versions(*CLUSTER_POLICY_KINDS)
+        if self._cp_sorted[0] != version:
+            every = [p for kind in CLUSTER_POLICY_KINDS for p in self._records[kind].values()]
+            every.sort(key=lambda p: (TIERS.index(p.tier), p.precedence))
+            self._cp_sorted = (version, tuple(every))
+        return self._cp_sorted[1]
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         """Every endpoint of the cluster (all nodes), sorted by key."""

@@ -4,13 +4,16 @@
 
 filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl-dispatch,
                                     then the configured workload-to-host action
-         FORWARD -> cali-FORWARD -> cali-from-wl-dispatch -> cali-fw-<iface> -> cali-po-<id>
-                                 -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-pi-<id>
+         FORWARD -> cali-FORWARD -> cali-from-wl-dispatch -> cali-fw-<iface> -> cali-co-<id> (Admin)
+                                                                              cali-po-<id>
+                                                                              cali-co-<id> (Baseline)
+                                 -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-ci-<id>, cali-pi-<id>, ...
          OUTPUT  -> cali-OUTPUT  (empty: the node may always reach its own pods)
 nat:     see calc/nat.py
 raw:     PREROUTING -> cali-PREROUTING: the loopback guard (calc/raw.py), IPv4 and IPv6
 Only this node's endpoints get endpoint chains; the ipsets hold pods of every node.
-Policy chains exist once per policy that selects at least one local endpoint.
+Policy chains (NetworkPolicy and cluster policy) exist once per policy that selects at
+least one local endpoint; calc/endpoints.py orders the tiers.
 
 A pod scheduled to this node gets its chains BEFORE its CNI ADD, under the interface name
 the plugin will give it (podnet.naming): nothing in the filter table depends on its
@@ -29,8 +32,8 @@ from podnet.naming import host_iface_name
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Hook, IpSet
 from felix_agent.calc.dispatch import dispatch_chains, sources_set
-from felix_agent.calc.endpoints import endpoint_chains
-from felix_agent.calc.ipsets import SetSpec, desired_ipset
+from felix_agent.calc.endpoints import EndpointPolicies, endpoint_chains
+from felix_agent.calc.ipsets import NodeSet, SetSpec, desired_ipset, node_members
 from felix_agent.calc.names import (
     FILTER_FORWARD,
     FILTER_INPUT,
@@ -45,11 +48,12 @@ from felix_agent.calc.names import (
     WL_TO_HOST,
 )
 from felix_agent.calc.nat import nat_chains, pool_sets
-from felix_agent.calc.policy import policy_chains
+from felix_agent.calc.policy import PolicyChains, policy_chains
 from felix_agent.calc.raw import HOOKS as RAW_HOOKS
 from felix_agent.calc.raw import raw_chains
 from felix_agent.calc.selectors import PeerSelector, SelectorIndex
-from felix_agent.model import Endpoint, NetworkPolicy
+from felix_agent.calc.tier_policy import subject_selector, tier_policy_chains
+from felix_agent.model import ClusterPolicy, Endpoint, NetworkPolicy
 
 WL_TO_HOST_ACTIONS = ("ACCEPT", "DROP")
 # cali + 1..11 characters: the kernel's 15-character limit; Calico's are cali + 11 hex.
@@ -153,15 +157,17 @@ def dataplane_state(cluster: Cluster, config: CalcConfig, errors: list[str] | No
     endpoints = cluster.endpoints()
     everyone = SelectorIndex(endpoints, cluster.namespaces)
     return render_state(cluster, config, errs, endpoints, sorted(cluster.policies.values(), key=lambda p: p.key),
-                        lambda spec: desired_ipset(spec, everyone),
+                        cluster.cluster_policies(), lambda spec: desired_ipset(spec, everyone),
                         lambda: pool_sets(cluster.pools.values(), cluster.nodes.values(), errs))
 
 
 def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoints: Iterable[Endpoint],
-                 policies: Iterable[NetworkPolicy], ipset_for: Callable[[SetSpec], IpSet],
+                 policies: Iterable[NetworkPolicy], cluster_policies: Iterable[ClusterPolicy],
+                 ipset_for: Callable[[SetSpec], IpSet],
                  pool_ipsets: Callable[[], dict[str, IpSet]]) -> DesiredState:
     """The state from this node's endpoints (`endpoints` may hold other nodes' too), the
-    policies that may select them, sorted by key, and the sets' members (`ipset_for`)."""
+    policies that may select them, sorted by key, the cluster policies in evaluation
+    order (Cluster.cluster_policies) and the sets' members (`ipset_for`)."""
     wired = local_endpoints(endpoints, config.node_name, errs)
     local = wired + scheduled_endpoints(endpoints, config.node_name, {ep.iface for ep in wired})
     here = SelectorIndex(local, cluster.namespaces)
@@ -170,23 +176,45 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     sets: dict[SetSpec, None] = {}
     ingress_of: dict[str, list[str]] = {}
     egress_of: dict[str, list[str]] = {}
+
+    def use(rendered: PolicyChains) -> None:
+        errs.extend(rendered.errors)
+        filt.update(rendered.chains)
+        sets.update(dict.fromkeys(rendered.sets))
+
     for policy in policies:
         selected = here.select(PeerSelector.of_policy(policy))
         if not selected:
             continue
-        rendered = policy_chains(policy)
-        errs.extend(rendered.errors)
-        filt.update(rendered.chains)
-        sets.update(dict.fromkeys(rendered.sets))
+        use(policy_chains(policy))
         for ptype, by_ep in (("Ingress", ingress_of), ("Egress", egress_of)):
             if ptype in policy.policy_types:
                 for ep in selected:
                     by_ep.setdefault(ep.key, []).append(policy.id)
+    # tier -> direction -> endpoint key -> cluster policy ids in order
+    tiers: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for cp in cluster_policies:
+        selected = here.select(subject_selector(cp))
+        if not selected:
+            continue
+        use(tier_policy_chains(cp))
+        for direction in ("ingress", "egress"):
+            if getattr(cp, direction):
+                by_ep = tiers.setdefault((cp.tier, direction), {})
+                for ep in selected:
+                    by_ep.setdefault(ep.key, []).append(cp.id)
+
+    def policies_of(ep: Endpoint, direction: str, network: dict[str, list[str]]) -> EndpointPolicies:
+        return EndpointPolicies(admin=tuple(tiers.get(("Admin", direction), {}).get(ep.key, ())),
+                                network=tuple(network.get(ep.key, ())),
+                                baseline=tuple(tiers.get(("Baseline", direction), {}).get(ep.key, ())))
     for ep in local:
-        filt.update(endpoint_chains(ep, ingress_of.get(ep.key, ()), egress_of.get(ep.key, ())))
+        filt.update(endpoint_chains(ep, policies_of(ep, "ingress", ingress_of),
+                                    policies_of(ep, "egress", egress_of)))
     filt.update(dispatch_chains(local))
 
-    ipsets = {spec.name: ipset_for(spec) for spec in sets}
+    ipsets = {spec.name: node_members(spec, cluster.nodes.values()) if isinstance(spec, NodeSet) else ipset_for(spec)
+              for spec in sets}
     ipsets.update(pool_ipsets())
     ipsets[WL_SOURCES_SET] = sources_set(wired)
     nat = nat_chains(wired, cluster.pools.values(), errs)

@@ -255,7 +255,7 @@ class IncrementalCalc:
             if sel is not None:
                 used.add(sel)
             return self._ipset(spec)
-        state = render_state(cluster, self.config, errs, here, policies, ipset_for,
+        state = render_state(cluster, self.config, errs, here, policies, cluster.cluster_policies(), ipset_for,
                              lambda: self._pool_ipsets(cluster, errs))
         # Selectors no set uses any more are dropped, so events stop paying for them.
         for sel in [s for s in self._sel if s not in used]:

@@ -18,9 +18,11 @@ from felix_agent.calc.names import (
     IPSET_NAME_MAX,
     NAMED_PORT_SET_PREFIX,
     NETS_SET_PREFIX,
+    NODES_SET_PREFIX,
     SELECTOR_SET_PREFIX,
 )
-from felix_agent.calc.selectors import PeerSelector, SelectorIndex
+from felix_agent.calc.selectors import PeerSelector, SelectorIndex, ipv4_addresses
+from felix_agent.model import LabelSelector, Node
 
 HASH_CHARS = 22  # 132 bits of sha256: collisions are not a practical concern
 
@@ -53,7 +55,7 @@ class NamedPortSet:
 
     sel: PeerSelector
     port_name: str
-    protocol: str  # "TCP" | "UDP" | "SCTP"
+    protocol: str  # "TCP" | "UDP" | "SCTP", or "" for any (cluster policies' named ports)
 
     @cached_property
     def name(self) -> str:
@@ -76,7 +78,27 @@ class NetSet:
     type = "hash:net"
 
 
-SetSpec = Union[SelectorSet, NamedPortSet, NetSet]
+@dataclass(frozen=True)
+class NodeSet:
+    """hash:net of the IPv4 addresses of the nodes a label selector picks (a cluster
+    policy's `nodes` peer).  Its members come from the Node records (node_members), not
+    from the endpoint index the other sets use."""
+
+    nodes: LabelSelector
+
+    @cached_property
+    def name(self) -> str:
+        return hashed_name(NODES_SET_PREFIX, self.nodes.canonical())
+
+    type = "hash:net"
+
+
+SetSpec = Union[SelectorSet, NamedPortSet, NetSet, NodeSet]
+
+
+def node_members(spec: NodeSet, nodes: Iterable[Node]) -> IpSet:
+    ips = frozenset(ip for n in nodes if spec.nodes.matches(n.labels) for ip in ipv4_addresses([n.address]))
+    return IpSet(name=spec.name, members=ips, type=spec.type)
 
 
 def net_members(cidrs: Iterable[str]) -> tuple[str, ...]:
@@ -99,6 +121,8 @@ def set_members(spec: SetSpec, index: SelectorIndex) -> frozenset[str]:
         return index.members(spec.sel)
     if isinstance(spec, NamedPortSet):
         return index.named_members(spec.sel, spec.port_name, spec.protocol)
+    if isinstance(spec, NodeSet):
+        raise TypeError("a NodeSet's members come from the nodes: node_members")
     return frozenset(spec.cidrs)
 
 

@@ -19,6 +19,15 @@ SET_ACCEPT_MARK = f"-j MARK --set-xmark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}"
 CLEAR_ACCEPT_MARK = f"-j MARK --set-xmark 0x0/{ACCEPT_MARK:#x}"
 IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}"
 RETURN_IF_ACCEPTED = IF_ACCEPTED + " -j RETURN"
+# A cluster policy's Pass rule sets this bit: the rest of its tier is skipped (Calico's
+# pass bit).  Endpoint chains clear both bits before the tiers.
+PASS_MARK = 0x20000
+SET_PASS_MARK = f"-j MARK --set-xmark {PASS_MARK:#x}/{PASS_MARK:#x}"
+CLEAR_PASS_MARK = f"-j MARK --set-xmark 0x0/{PASS_MARK:#x}"
+CLEAR_TIER_MARKS = f"-j MARK --set-xmark 0x0/{ACCEPT_MARK | PASS_MARK:#x}"
+IF_PASSED = f"-m mark --mark {PASS_MARK:#x}/{PASS_MARK:#x}"
+IF_NOT_PASSED = f"-m mark --mark 0x0/{PASS_MARK:#x}"
+RETURN_IF_PASSED = IF_PASSED + " -j RETURN"
 
 # --- filter table ------------------------------------------------------------------------
 FILTER_INPUT = "cali-INPUT"
@@ -44,6 +53,7 @@ RAW_PREROUTING = "cali-PREROUTING"
 SELECTOR_SET_PREFIX = "cali40s:"  # hash:net, pod IPs a selector picks
 NAMED_PORT_SET_PREFIX = "cali40n:"  # hash:ip,port, "ip,proto:port" of a named port
 NETS_SET_PREFIX = "cali40e:"  # hash:net, the `except` CIDRs of an ipBlock
+NODES_SET_PREFIX = "cali40h:"  # hash:net, addresses of the nodes a cluster policy's nodes peer picks
 ALL_POOLS_SET = "cali40all-ipam-pools"
 MASQ_POOLS_SET = "cali40masq-ipam-pools"
 ALL_HOSTS_SET = "cali40all-hosts-net"
@@ -63,6 +73,11 @@ def from_wl_chain(iface: str) -> str:
 def policy_chain(policy_id: str, direction: str) -> str:
     """cali-pi-<id> for ingress rules, cali-po-<id> for egress rules."""
     return ("cali-pi-" if direction == "ingress" else "cali-po-") + policy_id
+
+
+def tier_chain(policy_id: str, direction: str) -> str:
+    """cali-ci-<id> / cali-co-<id>: a cluster policy's ingress / egress rules."""
+    return ("cali-ci-" if direction == "ingress" else "cali-co-") + policy_id
 
 
 def dispatch_subchain(base: str, key: str) -> str:

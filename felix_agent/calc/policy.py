@@ -33,10 +33,12 @@ class PolicyChains:
     chains: Mapping[str, tuple[str, ...]]  # read-only: results are cached and shared
     sets: tuple[SetSpec, ...]  # every set the rules name, first use first
     errors: tuple[str, ...] = ()
+    # chain -> for each of its lines, the index of the policy rule it came from (trace)
+    rule_of: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
-class _Peer:
+class MatchPeer:
     """A from/to entry as match parts. `sel` is set for selector peers."""
 
     cidr: str = ""
@@ -55,13 +57,19 @@ class _Ports:
 
 
 @dataclass
-class _Builder:
-    policy: NetworkPolicy
+class RuleBuilder:
+    """What rule lines of one policy need: who it is (for errors), the pods it selects (an
+    ingress named port resolves on them) and its namespace (a bare podSelector peer picks
+    pods there; "" for cluster policies, whose peers always name their namespaces)."""
+
+    who: str
+    subject: PeerSelector
+    namespace: str = ""
     errors: list[str] = field(default_factory=list)
     sets: dict[SetSpec, None] = field(default_factory=dict)  # ordered set
 
     def error(self, msg: str) -> None:
-        self.errors.append(f"policy {self.policy.key}: {msg}")
+        self.errors.append(f"{self.who}: {msg}")
 
     def use(self, spec: SetSpec) -> str:
         self.sets.setdefault(spec, None)
@@ -72,8 +80,9 @@ class _Builder:
 def policy_chains(policy: NetworkPolicy) -> PolicyChains:
     """The policy's chains (one per policyType) and the sets they name.  Pure and cached
     by value: an unchanged policy costs a dict lookup."""
-    b = _Builder(policy)
+    b = RuleBuilder(f"policy {policy.key}", PeerSelector.of_policy(policy), policy.namespace)
     chains: dict[str, tuple[str, ...]] = {}
+    rule_of: dict[str, tuple[int, ...]] = {}
     for ptype in policy.policy_types:
         direction = DIRECTIONS.get(ptype)
         if direction is None:
@@ -81,31 +90,38 @@ def policy_chains(policy: NetworkPolicy) -> PolicyChains:
             continue
         rules = policy.ingress if direction == "ingress" else policy.egress
         body: list[str] = []
+        index: list[int] = []
         for i, r in enumerate(rules):
-            for line in _rule_lines(b, r, i, direction):
+            for line in rule_lines(b, r, i, direction):
                 body += [line + (" " if line else "") + SET_ACCEPT_MARK, RETURN_IF_ACCEPTED]
+                index += [i, i]
         # No rules: an empty chain sets no mark, so the endpoint chain drops (default deny).
         chains[policy_chain(policy.id, direction)] = tuple(body)
-    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors))
+        rule_of[policy_chain(policy.id, direction)] = tuple(index)
+    return PolicyChains(MappingProxyType(chains), tuple(b.sets), tuple(b.errors), MappingProxyType(rule_of))
 
 
-def _rule_lines(b: _Builder, r: PolicyRule, index: int, direction: str) -> list[str]:
+def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str,
+               more_peers: tuple[MatchPeer, ...] = ()) -> list[str]:
+    """The rule's matches, one line per peer x port alternative, without a target.
+    `more_peers`: peers NetworkPolicy has no form for (a cluster policy's nodes)."""
     where = f"{direction} rule {index}"
     peers = [p for p in (_peer(b, peer, direction, where) for peer in r.peers) if p is not None]
-    if r.peers and not peers:
+    if r.peers and not peers and not more_peers:
         return []  # every peer was IPv6 or broken: this rule allows nothing over IPv4
+    peers += more_peers
     ports = _merge_ports([p for p in (_port(b, port, where) for port in r.ports) if p is not None])
     if r.ports and not ports:
         return []
     lines: list[str] = []
-    for peer in peers or [_Peer()]:
+    for peer in peers or [MatchPeer()]:
         for port in ports or [_Ports()]:
             peer_matches, peer_sets = peer.matches, peer.sets
             port_match, port_set = port.match, None
             if port.named:
                 if direction == "ingress":
                     # The name resolves on the destination: the pods this policy selects.
-                    port_set = NamedPortSet(PeerSelector.of_policy(b.policy), port.named, port.proto.upper())
+                    port_set = NamedPortSet(b.subject, port.named, port.proto.upper())
                 elif peer.sel is not None:
                     # The destinations are the peer's pods; the set holds their ip,port
                     # pairs and so also stands in for the peer's own selector set.
@@ -152,7 +168,7 @@ def _merge_ports(ports: list[_Ports]) -> list[_Ports]:
     return out
 
 
-def _peer(b: _Builder, peer: PolicyPeer, direction: str, where: str) -> _Peer | None:
+def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> MatchPeer | None:
     side = "src" if direction == "ingress" else "dst"
     if peer.ip_block is not None:
         try:
@@ -177,18 +193,22 @@ def _peer(b: _Builder, peer: PolicyPeer, direction: str, where: str) -> _Peer | 
             spec = NetSet(net_members(excepts))
             matches = (f"-m set ! --match-set {spec.name} {side}",)
             sets = (spec,)
-        return _Peer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
-    sel = PeerSelector.of_peer(peer, b.policy.namespace)
+        return MatchPeer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
+    sel = PeerSelector.of_peer(peer, b.namespace)
     if sel is None:
         b.error(f"{where}: peer has neither ipBlock nor a selector; peer skipped")
         return None
     spec = SelectorSet(sel)
-    return _Peer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
+    return MatchPeer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
 
 
-def _port(b: _Builder, port: PolicyPort, where: str) -> _Ports | None:
+def _port(b: RuleBuilder, port: PolicyPort, where: str) -> _Ports | None:
     """One ports entry; a numeric one carries just "80" or "80:90" in `match` until
     _merge_ports turns the numbers of a protocol into iptables matches."""
+    if port.protocol == "" and isinstance(port.port, str) and port.port:
+        # Cluster policies name a port without a protocol: the destination pod's declared
+        # port of that name, whatever its protocol (the set's members carry it).
+        return _Ports(named=port.port)
     if port.protocol not in PROTOCOLS:
         b.error(f"{where}: protocol {port.protocol!r} is not one of {', '.join(PROTOCOLS)}; port skipped")
         return None

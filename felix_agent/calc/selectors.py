@@ -81,12 +81,13 @@ def ipv4_addresses(ips: Iterable[str]) -> list[str]:
 
 
 def port_members(ep: Endpoint, port_name: str, protocol: str) -> list[str]:
-    """An endpoint's members of the named-port set (port_name, protocol): "ip,proto:port"."""
-    ports = [p.port for p in ep.ports if p.name == port_name and p.protocol == protocol]
+    """An endpoint's members of the named-port set (port_name, protocol): "ip,proto:port".
+    protocol "": the named port of any protocol (a cluster policy's named port names none)."""
+    ports = [p for p in ep.ports if p.name == port_name and protocol in ("", p.protocol)]
     if not ports:
         return []
-    proto = protocol.lower()
-    return [f"{ip},{proto}:{port}" for port in ports for ip in ipv4_addresses(ep.ips)]
+    ips = ipv4_addresses(ep.ips)
+    return [f"{ip},{p.protocol.lower()}:{p.port}" for p in ports for ip in ips]
 
 
 class SelectorIndex:

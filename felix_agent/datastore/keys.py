@@ -1,7 +1,7 @@
 """The etcd key layout: every object as JSON (Kubernetes-shaped) under one prefix.
 
     <prefix>/<plural>/<namespace>/<name>   namespaced kinds (Pod, NetworkPolicy)
-    <prefix>/<plural>/<name>               cluster kinds (Node, Namespace, IPPool, BGPPeer)
+    <prefix>/<plural>/<name>               cluster kinds (Node, Namespace, IPPool, BGPPeer, the cluster policies)
     <prefix>/workloadendpoints/<node>/<namespace>/<pod>
     <prefix>/blockaffinities/<cidr with '/' as '-'>   claimed with a create-only transaction
 
@@ -17,6 +17,9 @@ PLURAL = {
     "Namespace": "namespaces",
     "Node": "nodes",
     "NetworkPolicy": "networkpolicies",
+    "ClusterNetworkPolicy": "clusternetworkpolicies",
+    "AdminNetworkPolicy": "adminnetworkpolicies",
+    "BaselineAdminNetworkPolicy": "baselineadminnetworkpolicies",
     "IPPool": "ippools",
     "BGPPeer": "bgppeers",
     "WorkloadEndpoint": "workloadendpoints",

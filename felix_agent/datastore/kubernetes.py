@@ -1,4 +1,6 @@
-"""The Kubernetes API datastore: list + watch Pods, Namespaces, Nodes and NetworkPolicies.
+"""The Kubernetes API datastore: list + watch Pods, Namespaces, Nodes, NetworkPolicies and
+the network-policy-api kinds (ClusterNetworkPolicy, AdminNetworkPolicy,
+BaselineAdminNetworkPolicy) where their CRDs are installed.
 
 One thread per resource runs the blocking list/watch cycle with the official `kubernetes`
 client (config loading, auth, REST calls) and hands raw JSON to the asyncio loop, where
@@ -13,12 +15,17 @@ Per resource:
   -> relist at once; the diff emits deletions for whatever vanished meanwhile.
   Connection errors, 5xx, 401/403 -> SyncStatus(False), backoff, relist.
 
+A CRD that is not installed (404 on its list) counts as an empty list, so the agent syncs
+and runs; it is logged once, shown in `notes` (tortiectl status), and looked for again
+every ABSENT_RECHECK_SECONDS.
+
 Node objects also give the IPAM blocks of the node: one BlockAffinity per
 spec.podCIDRs entry (pool ""), so the calc's routes work the same as with etcd.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -31,8 +38,9 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from felix_agent.datastore.convert import key_from_k8s
-from felix_agent.model import KINDS, BlockAffinity, Node, Record
+from felix_agent.datastore.convert import API_VERSION, key_from_k8s
+from felix_agent.datastore.keys import PLURAL
+from felix_agent.model import CLUSTER_POLICY_KINDS, KINDS, BlockAffinity, Node, Record
 from felix_agent.datastore.base import Backoff, Emit, EmittedState, RecordId, convert_or_log, record_id
 
 log = logging.getLogger(__name__)
@@ -44,8 +52,9 @@ DEFAULT_PAGE_SIZE = 500
 class WatchedResource:
     kind: str
     plural: str
-    api: str  # "core" | "networking"
-    method: str  # the list method of that API class
+    api: str  # "core" | "networking" | "custom" (a CRD's objects: group_version names it)
+    method: str = ""  # the list method of that API class (core, networking)
+    group_version: str = ""  # custom only, e.g. "policy.networking.k8s.io/v1alpha2"
 
 
 RESOURCES = (
@@ -54,7 +63,12 @@ RESOURCES = (
     WatchedResource("Pod", "pods", "core", "list_pod_for_all_namespaces"),
     WatchedResource("NetworkPolicy", "networkpolicies", "networking",
                     "list_network_policy_for_all_namespaces"),
+    # network-policy-api CRDs: optional, a cluster without them runs (see NotInstalled).
+    *(WatchedResource(kind, PLURAL[kind], "custom", group_version=API_VERSION[kind])
+      for kind in CLUSTER_POLICY_KINDS),
 )
+# How often a resource whose CRD is not installed is looked for again.
+ABSENT_RECHECK_SECONDS = 30.0
 
 
 # A listed object as its records (records_of), or (its id, None) when it did not convert.
@@ -70,6 +84,10 @@ def _listed(kind: str, obj: dict) -> Listed:
 
 class Gone(Exception):
     """410: the resourceVersion or continue token is too old; relist from scratch."""
+
+
+class NotInstalled(Exception):
+    """404 on a custom resource: its CRD is not installed (the message says which)."""
 
 
 class ApiUnavailable(Exception):
@@ -187,6 +205,10 @@ class _Worker(threading.Thread):
             except ApiException as e:
                 if e.status == 410:
                     raise Gone(_explain(e, self.res.plural)) from None
+                if e.status == 404 and self.res.api == "custom":
+                    group, version = self.res.group_version.split("/")
+                    raise NotInstalled(f"the CRD {self.res.plural}.{group} is not installed (or does not "
+                                       f"serve {version}): {self.res.kind} objects are not enforced") from None
                 raise
             try:
                 body = json.loads(resp.data)
@@ -231,9 +253,16 @@ class _Worker(threading.Thread):
             self._done(resp)
         return rv
 
-    def run(self) -> None:
+    def _list_function(self) -> Callable[..., Any]:
+        if self.res.api == "custom":
+            group, version = self.res.group_version.split("/")
+            return functools.partial(k8s_client.CustomObjectsApi(self.s.api_client).list_cluster_custom_object,
+                                     group, version, self.res.plural)
         api_cls = k8s_client.CoreV1Api if self.res.api == "core" else k8s_client.NetworkingV1Api
-        self.fn = getattr(api_cls(self.s.api_client), self.res.method)
+        return getattr(api_cls(self.s.api_client), self.res.method)
+
+    def run(self) -> None:
+        self.fn = self._list_function()
         backoff = Backoff(self.s.backoff.initial, self.s.backoff.maximum, self.s.backoff.factor)
         while not self.stop.is_set():
             try:
@@ -246,6 +275,11 @@ class _Worker(threading.Thread):
                 return
             except Gone as e:
                 log.info("%s: %s; relisting", self.res.plural, e)
+            except NotInstalled as e:
+                # Counts as an empty list (the kind has no objects) so the agent syncs;
+                # looked for again now and then, so installing the CRD later just works.
+                self.post(("absent", self.res.kind, str(e)))
+                self.stop.wait(self.s.absent_recheck)
             except Exception as e:
                 if self.stop.is_set():
                     return
@@ -266,14 +300,18 @@ class KubernetesSyncer:
                  kubeconfig: str | None = None, context: str | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, watch_timeout: int = 300,
                  connect_timeout: float = 5.0, backoff: Backoff | None = None,
-                 resources: tuple[WatchedResource, ...] = RESOURCES):
+                 resources: tuple[WatchedResource, ...] = RESOURCES,
+                 absent_recheck: float = ABSENT_RECHECK_SECONDS):
         self.api_client = api_client or api_client_from(kubeconfig, context)
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.connect_timeout = connect_timeout
         self.backoff = backoff or Backoff()
         self.resources = resources
+        self.absent_recheck = absent_recheck
         self.lists: dict[str, int] = {r.kind: 0 for r in resources}  # per kind, for tests/metrics
+        # kind -> why it is not watched (its CRD is missing); shown by `tortiectl status`.
+        self.notes: dict[str, str] = {}
 
     async def run(self, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
@@ -301,6 +339,14 @@ class KubernetesSyncer:
         try:
             while True:
                 msg = await queue.get()
+                if msg[0] == "absent":
+                    _, kind, reason = msg
+                    if self.notes.get(kind) != reason:
+                        log.info("kubernetes API: %s", reason)  # once, not at every recheck
+                    self.notes[kind] = reason
+                    msg = ("listed", kind, [])
+                elif msg[0] == "listed":
+                    self.notes.pop(msg[1], None)
                 if msg[0] == "listed":
                     _, kind, items = msg
                     self.lists[kind] += 1

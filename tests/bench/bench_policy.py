@@ -1,5 +1,6 @@
-"""Policy latency and cost on a busy node: how long from writing a NetworkPolicy until the
-data path enforces it, with 100 and 1000 endpoints on the node and 10 and 200 policies.
+"""Policy latency and cost on a busy node: how long from writing a NetworkPolicy (and a
+ClusterNetworkPolicy) until the data path enforces it, with 100 and 1000 endpoints on the
+node, 10 and 200 NetworkPolicies and 20 ClusterNetworkPolicies (Admin and Baseline).
 
 A plain script (`make bench` runs it; root).  For each endpoint count it builds its own lab
 cluster: real etcd, one node namespace running tortie-agent (with BIRD), two REAL pods
@@ -14,6 +15,8 @@ whole node.
 Timed loop, per repetition: the server is isolated (default deny ingress), then
   allow  `tortiectl apply` of a policy letting the client in  -> the first probe that connects
   deny   `tortiectl delete` of it                              -> the first probe that is dropped
+and the same with a ClusterNetworkPolicy: an Admin-tier Accept of the client, which
+overrides the NetworkPolicy deny, applied then deleted.
 The client's prober (tests/lab/prober.py) sends a probe every 20 ms; the figure is the send
 time of the first probe that sees the new state, measured from the start of the tortiectl
 process (its own start-up, ~0.3 s of Python imports, included) and from its exit (the etcd
@@ -21,7 +24,8 @@ write done).  Also printed: rule, chain and ipset member counts, the agent's CPU
 own and its children's: iptables-restore, ipset) from /proc/<pid>/stat, its peak memory
 (VmHWM), and the agent's own last dataplane pass duration.
 
-    .venv/bin/python tests/bench/bench_policy.py [--endpoints 100 1000] [--policies 10 200] [--reps 10]
+    .venv/bin/python tests/bench/bench_policy.py [--endpoints 100 1000] [--policies 10 200]
+        [--cluster-policies 20] [--reps 10]
 """
 from __future__ import annotations
 
@@ -74,6 +78,32 @@ def background_policy(j: int) -> dict:
                                   "ports": [{"port": 8000 + j % 50}, {"port": "http"}]}],
                      "egress": [{"to": [{"podSelector": {"matchLabels": {"tier": f"t{(j + 1) % 4}"}}}],
                                  "ports": [{"protocol": "UDP", "port": 53}, {"port": 9000, "endPort": 9100}]}]}}
+
+
+def background_cluster_policy(j: int) -> dict:
+    """Admin and Baseline CNPs over the bench namespaces (never the probe namespace, which
+    has no team label), with peers, a port range and a CIDR, like background_policy."""
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": f"bg-cnp-{j}"},
+            "spec": {"tier": "Admin" if j % 2 == 0 else "Baseline", "priority": j,
+                     "subject": {"namespaces": {"matchLabels": {"team": f"team-{j % 3}"}}},
+                     "ingress": [{"action": "Pass", "from": [{"pods": {"namespaceSelector": {},
+                                                                       "podSelector": {"matchLabels": {"tier": f"t{j % 4}"}}}}]},
+                                 {"action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": f"team-{(j + 1) % 3}"}}}],
+                                  "protocols": [{"tcp": {"destinationPort": {"range": {"start": 9000, "end": 9100}}}}]}],
+                     "egress": [{"action": "Accept", "to": [{"networks": [f"10.{j % 250}.0.0/16"]}]}]}}
+
+
+def probe_cluster_policy(name: str) -> dict:
+    """An Admin Accept of the client into the server: overrides the NetworkPolicy deny."""
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"tier": "Admin", "priority": 0,
+                     "subject": {"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "probe"}},
+                                          "podSelector": {"matchLabels": {"pod": "server"}}}},
+                     "ingress": [{"action": "Accept", "from": [{"pods": {
+                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "probe"}},
+                         "podSelector": {"matchLabels": {"pod": "client"}}}}]}]}}
 
 
 def probe_policy(name: str, allow: bool) -> dict:
@@ -132,7 +162,28 @@ def timed_tortiectl(c: LabCluster, args: list[str], doc: dict | None) -> tuple[f
     return t0, time.monotonic()
 
 
-def run(n_endpoints: int, policy_counts: list[int], reps: int) -> list[dict]:
+def timed_reps(c: LabCluster, prober: Prober, server_ip: str, reps: int, apply_doc, delete_args) -> dict:
+    """`reps` times: apply apply_doc(r) until the client gets in, delete it until it is out;
+    the p50/p99 of each from tortiectl's start, and p50 from its exit."""
+    allow, allow_w, deny, deny_w = [], [], [], []
+    for r in range(reps):
+        t0, t1 = timed_tortiectl(c, ["apply", "-f", "-"], apply_doc(r))
+        seen, _ = prober.until(Probe(server_ip, 80, "tcp", 0.3), OK, deadline=60)
+        assert seen is not None, f"change {r} never took effect"
+        allow.append(seen - t0)
+        allow_w.append(max(0.0, seen - t1))
+        t0, t1 = timed_tortiectl(c, delete_args(r), None)
+        seen, _ = prober.until(Probe(server_ip, 80, "tcp", 0.3), TIMEOUT, deadline=60)
+        assert seen is not None, f"deleting change {r} never took effect"
+        deny.append(seen - t0)
+        deny_w.append(max(0.0, seen - t1))
+    return {"allow_p50": statistics.median(allow), "allow_p99": pct(allow, 0.99),
+            "allow_from_write_p50": statistics.median(allow_w),
+            "deny_p50": statistics.median(deny), "deny_p99": pct(deny, 0.99),
+            "deny_from_write_p50": statistics.median(deny_w)}
+
+
+def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies: int = 20) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="tortie-bench-policy-") as work, Etcd() as etcd, \
             Lab(prefix=new_prefix("bp")) as lab:
@@ -168,6 +219,7 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int) -> list[dict]:
             for first in range(applied, k, 100):
                 c.apply([background_policy(j) for j in range(first, min(k, first + 100))])
             applied = max(applied, k)
+            c.apply([background_cluster_policy(j) for j in range(cluster_policies)])
             c.apply(probe_policy("server-deny", allow=False))
             t_deny, _ = prober.until(Probe(server.ip, 80, "tcp", 0.3), TIMEOUT, deadline=120)
             assert t_deny is not None, "the server never got isolated"
@@ -175,29 +227,18 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int) -> list[dict]:
             cpu0, kids0 = cpu_seconds(agent.pid)
             drivers0 = driver_seconds(c)
             t_run = time.monotonic()
-            allow, allow_w, deny, deny_w = [], [], [], []
-            for r in range(reps):
-                t0, t1 = timed_tortiectl(c, ["apply", "-f", "-"], probe_policy(f"allow-{r}", allow=True))
-                seen, _ = prober.until(Probe(server.ip, 80, "tcp", 0.3), OK, deadline=60)
-                assert seen is not None, f"allow-{r} never took effect"
-                allow.append(seen - t0)
-                allow_w.append(max(0.0, seen - t1))
-                t0, t1 = timed_tortiectl(c, ["delete", "networkpolicy", f"allow-{r}", "-n", "probe"], None)
-                seen, _ = prober.until(Probe(server.ip, 80, "tcp", 0.3), TIMEOUT, deadline=60)
-                assert seen is not None, f"deleting allow-{r} never took effect"
-                deny.append(seen - t0)
-                deny_w.append(max(0.0, seen - t1))
+            timed = timed_reps(c, prober, server.ip, reps, lambda r: probe_policy(f"allow-{r}", allow=True),
+                               lambda r: ["delete", "networkpolicy", f"allow-{r}", "-n", "probe"])
+            cnp = timed_reps(c, prober, server.ip, reps, lambda r: probe_cluster_policy(f"admit-{r}"),
+                             lambda r: ["delete", "clusternetworkpolicy", f"admit-{r}"])
             wall = time.monotonic() - t_run
             cpu1, kids1 = cpu_seconds(agent.pid)
             drivers1 = driver_seconds(c)
             c.delete("networkpolicy", "server-deny", "probe")
             s = census(node.ns)
             st = c.status("node1")
-            res = {"endpoints": n_endpoints, "policies": k, "reps": reps,
-                   "allow_p50": statistics.median(allow), "allow_p99": pct(allow, 0.99),
-                   "allow_from_write_p50": statistics.median(allow_w),
-                   "deny_p50": statistics.median(deny), "deny_p99": pct(deny, 0.99),
-                   "deny_from_write_p50": statistics.median(deny_w),
+            res = {"endpoints": n_endpoints, "policies": k, "cluster_policies": cluster_policies, "reps": reps,
+                   **timed, "cnp": cnp,
                    "rules": s.rules, "chains": s.chains, "policy_rules": s.policy_rules,
                    "ipsets": len(s.sets), "members": s.members,
                    "agent_cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0, "wall": wall,
@@ -209,14 +250,18 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int) -> list[dict]:
             res["drivers_ms"] = {d: round((t - drivers0.get(d, (0, 0))[0]) / max(1, passes) * 1000)
                                  for d, (t, _) in sorted(drivers1.items())}
             results.append(res)
-            print(f"   {k:4d} policies: apply->enforced p50 {res['allow_p50'] * 1000:6.0f} ms "
+            print(f"   {k:4d} policies + {cluster_policies} CNPs: apply->enforced p50 {res['allow_p50'] * 1000:6.0f} ms "
                   f"p99 {res['allow_p99'] * 1000:6.0f} ms (after tortiectl exited: p50 "
                   f"{res['allow_from_write_p50'] * 1000:5.0f} ms) | delete->enforced p50 "
                   f"{res['deny_p50'] * 1000:6.0f} ms p99 {res['deny_p99'] * 1000:6.0f} ms (after tortiectl exited: p50 "
                   f"{res['deny_from_write_p50'] * 1000:5.0f} ms)", flush=True)
+            print(f"                 an Admin CNP Accept over that deny: apply->enforced p50 "
+                  f"{cnp['allow_p50'] * 1000:6.0f} ms p99 {cnp['allow_p99'] * 1000:6.0f} ms (after tortiectl exited: "
+                  f"p50 {cnp['allow_from_write_p50'] * 1000:5.0f} ms) | delete->enforced p50 "
+                  f"{cnp['deny_p50'] * 1000:6.0f} ms", flush=True)
             print(f"                 {s.rules} rules in {s.chains} cali chains ({s.policy_rules} in policy chains), "
                   f"{len(s.sets)} ipsets / {s.members} members; agent CPU {res['agent_cpu']:.1f} s own + "
-                  f"{res['children_cpu']:.1f} s children over {wall:.1f} s ({2 * reps} changes); "
+                  f"{res['children_cpu']:.1f} s children over {wall:.1f} s ({4 * reps} changes); "
                   f"last pass {res['last_apply'] * 1000:.0f} ms; VmHWM {res['hwm_mb']:.0f} MB", flush=True)
             print(f"                 {res['passes']} dataplane passes; mean ms per pass by driver: "
                   + ", ".join(f"{d} {v}" for d, v in res["drivers_ms"].items()), flush=True)
@@ -227,6 +272,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--endpoints", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--policies", type=int, nargs="+", default=[10, 200])
+    ap.add_argument("--cluster-policies", type=int, default=20, help="background ClusterNetworkPolicies")
     ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "10")))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -235,12 +281,13 @@ def main() -> None:
     print("== policy: tortiectl apply/delete -> first probe that sees it (probe every 20 ms)")
     all_results = []
     for n in args.endpoints:
-        all_results += run(n, sorted(args.policies), args.reps)
+        all_results += run(n, sorted(args.policies), args.reps, args.cluster_policies)
     print("== summary (target: apply->enforced p50 under 1 s at 1000 endpoints)")
     for r in all_results:
         verdict = "ok" if r["allow_p50"] < 1.0 else "MISSED"
-        print(f"   {r['endpoints']:5d} endpoints {r['policies']:4d} policies: p50 {r['allow_p50'] * 1000:5.0f} ms "
-              f"p99 {r['allow_p99'] * 1000:5.0f} ms  [{verdict}]")
+        print(f"   {r['endpoints']:5d} endpoints {r['policies']:4d} policies {r['cluster_policies']:3d} CNPs: "
+              f"p50 {r['allow_p50'] * 1000:5.0f} ms p99 {r['allow_p99'] * 1000:5.0f} ms; "
+              f"CNP p50 {r['cnp']['allow_p50'] * 1000:5.0f} ms  [{verdict}]")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A stand-in for kube-apiserver v1.28 (list + watch of Pods, Namespaces, Nodes and
-NetworkPolicies), for testing tortie's Kubernetes datastore without a cluster.
+NetworkPolicies), for testing tortie's Kubernetes datastore without a cluster.  The
+network-policy-api custom resources answer 404, as on a cluster without their CRDs, until
+a test installs them (install_crd); then they are served live (no recordings of them).
 
 It stands in for exactly what the real server did in the recordings under
 tests/fixtures/k8s-api (see its README.md):
@@ -59,7 +61,7 @@ class Resource:
     kind: str
     api_version: str
     namespaced: bool
-    list_file: str
+    list_file: str  # "" for a CRD's objects: nothing recorded, see FakeAPIServer.install_crd
     watch_file: str
 
 
@@ -72,6 +74,13 @@ RESOURCES = {
         Resource("networkpolicies", "/apis/networking.k8s.io/v1/networkpolicies", "NetworkPolicy",
                  "networking.k8s.io/v1", True, "networkpolicies.json",
                  "networkpolicies-watch.ndjson"),
+        # network-policy-api kinds: 404 (as for any unknown path) until install_crd
+        *(Resource(plural, f"/apis/policy.networking.k8s.io/{version}/{plural}", kind,
+                   f"policy.networking.k8s.io/{version}", False, "", "")
+          for plural, kind, version in (("clusternetworkpolicies", "ClusterNetworkPolicy", "v1alpha2"),
+                                        ("adminnetworkpolicies", "AdminNetworkPolicy", "v1alpha1"),
+                                        ("baselineadminnetworkpolicies", "BaselineAdminNetworkPolicy",
+                                         "v1alpha1"))),
     )
 }
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
@@ -129,9 +138,10 @@ class FakeAPIServer:
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._recorded_pages: dict[tuple[str, frozenset], str] = {}
+        self.crds: set[str] = set()  # CRD resources installed (install_crd)
         for r in RESOURCES.values():
-            lst = json.loads(read_recorded(r.list_file))
-            st = _State(pristine=replay)
+            lst = json.loads(read_recorded(r.list_file)) if r.list_file else {"items": []}
+            st = _State(pristine=replay and bool(r.list_file))
             for item in lst["items"]:
                 item = {"kind": r.kind, "apiVersion": r.api_version, **item}
                 st.objects[_obj_key(item)] = item
@@ -217,6 +227,11 @@ class FakeAPIServer:
         """The next watch answers 200 with the recorded ERROR event (code 410), then ends."""
         self._script(resource, "watch", _Reply(200, lines=read_recorded("gone-410-watch.ndjson")
                                                .splitlines(keepends=True)))
+
+    def install_crd(self, resource: str) -> None:
+        """From now on the custom resource is served (empty, live) instead of 404."""
+        with self._lock:
+            self.crds.add(resource)
 
     def next_list_status(self, resource: str, status: int) -> None:
         """The next list answers the recorded 401 or 403 Status."""
@@ -388,7 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path == "/api/v1/namespaces/x/pods/missing":
             return self._send(404, read_recorded("notfound-404.json"))
         r = _BY_PATH.get(parts.path)
-        if r is None:
+        if r is None or (not r.list_file and r.name not in fake.crds):
             return self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
         if r.name in fake.forbidden:
             body = read_recorded("forbidden-403.json") if r.name == "pods" else _status(

@@ -2,7 +2,8 @@
 
 A cluster that uses every rule shape the calc can emit (named ports, endPort, SCTP, UDP,
 ipBlock with except, /0, several policies, egress, default deny, split dispatch, floating
-IPs, natOutgoing) is rendered; inside a lab node namespace the ipsets go through
+IPs, natOutgoing, cluster policies of both tiers with Accept/Deny/Pass, named ports of any
+protocol, networks and nodes peers) is rendered; inside a lab node namespace the ipsets go through
 `ipset restore` and the chains through `<backend>-restore --test`, then are loaded for
 real and read back: every rule body and set member must come back exactly as written
 (the canonical form the drivers diff against).
@@ -12,7 +13,10 @@ import shutil
 import pytest
 
 from felix_agent.calc.desired import DesiredState
-from felix_agent.model import IPPool, NamedPort, Namespace, NetworkPolicy, Node, PolicyPort, PolicyRule
+from felix_agent.model import (
+    ClusterNetworkPolicy, IPPool, NamedPort, Namespace, NamespacedPods, NetworkPolicy, Node, PolicyPort, PolicyRule,
+    TierPeer, TierPort, TierRule,
+)
 from tests.unit.test_calc_fixtures import (
     cluster_of, egress, from_block, from_pods, ingress, pod, rule_, sel, state,
 )
@@ -42,9 +46,20 @@ def rich_state() -> DesiredState:
         ingress("prod", "many-ports", sel(), rule_(ports=tuple(PolicyPort("TCP", 1000 + 10 * i) for i in range(20))),
                 rule_(ports=(PolicyPort("TCP", 3000, 3100),))),
     ]
+    dev, web = TierPeer(namespaces=sel(env="dev")), TierPeer(pods=NamespacedPods(sel(), sel(app="web")))
+    tiers = [
+        ClusterNetworkPolicy("admin", "Admin", 10, TierPeer(namespaces=sel(env="prod")), ingress=(
+            TierRule("Pass", (dev,), (TierPort("TCP", 80), TierPort("UDP", 50, 60))),
+            TierRule("Deny", (web, dev), (TierPort(None, name="http"),)),
+            TierRule("Accept", (TierPeer(namespaces=sel()),))), egress=(
+            TierRule("Deny", (TierPeer(networks=("0.0.0.0/0", "fd00::/8")),), (TierPort("SCTP", 2905),)),
+            TierRule("Accept", (TierPeer(nodes=sel(role="ctl")), TierPeer(networks=("10.0.0.0/8",)))))),
+        ClusterNetworkPolicy("baseline", "Baseline", 1000, web, ingress=(TierRule("Deny", (dev,)),)),
+    ]
     c = cluster_of(Namespace("prod", (("env", "prod"),)), Namespace("dev", (("env", "dev"),)),
                    IPPool("pool", "10.65.0.0/16", nat_outgoing=True), IPPool("other", "10.66.0.0/16"),
-                   Node("n1", "192.168.100.11/24"), Node("n2", "192.168.100.12/24"), *pods, *policies)
+                   Node("n1", "192.168.100.11/24", labels=(("role", "ctl"),)), Node("n2", "192.168.100.12/24"),
+                   *pods, *policies, *tiers)
     errors = []
     st = state(c, errors=errors)
     assert errors == []

@@ -190,3 +190,51 @@ def test_403_names_the_missing_permission(api, tmp_path, caplog):
                 assert len(rec.keys("NetworkPolicy")) == 11
         assert "forbidden" in caplog.text
     run(body())
+
+
+def test_missing_network_policy_api_crds_are_said_once_and_do_not_stop_the_sync(api, tmp_path, caplog):
+    """The stand-in API server has no policy.networking.k8s.io resources (404, as a cluster
+    without the CRDs answers): the agent syncs all the same, says so once in the log and in
+    `notes` (tortiectl status), and keeps looking (a CRD installed later is picked up)."""
+    async def body():
+        syncer = _syncer(api, tmp_path, absent_recheck=0.05)
+        with caplog.at_level(logging.INFO, logger="felix_agent.datastore.kubernetes"):
+            async with running(syncer) as rec:
+                await rec.wait_in_sync()
+                await rec.wait(lambda: syncer.lists["ClusterNetworkPolicy"] >= 4, what="rechecks")
+                assert len(rec.keys("Pod")) == 9
+        assert sorted(syncer.notes) == sorted(model.CLUSTER_POLICY_KINDS)
+        assert "clusternetworkpolicies.policy.networking.k8s.io is not installed" in syncer.notes["ClusterNetworkPolicy"]
+        said = [r for r in caplog.records if "clusternetworkpolicies.policy.networking.k8s.io" in r.getMessage()]
+        assert len(said) == 1
+        asked = {p for p, _ in api.requests if p.startswith("/apis/policy.networking.k8s.io/")}
+        assert asked == {"/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+                         "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+                         "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies"}
+    run(body())
+
+
+def test_cluster_policies_are_listed_and_watched_once_their_crds_exist(api, tmp_path):
+    """Installing the CRDs later is picked up at the next look; then objects are listed,
+    watched (a change and a delete arrive as events), and an invalid one is skipped."""
+    cnp = {"metadata": {"name": "guard"},
+           "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"ns": "y"}}}]}]}}
+
+    async def body():
+        syncer = _syncer(api, tmp_path, absent_recheck=0.05)
+        async with running(syncer) as rec:
+            await rec.wait_in_sync()
+            assert "ClusterNetworkPolicy" in syncer.notes
+            api.install_crd("clusternetworkpolicies")
+            api.upsert("clusternetworkpolicies", cnp)
+            await rec.wait(lambda: ("ClusterNetworkPolicy", "guard") in rec.state, what="the CNP listed")
+            assert "ClusterNetworkPolicy" not in syncer.notes and "AdminNetworkPolicy" in syncer.notes
+            assert rec.state[("ClusterNetworkPolicy", "guard")].ingress[0].action == "Deny"
+            api.upsert("clusternetworkpolicies", {**cnp, "spec": {**cnp["spec"], "priority": 7}})
+            await rec.wait(lambda: rec.state[("ClusterNetworkPolicy", "guard")].priority == 7, what="the change")
+            api.upsert("clusternetworkpolicies", {"metadata": {"name": "bad"}, "spec": {**cnp["spec"], "priority": 5000}})
+            api.remove("clusternetworkpolicies", "guard")
+            await rec.wait(lambda: ("ClusterNetworkPolicy", "guard") not in rec.state, what="the delete")
+            assert ("ClusterNetworkPolicy", "bad") not in rec.state  # priority out of range: skipped
+    run(body())

@@ -20,6 +20,19 @@ a misreading in tortie cannot hide in both places.  Rules it implements:
   and protocol), so one name can mean a different number on every pod.
 - Self (a pod to its own IP) is always allowed: the packet loops back inside the pod and
   never reaches the node.  Upstream's e2e expects the same.
+
+Cluster policies (policy.networking.k8s.io: ClusterNetworkPolicy v1alpha2, written from
+the network-policy-api v0.2.0 docs; AdminNetworkPolicy/BaselineAdminNetworkPolicy
+v1alpha1 from v0.1.7), per direction:
+- Admin tier first (CNPs with tier Admin and ANPs), by priority (lower first), each
+  policy's rules in order; the first rule whose peers and ports match decides: Accept
+  (ANP: Allow) allows and skips NetworkPolicy, Deny denies, Pass skips the rest of the
+  tier.  Subject and peers: `namespaces` = every pod there, `pods` = podSelector within
+  namespaceSelector, `networks` = CIDRs (matched on the IP, pods included).
+- Then NetworkPolicy as above when some NetworkPolicy isolates the pod for the direction:
+  its verdict is final.
+- Otherwise the Baseline tier (CNPs with tier Baseline, then the BANP) the same way;
+  Deny denies, Accept, Pass or no match allow.
 """
 from __future__ import annotations
 
@@ -123,13 +136,79 @@ def _direction_allows(policies: Iterable[Mapping], subject: RefPod, peer: RefPod
     return not isolated
 
 
+CLUSTER_KINDS = ("ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy")
+
+
+def _ns_labels_of(pod: RefPod, ns_labels: Mapping[str, Mapping]) -> dict:
+    return {**ns_labels.get(pod.namespace, {}), NS_NAME_LABEL: pod.namespace}
+
+
+def tier_peer_matches(peer: Mapping, other: RefPod, ns_labels: Mapping[str, Mapping]) -> bool:
+    if "networks" in peer:
+        return any(ipaddress.ip_address(other.ip) in ipaddress.ip_network(n, strict=False) for n in peer["networks"])
+    if "namespaces" in peer:
+        return selector_matches(peer["namespaces"], _ns_labels_of(other, ns_labels))
+    pods = peer["pods"]
+    return (selector_matches(pods.get("namespaceSelector"), _ns_labels_of(other, ns_labels))
+            and selector_matches(pods["podSelector"], other.labels))
+
+
+def _tier_port_matches(p: Mapping, proto: str, port: int, dst: RefPod) -> bool:
+    name = p.get("destinationNamedPort") or p.get("namedPort")
+    if name:  # the destination's containerPort of that name, whatever its protocol
+        return any(n == name and pr == proto and num == port for n, num, pr in dst.ports)
+    if "portNumber" in p or "portRange" in p:  # ANP/BANP spelling
+        q = p.get("portNumber") or p["portRange"]
+        lo, hi = (q["port"], q["port"]) if "portNumber" in p else (q["start"], q["end"])
+        return q.get("protocol", "TCP") == proto and lo <= port <= hi
+    (pname, body), = p.items()  # CNP: {"tcp": {"destinationPort": {...}}}
+    d = body["destinationPort"]
+    lo, hi = (d["number"], d["number"]) if "number" in d else (d["range"]["start"], d["range"]["end"])
+    return pname.upper() == proto and lo <= port <= hi
+
+
+def _tier(pol: Mapping) -> str:
+    return {"AdminNetworkPolicy": "Admin", "BaselineAdminNetworkPolicy": "Baseline"}.get(
+        pol["kind"]) or pol["spec"]["tier"]
+
+
+def _tier_decision(policies: Sequence[Mapping], tier: str, subject: RefPod, peer: RefPod, dst: RefPod,
+                   ptype: str, proto: str, port: int, ns_labels: Mapping[str, Mapping]) -> str:
+    """"Accept", "Deny", or "Pass" (also when nothing matched)."""
+    rules_key, peers_key = ("ingress", "from") if ptype == "Ingress" else ("egress", "to")
+    mine = [p for p in policies if p.get("kind") in CLUSTER_KINDS and _tier(p) == tier
+            and tier_peer_matches(p["spec"]["subject"], subject, ns_labels)]
+    mine.sort(key=lambda p: (p["spec"].get("priority", 1001), CLUSTER_KINDS.index(p["kind"]), p["metadata"]["name"]))
+    for pol in mine:
+        for rule in pol["spec"].get(rules_key) or []:
+            ports = rule.get("protocols") or rule.get("ports") or []
+            if any(tier_peer_matches(x, peer, ns_labels) for x in rule[peers_key]) and \
+               (not ports or any(_tier_port_matches(x, proto, port, dst) for x in ports)):
+                return "Accept" if rule["action"] in ("Accept", "Allow") else rule["action"]
+    return "Pass"
+
+
+def _tiered_allows(policies: Sequence[Mapping], subject: RefPod, peer: RefPod, dst: RefPod,
+                   ptype: str, proto: str, port: int, ns_labels: Mapping[str, Mapping]) -> bool:
+    args = (subject, peer, dst, ptype, proto, port, ns_labels)
+    admin = _tier_decision(policies, "Admin", *args)
+    if admin != "Pass":
+        return admin == "Accept"
+    nps = [p for p in policies if p.get("kind", "NetworkPolicy") == "NetworkPolicy"]
+    isolated = any(p["metadata"]["namespace"] == subject.namespace and ptype in policy_types(p.get("spec") or {})
+                   and selector_matches((p.get("spec") or {}).get("podSelector"), subject.labels) for p in nps)
+    if isolated:
+        return _direction_allows(nps, *args)
+    return _tier_decision(policies, "Baseline", *args) != "Deny"
+
+
 def allowed(policies: Sequence[Mapping], src: RefPod, dst: RefPod, proto: str, port: int,
             ns_labels: Mapping[str, Mapping]) -> bool:
     """Whether a connection src -> dst:port/proto is allowed (proto upper case)."""
     if src.key == dst.key:
         return True
-    return (_direction_allows(policies, src, dst, dst, "Egress", proto, port, ns_labels)
-            and _direction_allows(policies, dst, src, dst, "Ingress", proto, port, ns_labels))
+    return (_tiered_allows(policies, src, dst, dst, "Egress", proto, port, ns_labels)
+            and _tiered_allows(policies, dst, src, dst, "Ingress", proto, port, ns_labels))
 
 
 def expected_matrix(policies: Sequence[Mapping], pods: Sequence[RefPod], ports: Iterable[tuple[str, int]],
@@ -208,3 +287,27 @@ def test_expressions():
     assert selector_matches({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, labels)
     assert not selector_matches({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, labels)
     assert not selector_matches({"matchExpressions": [{"key": "x", "operator": "In", "values": ["a"]}]}, labels)
+
+
+def _cnp(name: str, tier: str, priority: int, subject: dict, ingress: list) -> dict:
+    return {"kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+            "spec": {"tier": tier, "priority": priority, "subject": subject, "ingress": ingress}}
+
+
+def test_tiers_admin_then_networkpolicy_then_baseline():
+    x = {"namespaces": {"matchLabels": {"ns": "x"}}}
+    from_y = [{"namespaces": {"matchLabels": {"ns": "y"}}}]
+    deny_all_x = _pol("x", {"podSelector": {}, "policyTypes": ["Ingress"]})
+    admin = lambda action, prio=1: _cnp(f"a{prio}", "Admin", prio, x, [{"action": action, "from": from_y}])
+    assert _table([admin("Deny")]) == "... ... XX."
+    assert _table([deny_all_x, admin("Accept")]) == ".X. X.. ..."
+    assert _table([deny_all_x, admin("Pass")]) == ".X. X.. XX."
+    assert _table([admin("Pass", 1), admin("Deny", 2)]) == "... ... ..."  # Pass skips the tier
+    assert _table([admin("Accept", 2), admin("Deny", 1)]) == "... ... XX."  # priority
+    base = _cnp("b", "Baseline", 1, x, [{"action": "Deny", "from": from_y}])
+    assert _table([base]) == "... ... XX."
+    assert _table([base, _pol("x", {"podSelector": {}, "ingress": [{}]})]) == "... ... ..."  # NetworkPolicy wins
+    banp = {"kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
+            "spec": {"subject": x, "ingress": [{"action": "Deny", "from": from_y,
+                                                "ports": [{"portNumber": {"protocol": "TCP", "port": 80}}]}]}}
+    assert _table([banp]) == "... ... XX." and _table([banp], port=81) == "... ... ..."

@@ -22,6 +22,7 @@ an old UDP flow cannot carry a new probe past a policy.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -31,7 +32,16 @@ from typing import Callable, Mapping
 
 import pytest
 
-from tests.integration.test_netpol_reference import NS_NAME_LABEL, RefPod, expected_matrix, selector_matches
+from felix_agent.calc.trace import Tracer
+from felix_agent.datastore.etcd import EtcdStore
+from tests.integration.test_netpol_reference import (
+    CLUSTER_KINDS,
+    NS_NAME_LABEL,
+    RefPod,
+    tier_peer_matches,
+    expected_matrix,
+    selector_matches,
+)
 from tests.lab import Etcd, Lab, sh
 from tests.lab.cluster import LabCluster, LabPod, wait_for
 from tests.lab.prober import (
@@ -40,12 +50,14 @@ from tests.lab.prober import (
     Probe,
     Prober,
     flush_conntrack,
+    matrix_diff,
     probe_matrix,
     run_batches,
     sctp_available,
     wait_matrix,
 )
 from tests.lab.tools import is_root
+from tortiectl.trace import load_cluster
 
 pytestmark = pytest.mark.root
 
@@ -67,8 +79,13 @@ def pod_ports(name: str, sctp: bool) -> list[dict]:
 
 
 def policy_id(namespace: str, name: str) -> str:
-    """The id in cali-pi-<id>/cali-po-<id> (DESIGN.md); used only to wait for programming."""
+    """The id in cali-pi-<id>/cali-po-<id> (DESIGN.md); used only to wait for programming.
+    A cluster policy's id (cali-ci-/cali-co-) is the same hash of "<kind>/<name>"."""
     return hashlib.sha1(f"{namespace}/{name}".encode()).hexdigest()[:16]
+
+
+POLICY_CHAIN_PREFIXES = ("cali-pi-", "cali-po-", "cali-ci-", "cali-co-")
+POLICY_KINDS = ("networkpolicies", "clusternetworkpolicies", "adminnetworkpolicies", "baselineadminnetworkpolicies")
 
 
 # --- the world: cluster, pods, probers, labels --------------------------------------------
@@ -147,6 +164,28 @@ class World:
         passes, _ = wait_matrix(self.observe, self.expected(policies), self.names, deadline=deadline)
         return passes
 
+    def check_trace(self, policies: list[dict]) -> None:
+        """`tortiectl trace` agrees with the matrix just probed on every cell: its library
+        (felix_agent.calc.trace, on the records read back from etcd, as the CLI does) for
+        all of them, and the command itself, -o json, for one cell."""
+        async def load():
+            async with EtcdStore.from_endpoint(self.cluster.etcd.endpoint) as store:
+                return await load_cluster(store)
+        tracer = Tracer(asyncio.run(load()))
+        eps = tracer.cluster.endpoint_map()
+        ep = {k: eps[tuple(k.split("/"))] for k in self.names}
+        traced = {(proto, port): {(s, d): OK if tracer.trace(ep[s], ep[d], port, proto).allowed else TIMEOUT
+                                  for s in self.names for d in self.names}
+                  for proto, port in self.ports}
+        expected = self.expected(policies)  # what the probes just showed, exactly
+        diff = matrix_diff(self.names, expected, traced)
+        assert not diff, f"tortiectl trace disagrees with the probes:\n{diff}"
+        denied = [(s, d, proto, port) for (proto, port), cells in expected.items()
+                  for (s, d), ok in cells.items() if not ok]
+        s, d, proto, port = (denied or [("x/a", "y/b", "tcp", 80)])[0]
+        out = json.loads(self.cluster.tortiectl("trace", s, d, f"{port}/{proto}", "-o", "json").stdout)
+        assert out["allowed"] == expected[(proto, port)][(s, d)], out
+
     # -- waiting for the agents ------------------------------------------------------
 
     def filter_chains(self, node_ns: str) -> set[str]:
@@ -159,6 +198,9 @@ class World:
         on every node with a local pod it selects."""
         want: dict[str, set[str]] = {ns: set() for ns in self.node_namespaces}
         for pol in policies:
+            if pol["kind"] in CLUSTER_KINDS:
+                self._want_cluster_policy(pol, want)
+                continue
             ns, spec = pol["metadata"]["namespace"], pol["spec"]
             types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if spec.get("egress") else []))
             pid = policy_id(ns, pol["metadata"]["name"])
@@ -168,6 +210,16 @@ class World:
                     want[node_ns] |= {f"cali-{'pi' if t == 'Ingress' else 'po'}-{pid}" for t in types}
         return want
 
+    def _want_cluster_policy(self, pol: dict, want: dict[str, set[str]]) -> None:
+        pid = policy_id(pol["kind"], pol["metadata"]["name"])
+        subject = pol["spec"]["subject"]
+        chains = {f"cali-{'ci' if d == 'ingress' else 'co'}-{pid}" for d in ("ingress", "egress")
+                  if pol["spec"].get(d)}
+        for key, pod in self.pods.items():
+            ref = RefPod(pod.namespace, pod.name, pod.ip, self.pod_labels[key])
+            if tier_peer_matches(subject, ref, self.ns_labels):
+                want[self.cluster.lab.node(pod.node).ns] |= chains
+
     def wait_programmed(self, policies: list[dict], timeout: float = 20) -> None:
         want = self.wanted_chains(policies)
         for node_ns, chains in want.items():
@@ -176,8 +228,36 @@ class World:
 
     def wait_no_policy_chains(self, timeout: float = 20) -> None:
         for node_ns in self.node_namespaces:
-            wait_for(lambda: not any(c.startswith(("cali-pi-", "cali-po-")) for c in self.filter_chains(node_ns)),
+            wait_for(lambda: not any(c.startswith(POLICY_CHAIN_PREFIXES) for c in self.filter_chains(node_ns)),
                      timeout=timeout, what=f"no policy chains left in {node_ns}")
+
+    # -- one case ---------------------------------------------------------------------------
+
+    def run_case(self, case: "Case") -> None:
+        """Apply the case's policies, check the matrix, then each step; clean up after."""
+        policies = case.policies(self.ips)
+        ok = False
+        try:
+            self.set_labels(case.pod_labels, case.ns_labels)
+            self.cluster.apply(policies)
+            self.wait_programmed(policies)
+            passes = self.check(policies)
+            self.check_trace(policies)
+            print(f"{case.name}: matrix as expected after {passes} pass(es), and so is tortiectl trace")
+            for step in case.steps:
+                self.set_labels(step.pod_labels, step.ns_labels)
+                for name in step.delete:
+                    doomed = next(p for p in policies if p["metadata"]["name"] == name)
+                    self.cluster.delete(doomed["kind"].lower(), name, doomed["metadata"].get("namespace", ""))
+                policies = [p for p in policies if p["metadata"]["name"] not in step.delete]
+                self.wait_programmed(policies)
+                passes = self.check(policies)
+                self.check_trace(policies)
+                print(f"{case.name} / {step.what}: matrix as expected after {passes} pass(es), and trace")
+            ok = True
+        finally:
+            # After a failure, clear whatever is in the datastore, not just what we know of.
+            self.reset(policies if ok else None)
 
     # -- cleanup between cases -----------------------------------------------------------
 
@@ -186,8 +266,10 @@ class World:
         label, and wait until everything reaches everything again (so deletion restores
         access, and cases stay independent)."""
         if policies is None:
-            listed = json.loads(self.cluster.tortiectl("get", "networkpolicies", "-o", "json").stdout)
-            policies = listed.get("items", [])
+            policies = []
+            for kind in POLICY_KINDS:
+                listed = json.loads(self.cluster.tortiectl("get", kind, "-o", "json").stdout)
+                policies += listed.get("items", [])
         if policies:
             self.cluster.tortiectl("delete", "-f", "-", input="\n---\n".join(json.dumps(p) for p in policies),
                                    check=False)
@@ -411,27 +493,7 @@ CASES = [
 def test_truth_table(world: World, case: Case):
     if case.needs_sctp and not world.sctp:
         pytest.skip("the kernel has no SCTP (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) failed in a lab namespace)")
-    policies = case.policies(world.ips)
-    ok = False
-    try:
-        world.set_labels(case.pod_labels, case.ns_labels)
-        world.cluster.apply(policies)
-        world.wait_programmed(policies)
-        passes = world.check(policies)
-        print(f"{case.name}: matrix as expected after {passes} pass(es)")
-        for step in case.steps:
-            world.set_labels(step.pod_labels, step.ns_labels)
-            for name in step.delete:
-                doomed = next(p for p in policies if p["metadata"]["name"] == name)
-                world.cluster.delete("networkpolicy", name, doomed["metadata"]["namespace"])
-            policies = [p for p in policies if p["metadata"]["name"] not in step.delete]
-            world.wait_programmed(policies)
-            passes = world.check(policies)
-            print(f"{case.name} / {step.what}: matrix as expected after {passes} pass(es)")
-        ok = True
-    finally:
-        # After a failure, clear whatever is in the datastore, not just what we know of.
-        world.reset(policies if ok else None)
+    world.run_case(case)
 
 
 # --- beyond the matrix: new pods, the node itself, spoofed sources ---------------------------
@@ -439,12 +501,19 @@ def test_truth_table(world: World, case: Case):
 def test_pod_created_after_the_policy_is_protected_from_its_first_packet(world: World):
     """CNI ADD answers only once the pod's chains exist: probes sent the moment ADD returns
     (no waiting) already see the policy, on the same node and across nodes."""
+    check_late_pod(world, [
+        pol("late", "x", ml(pod="late"), ingress=[{"from": [{"podSelector": A}]}],
+            egress=[{"to": [{"podSelector": A}]}], types=["Ingress", "Egress"]),
+        # Selects x/c on node2 and allows it everything: its chain appearing on node2
+        # tells us node2's agent has this batch of policies before the pod exists.
+        pol("sentinel", "x", ml(pod="c"), ingress=[{}])])
+
+
+def check_late_pod(world: World, policies: list[dict]) -> None:
+    """`policies` let a new pod x/late (labels pod=late, on node2) talk with x/a only, both
+    ways, and include one selecting x/c so node2 programs them before the pod exists; the
+    pod is then created and probed the moment its CNI ADD returns."""
     c, lab = world.cluster, world.cluster.lab
-    policies = [pol("late", "x", ml(pod="late"), ingress=[{"from": [{"podSelector": A}]}],
-                    egress=[{"to": [{"podSelector": A}]}], types=["Ingress", "Egress"]),
-                # Selects x/c on node2 and allows it everything: its chain appearing on node2
-                # tells us node2's agent has this batch of policies before the pod exists.
-                pol("sentinel", "x", ml(pod="c"), ingress=[{}])]
     doc = world.pod_doc("x/c", {"pod": "late"})  # shaped like x/c (node2, its ports), named late
     doc["metadata"]["name"] = "late"
     node2 = lab.node("node2")

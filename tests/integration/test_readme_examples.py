@@ -46,6 +46,14 @@ spec:
 """
 
 
+def readme_yaml(filename: str) -> str:
+    """The ```yaml block that follows the first mention of `filename` in README.md."""
+    text = open(README).read()
+    rest = text[text.index(f"`{filename}`"):]
+    block = rest[rest.index("```yaml\n") + len("```yaml\n"):]
+    return block[:block.index("```")]
+
+
 def readme_commands() -> list[str]:
     """The tortiectl command lines of README.md's code blocks (``` fenced or indented by four),
     without a `$ ` prompt and trailing comment; a comment `# or: X` is the command `tortiectl X`."""
@@ -77,6 +85,7 @@ def status_labels() -> list[str]:
 def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
     c = make_cluster(2)
     (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML)
+    (tmp_path / "admin-policy.yaml").write_text(readme_yaml("admin-policy.yaml"))
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TORTIE_ETCD_ENDPOINTS=c.etcd.endpoint)
     node1 = c.lab.node("node1")
     state: dict = {}
@@ -108,6 +117,19 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         assert doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "allow-web", out
         assert doc["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": "http"}], out
 
+    def apply_cnp(out: str) -> None:
+        assert out.splitlines() == ["clusternetworkpolicy/shop-guard created"], out
+
+    def get_cnp(out: str) -> None:
+        rows = [ln.split() for ln in out.splitlines()]
+        assert rows[0][:4] == ["NAME", "TIER", "PRIORITY", "SUBJECT"] and "INGRESS-RULES" in rows[0], out
+        assert rows[1][:3] == ["shop-guard", "Admin", "10"] and rows[1][-2:] == ["2", "0"], out
+
+    def trace(out: str) -> None:
+        text = open(README).read()
+        sample = text[text.index("    192.0.2.10 -> shop/frontend"):].split("\n\n")[0]
+        assert out.splitlines() == [ln[4:] for ln in sample.splitlines()], out
+
     def status(out: str) -> None:
         for label in status_labels():  # the README's sample shows the real fields
             assert label in out, (label, out)
@@ -132,6 +154,9 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         ("tortiectl --etcd-endpoints 127.0.0.1:2379 apply -f cluster.yaml", False, apply, None),
         ("tortiectl get pods -A -o wide", False, get_pods, None),
         ("tortiectl get netpol allow-web -n shop -o yaml", False, get_netpol, None),
+        ("tortiectl apply -f admin-policy.yaml", False, apply_cnp, None),
+        ("tortiectl get cnp -o wide", False, get_cnp, None),
+        ("tortiectl trace 192.0.2.10 shop/frontend 9090/tcp", False, trace, None),
         ("tortiectl status", True, status, None),
         ("tortiectl node status", True, node_status, None),
         ("tortiectl ipam show", True, ipam_show, None),

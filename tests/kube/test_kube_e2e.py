@@ -167,6 +167,47 @@ def test_network_policy_enforced_across_nodes(lab):
     lab.kubectl("delete", "namespace", "np", "--wait=true", "--timeout=90s", timeout=120)
 
 
+def test_cluster_network_policy_enforced_across_nodes(lab):
+    """The CRDs of manifests/network-policy-api.yaml installed after the agents started (they
+    look again every 30 s), then an Admin ClusterNetworkPolicy applied with kubectl denies a
+    pod on the other node whatever NetworkPolicy says, and deleting it lets it in again.
+    --validate=false: kubectl 1.20 does not know the CRD schema's x-kubernetes-validations
+    (CEL, Kubernetes 1.25+), which this API server ignores."""
+    crds = os.path.join(os.path.dirname(__file__), "../..", "manifests/network-policy-api.yaml")
+    lab.kubectl("apply", "--validate=false", "-f", crds)
+    try:
+        lab.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/clusternetworkpolicies.policy.networking.k8s.io", timeout=90)
+        lab.kubectl("create", "namespace", "cnp")
+        server = pod(lab, "server", lab.nodes[0].name, {"app": "server"}, ns="cnp")
+        client = pod(lab, "client", lab.nodes[1].name, {"app": "client"}, ns="cnp")
+        ip = server["status"]["podIP"]
+        allow_all = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": "allow-all", "namespace": "cnp"},
+                     "spec": {"podSelector": {}, "ingress": [{}]}}
+        lab.kubectl("apply", "-f", "-", input=json.dumps(allow_all))
+        assert wait_for(lambda: connects(lab, "client", ip, ns="cnp"), 20, "client -> server before the CNP")
+        cnp = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+               "metadata": {"name": "deny-client"},
+               "spec": {"tier": "Admin", "priority": 5,
+                        "subject": {"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cnp"}},
+                                             "podSelector": {"matchLabels": {"app": "server"}}}},
+                        "ingress": [{"name": "no-clients", "action": "Deny",
+                                     "from": [{"pods": {"namespaceSelector": {},
+                                                        "podSelector": {"matchLabels": {"app": "client"}}}}]}]}}
+        lab.kubectl("apply", "-f", "-", input=json.dumps(cnp))
+        assert lab.kjson("get", "cnp", "deny-client")["spec"]["tier"] == "Admin"
+        # within the agents' next look for the CRD (30 s) and a pass
+        assert wait_for(lambda: not connects(lab, "client", ip, ns="cnp"), 90,
+                        "the Admin Deny overrides the NetworkPolicy allow-all across nodes")
+        lab.kubectl("delete", "cnp", "deny-client")
+        assert wait_for(lambda: connects(lab, "client", ip, ns="cnp"), 30, "deleting the CNP lets the client in")
+        assert client["status"]["podIP"]
+    finally:
+        lab.kubectl("delete", "namespace", "cnp", "--wait=true", "--timeout=90s", timeout=120, check=False)
+        lab.kubectl("delete", "--ignore-not-found", "-f", crds, timeout=120, check=False)
+
+
 def test_kubectl_delete_pod_leaves_nothing(lab):
     p = pod(lab, "gone", lab.nodes[1].name)
     ip, n, routes = _wired(lab, p)
@@ -204,7 +245,9 @@ def test_agent_rights_are_exactly_read_only(lab):
         if cols and not cols[0].startswith("["):  # resources (not non-resource URLs)
             rows[cols[0]] = line[line.rindex("[", 0, line.rindex("]")):].strip()
     want = {"pods": "[get list watch]", "namespaces": "[get list watch]", "nodes": "[get list watch]",
-            "networkpolicies.networking.k8s.io": "[get list watch]"}
+            "networkpolicies.networking.k8s.io": "[get list watch]",
+            **{f"{plural}.policy.networking.k8s.io": "[get list watch]"
+               for plural in ("clusternetworkpolicies", "adminnetworkpolicies", "baselineadminnetworkpolicies")}}
     for r, verbs in want.items():
         assert rows.get(r) == verbs, out
     # beyond them only what every authenticated user gets (self reviews)

@@ -3,8 +3,8 @@
 chains, hooks, ipsets and errors.  The events cover what moves endpoints between sets and
 policies between nodes: pod and endpoint adds, label changes, moves between nodes, IP and
 named-port changes, deletions, finished and host-network pods, duplicate or bad interface
-names, namespace label changes and deletions, policies with every selector shape, pools
-and nodes."""
+names, namespace label changes and deletions, policies with every selector shape, cluster
+policies of both tiers and all three kinds, pools and nodes."""
 from __future__ import annotations
 
 import random
@@ -15,7 +15,15 @@ from felix_agent.calc.cluster import FLOATING_IPS_ANNOTATION, Cluster
 from felix_agent.calc.filter import CalcConfig, dataplane_state
 from felix_agent.calc.incremental import IncrementalCalc
 from felix_agent.model import (
+    BANP_PRIORITY,
     KIND_OF,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
+    ClusterNetworkPolicy,
+    NamespacedPods,
+    TierPeer,
+    TierPort,
+    TierRule,
     IPBlock,
     IPPool,
     LabelSelector,
@@ -82,6 +90,40 @@ def policy(rng: random.Random) -> NetworkPolicy:
                          policy_types=types)
 
 
+def tier_peer(rng: random.Random, egress: bool) -> TierPeer:
+    shape = rng.randint(0, 3 if egress else 1)
+    if shape == 0:
+        return TierPeer(namespaces=selector(rng))
+    if shape == 1:
+        return TierPeer(pods=NamespacedPods(selector(rng), selector(rng)))
+    if shape == 2:
+        return TierPeer(nodes=selector(rng))
+    return TierPeer(networks=("10.0.0.0/24",))
+
+
+def tier_rules(rng: random.Random, egress: bool) -> tuple[TierRule, ...]:
+    out = []
+    for _ in range(rng.randint(0, 2)):
+        peers = tuple(tier_peer(rng, egress) for _ in range(rng.randint(1, 2)))
+        named = not any(p.networks or p.nodes is not None for p in peers)
+        tports = rng.choice(((), (TierPort("TCP", 80),), (TierPort("UDP", 50, 60),))
+                            + (((TierPort(None, name="http"),),) if named else ()))
+        out.append(TierRule(rng.choice(("Accept", "Deny", "Pass")), peers, tports))
+    return tuple(out)
+
+
+def cluster_policy(rng: random.Random):
+    subject = tier_peer(rng, False)
+    ing, eg = tier_rules(rng, False), tier_rules(rng, True)
+    roll = rng.random()
+    if roll < 0.6:
+        return ClusterNetworkPolicy(f"c{rng.randint(0, 3)}", rng.choice(("Admin", "Baseline")), rng.randint(0, 3),
+                                    subject, ing, eg)
+    if roll < 0.8:
+        return AdminNetworkPolicy(f"a{rng.randint(0, 1)}", "Admin", rng.randint(0, 3), subject, ing, eg)
+    return BaselineAdminNetworkPolicy("default", "Baseline", BANP_PRIORITY, subject, ing, eg)
+
+
 def ports(rng: random.Random) -> tuple[NamedPort, ...]:
     return rng.choice(((), (NamedPort("http", 8080),), (NamedPort("http", 80), NamedPort("dns", 53, "UDP"))))
 
@@ -101,17 +143,19 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
     elif roll < 0.65:
         iface = iface_of(ns, name) if rng.random() < 0.9 else rng.choice(("cali-dup", "eth0-bad"))
         rec = WorkloadEndpoint(ns, name, rng.choice(NODES), f"c{rng.randint(0, 3)}", iface, (ip,))
-    elif roll < 0.8:
+    elif roll < 0.72:
         rec = policy(rng)
+    elif roll < 0.8:
+        rec = cluster_policy(rng)
     elif roll < 0.88:
         rec = Namespace(rng.choice(NAMESPACES), labels(rng))
     elif roll < 0.93:
-        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24")
+        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24", labels=labels(rng))
     else:
         rec = IPPool("pool", rng.choice(("10.0.0.0/16", "10.1.0.0/16")), nat_outgoing=rng.random() < 0.5)
     kind = KIND_OF[type(rec)]
     if rng.random() < 0.15:
-        existing = sorted({k for k in getattr(cluster, _TABLE[kind])})
+        existing = _existing(cluster, kind)
         if existing:
             return Update(kind, rng.choice(existing), None)
     return Update(kind, rec.key, rec)
@@ -119,6 +163,12 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
 
 _TABLE = {"Pod": "pods", "WorkloadEndpoint": "workload_endpoints", "NetworkPolicy": "policies",
           "Namespace": "namespaces", "Node": "nodes", "IPPool": "pools"}
+
+
+def _existing(cluster: Cluster, kind: str) -> list[str]:
+    if kind in _TABLE:
+        return sorted(getattr(cluster, _TABLE[kind]))
+    return sorted(p.key for p in cluster.cluster_policies() if p.kind == kind)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -1,17 +1,18 @@
 """Behaviour, not text: run the generated chains on packets and compare the verdicts with
 an independent reading of the NetworkPolicy rules (hypothesis generates the clusters).
 
-The interpreter below understands exactly the rule grammar the calc emits; an unknown
-token fails the test, so new rule shapes cannot slip past it.
+The interpreter (felix_agent.calc.simulate) understands exactly the rule grammar the calc
+emits; an unknown token fails the test, so new rule shapes cannot slip past it.
 """
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from felix_agent.calc.simulate import Packet
+from felix_agent.calc.simulate import run as simulate_run
 from felix_agent.model import (
     IPBlock,
     LabelSelector,
@@ -24,117 +25,12 @@ from felix_agent.model import (
 )
 from tests.unit.test_calc_fixtures import cluster_of, iface_of, pod, state
 
-# --- a tiny iptables ----------------------------------------------------------------------
+# --- the packets run through felix_agent.calc.simulate (a tiny iptables) ------------------
 
 
-@dataclass
-class Packet:
-    src: str
-    dst: str
-    proto: str  # "tcp" | "udp" | "sctp"
-    dport: int
-    in_iface: str = ""
-    out_iface: str = ""
-    mark: int = 0
-
-
-def _iface_match(pattern: str, iface: str) -> bool:
-    return iface.startswith(pattern[:-1]) if pattern.endswith("+") else iface == pattern
-
-
-def _in_set(ipset, pkt: Packet, dirs: str) -> bool:
-    if ipset.type == "hash:ip,port":
-        assert dirs == "dst,dst"
-        return f"{pkt.dst},{pkt.proto}:{pkt.dport}" in ipset.members
-    if ipset.type == "hash:net,iface":  # the interface dimension: src = input, dst = output
-        ip_dir, if_dir = dirs.split(",")
-        ip = ipaddress.ip_address(pkt.src if ip_dir == "src" else pkt.dst)
-        iface = pkt.in_iface if if_dir == "src" else pkt.out_iface
-        return any(ip in ipaddress.ip_network(net) and iface == name
-                   for net, name in (m.split(",") for m in ipset.members))
-    ip = ipaddress.ip_address(pkt.src if dirs == "src" else pkt.dst)
-    return any(ip in ipaddress.ip_network(m) for m in ipset.members)
-
-
-def _ports(spec: str, port: int) -> bool:
-    for part in spec.split(","):
-        lo, _, hi = part.partition(":")
-        if int(lo) <= port <= int(hi or lo):
-            return True
-    return False
-
-
-def rule_matches(tokens: list[str], pkt: Packet, ipsets) -> tuple[bool, list[str]]:
-    """Whether the match part holds; returns the target tokens."""
-    i = 0
-    ok = True
-    while i < len(tokens) and tokens[i] not in ("-j", "-g"):
-        t = tokens[i]
-        if t in ("-s", "-d"):
-            ok &= ipaddress.ip_address(pkt.src if t == "-s" else pkt.dst) in ipaddress.ip_network(tokens[i + 1])
-            i += 2
-        elif t in ("-i", "-o"):
-            ok &= _iface_match(tokens[i + 1], pkt.in_iface if t == "-i" else pkt.out_iface)
-            i += 2
-        elif t == "-p":
-            ok &= pkt.proto == tokens[i + 1]
-            i += 2
-        elif t == "-m":
-            mod = tokens[i + 1]
-            if mod == "conntrack":
-                assert tokens[i + 2] == "--ctstate"
-                ok &= False  # every simulated packet is NEW
-                i += 4
-            elif mod == "set":
-                neg = tokens[i + 2] == "!"
-                j = i + 3 if neg else i + 2
-                assert tokens[j] == "--match-set"
-                hit = _in_set(ipsets[tokens[j + 1]], pkt, tokens[j + 2])
-                ok &= hit != neg
-                i = j + 3
-            elif mod in ("tcp", "udp", "sctp"):
-                assert tokens[i + 2] == "--dport"
-                ok &= pkt.proto == mod and _ports(tokens[i + 3], pkt.dport)
-                i += 4
-            elif mod == "multiport":
-                assert tokens[i + 2] == "--dports"
-                ok &= _ports(tokens[i + 3], pkt.dport)
-                i += 4
-            elif mod == "mark":
-                assert tokens[i + 2] == "--mark"
-                v, m = (int(x, 16) for x in tokens[i + 3].split("/"))
-                ok &= (pkt.mark & m) == v
-                i += 4
-            else:
-                raise AssertionError(f"unknown match module {mod}")
-        else:
-            raise AssertionError(f"unknown token {t} in {' '.join(tokens)}")
-    return ok, tokens[i:]
-
-
-def run(chains, name: str, pkt: Packet, ipsets, depth: int = 0) -> str | None:
+def run(chains, name: str, pkt: Packet, ipsets) -> str | None:
     """'ACCEPT' / 'DROP', or None when the chain returns."""
-    assert depth < 20, "chain loop"
-    for body in chains[name]:
-        ok, target = rule_matches(body.split(), pkt, ipsets)
-        if not ok or not target:
-            continue
-        kind, what = target[0], target[1]
-        if kind == "-g":
-            return run(chains, what, pkt, ipsets, depth + 1)
-        if what in ("ACCEPT", "DROP"):
-            return what
-        if what == "RETURN":
-            return None
-        if what == "MARK":
-            assert target[2] == "--set-xmark"
-            v, m = (int(x, 16) for x in target[3].split("/"))
-            pkt.mark = (pkt.mark & ~m) ^ v
-            continue
-        verdict = run(chains, what, pkt, ipsets, depth + 1)
-        if verdict:
-            return verdict
-    return None
+    return simulate_run(chains, name, pkt, ipsets).verdict
 
 
 # --- reference semantics (from the API docs, not from the calc) --------------------------
@@ -213,29 +109,41 @@ POD = st.tuples(st.sampled_from(["x", "y"]), LBL, st.sampled_from(["n1", "n2"]),
 @given(pods=st.lists(POD, min_size=2, max_size=4), policies=st.lists(POLICY, max_size=3, unique_by=lambda p: p.key),
        ns_x=LBL, ns_y=LBL)
 def test_forward_verdicts_match_the_reference(pods, policies, ns_x, ns_y):
-    namespaces = {"x": ns_x, "y": ns_y}
+    info, c = make_world(pods, {"x": ns_x, "y": ns_y}, *policies)
+    for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("tcp", 81), ("udp", 53), ("sctp", 80),
+                                                              ("udp", 80))):
+        want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
+                (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
+        assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+
+
+def make_world(pods, namespaces: dict, *records) -> tuple[list[dict], object]:
+    """Generated pods q0.. (namespace, labels, node, named ports) as reference dicts, and
+    the cluster holding them, the namespaces and `records`."""
     info, recs = [], []
     for i, (ns, labels, node, ports) in enumerate(pods):
         ip = f"10.0.{i % 2}.{i + 2}"
         recs.append(pod(ns, f"q{i}", ip, node=node, labels=labels, ports=tuple(ports)))
-        info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports,
+        info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports, "key": f"{ns}/q{i}",
                      "iface": iface_of(ns, f"q{i}"),
                      "ns_labels": {**namespaces[ns], "kubernetes.io/metadata.name": ns}})
-    c = cluster_of(*[Namespace(n, tuple(sorted(lab.items()))) for n, lab in namespaces.items()], *recs, *policies)
+    c = cluster_of(*[Namespace(n, tuple(sorted(lab.items()))) for n, lab in namespaces.items()], *recs, *records)
+    return info, c
+
+
+def forward_verdicts(c, info: list[dict], ports):
+    """(a, b, proto, dport, verdict of n1's cali-FORWARD) for every pair with a pod on n1."""
     s = state(c)
     chains = s.chains["filter"]
     for a in info:
         for b in info:
             if a is b or (a["node"] != "n1" and b["node"] != "n1"):
                 continue
-            for proto, dport in (("tcp", 80), ("tcp", 81), ("udp", 53), ("sctp", 80), ("udp", 80)):
+            for proto, dport in ports:
                 pkt = Packet(a["ip"], b["ip"], proto, dport,
                              in_iface=a["iface"] if a["node"] == "n1" else "eth0",
                              out_iface=b["iface"] if b["node"] == "n1" else "eth0")
-                got = run(chains, "cali-FORWARD", pkt, s.ipsets)
-                want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
-                        (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
-                assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
+                yield a, b, proto, dport, run(chains, "cali-FORWARD", pkt, s.ipsets)
 
 
 def test_spoofed_and_unknown_sources_are_dropped_and_host_paths():

@@ -42,8 +42,41 @@ def network_policy(draw):
     return model.NetworkPolicy(draw(label_part), draw(label_part), draw(selector), ingress, egress, types)
 
 
+tier_peer = st.one_of(
+    st.builds(model.TierPeer, namespaces=selector),
+    st.builds(lambda n, p: model.TierPeer(pods=model.NamespacedPods(n, p)), selector, selector))
+tier_port = st.one_of(
+    st.builds(model.TierPort, protocol=st.sampled_from(["TCP", "UDP", "SCTP"]), port=st.integers(1, 65534)),
+    st.integers(1, 65534).map(lambda p: model.TierPort("UDP", p, p + 1)),
+    label_part.map(lambda n: model.TierPort(None, name=n)))
+
+
+def tier_rules(actions: list[str], egress: bool):
+    peers = st.one_of(tier_peer, st.just(model.TierPeer(networks=("10.0.0.0/8", "fd00::/8"))),
+                      st.builds(model.TierPeer, nodes=selector)) if egress else tier_peer
+    plain = st.builds(model.TierRule, action=st.sampled_from(actions), peers=st.lists(tier_peer, min_size=1,
+                      max_size=2).map(tuple), ports=st.lists(tier_port, max_size=2).map(tuple), name=label_part)
+    nets = st.builds(model.TierRule, action=st.sampled_from(actions), peers=st.lists(peers, min_size=1,
+                     max_size=2).map(tuple), ports=st.lists(tier_port.filter(lambda p: not p.name), max_size=2).map(tuple))
+    return st.lists(st.one_of(plain, nets), max_size=2).map(tuple)
+
+
+@st.composite
+def cluster_policy(draw):
+    cls = draw(st.sampled_from([model.ClusterNetworkPolicy, model.AdminNetworkPolicy,
+                                model.BaselineAdminNetworkPolicy]))
+    tier = {model.AdminNetworkPolicy: "Admin", model.BaselineAdminNetworkPolicy: "Baseline"}.get(
+        cls, draw(st.sampled_from(["Admin", "Baseline"])))
+    banp = cls is model.BaselineAdminNetworkPolicy
+    actions = ["Accept", "Deny"] + ([] if banp else ["Pass"])
+    return cls("default" if banp else draw(label_part), tier,
+               model.BANP_PRIORITY if banp else draw(st.integers(0, 1000)), draw(tier_peer),
+               draw(tier_rules(actions, False)), draw(tier_rules(actions, True)))
+
+
 records = st.one_of(
     network_policy(),
+    cluster_policy(),
     st.builds(model.Namespace, name=label_part, labels=labels),
     st.builds(model.Pod, namespace=label_part, name=label_part, labels=labels, node=label_part,
               ips=st.lists(ipv4, max_size=2).map(tuple),

@@ -58,6 +58,8 @@ def test_rbac_is_read_only_and_minimal(objs):
         ("", "namespaces"): {"get", "list", "watch"},
         ("", "nodes"): {"get", "list", "watch"},
         ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch"},
+        **{("policy.networking.k8s.io", plural): {"get", "list", "watch"}
+           for plural in ("clusternetworkpolicies", "adminnetworkpolicies", "baselineadminnetworkpolicies")},
     }
     binding = objs[("ClusterRoleBinding", "tortie-agent")]
     assert binding.role_ref.name == "tortie-agent"
@@ -140,3 +142,30 @@ def test_uninstall_mounts_every_host_path_the_script_cleans():
     for host_path in ("/opt/cni/bin", "/etc/cni/net.d", "/var/lib/tortie", "/var/run/tortie"):
         assert f"$HOST_ROOT{host_path}" in script
         assert f"/host{host_path}" in mounts, host_path
+
+
+def test_network_policy_api_crds_match_what_tortie_converts():
+    """The CRDs parse as the client's model, name the kinds, versions and plurals the
+    syncer watches, and their schemas keep the upstream limits convert.py checks."""
+    from felix_agent.datastore.convert import API_VERSION
+    from felix_agent.datastore.keys import PLURAL
+    from felix_agent.model import CLUSTER_POLICY_KINDS
+
+    with open(os.path.join(ROOT, "manifests", "network-policy-api.yaml")) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    api = client.ApiClient()
+    by_kind = {}
+    for d in docs:
+        crd = api._ApiClient__deserialize(d, "V1CustomResourceDefinition")
+        by_kind[crd.spec.names.kind] = crd
+    assert sorted(by_kind) == sorted(CLUSTER_POLICY_KINDS)
+    for kind, crd in by_kind.items():
+        assert crd.spec.scope == "Cluster" and crd.spec.names.plural == PLURAL[kind]
+        assert f"{crd.spec.group}/{crd.spec.versions[0].name}" == API_VERSION[kind]
+        assert "network-policy-api v0." in crd.metadata.annotations["tortie.io/upstream"]
+        # *.k8s.io groups are protected: without this the API server refuses the CRD
+        assert crd.metadata.annotations["api-approved.kubernetes.io"].startswith("https://github.com/")
+    spec = by_kind["ClusterNetworkPolicy"].spec.versions[0].schema.open_apiv3_schema.properties["spec"]
+    assert (spec.properties["priority"].minimum, spec.properties["priority"].maximum) == (0, 1000)
+    assert spec.properties["tier"].enum == ["Admin", "Baseline"]
+    assert spec.properties["ingress"].max_items == 25
