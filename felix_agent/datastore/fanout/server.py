@@ -1,0 +1,207 @@
+"""FanoutServer: the kubernetes syncer run once, its records kept as encoded frames, and
+every connected agent served from them.
+
+The syncer's events arrive on the event loop (KubernetesSyncer's contract). Each Update is
+encoded ONCE into a frame; the frame replaces the record's entry in the snapshot and is
+queued, as the same bytes object, for every client. A client that connects is registered
+and given the snapshot in the same step of the loop, so nothing falls between the two: it
+gets the snapshot, the status frame that ends it, then every frame queued since.
+
+Memory stays bounded whatever the clients do: a client's queue holds at most `max_queue`
+frames (references to the shared frames); one that falls further behind (a slow reader, a
+stopped process) is disconnected, and reconnects and resyncs from the snapshot. Writes
+wait for the socket (drain), so the transport buffers stay at asyncio's high-water mark.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from felix_agent.datastore.base import RecordId, Syncer
+from felix_agent.datastore.fanout import protocol
+from felix_agent.logs import kv
+from felix_agent.model import Event, SyncStatus, Update
+
+log = logging.getLogger("tortie.fanout")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+CLIENTS = Gauge("tortie_fanout_clients", "Agents connected", registry=REGISTRY)
+IN_SYNC = Gauge("tortie_fanout_in_sync", "1 when the fan-out is in sync with the API", registry=REGISTRY)
+OBJECTS = Gauge("tortie_fanout_records", "Records in the snapshot", registry=REGISTRY)
+CONNECTIONS = Counter("tortie_fanout_connections_total", "Agent connections accepted", registry=REGISTRY)
+REFUSED = Counter("tortie_fanout_refused_total", "Connections refused at the hello", registry=REGISTRY)
+SLOW = Counter("tortie_fanout_slow_disconnects_total",
+               "Agents disconnected for falling max_queue frames behind", registry=REGISTRY)
+
+SNAPSHOT_CHUNK = 256  # frames per write while sending a snapshot (then wait for the socket)
+
+
+@dataclass(eq=False)
+class _Client:
+    node: str
+    peer: str
+    writer: asyncio.StreamWriter
+    queue: collections.deque = field(default_factory=collections.deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cut_off: str = ""  # why the server dropped it
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    refused: int = 0
+    slow_disconnects: int = 0
+
+
+class FanoutServer:
+    def __init__(self, syncer: Syncer, *, max_queue: int = 10_000, ping_interval: float = 10.0,
+                 hello_timeout: float = 10.0):
+        self.syncer = syncer
+        self.max_queue = max_queue
+        self.ping_interval = ping_interval
+        self.hello_timeout = hello_timeout
+        self.snapshot: dict[RecordId, bytes] = {}
+        self.status = SyncStatus(False, "tortie-fanout is starting: its first list from the API is not complete")
+        self._status_frame = protocol.status_frame(self.status)
+        self.clients: set[_Client] = set()
+        self.stats = ServerStats()
+        self.last_beat = time.monotonic()  # the event loop's heartbeat, for /livez
+
+    # --- the syncer's side ---
+
+    def on_event(self, ev: Event) -> None:
+        """The syncer's emit: keep the snapshot, queue the frame for every client."""
+        if isinstance(ev, Update):
+            f = protocol.update_frame(ev.kind, ev.key, ev.value)
+            rid = (ev.kind, ev.key)
+            if ev.value is None:
+                self.snapshot.pop(rid, None)
+            else:
+                self.snapshot[rid] = f
+            OBJECTS.set(len(self.snapshot))
+        else:
+            self.status = ev
+            f = self._status_frame = protocol.status_frame(ev)
+            IN_SYNC.set(1 if ev.in_sync else 0)
+            if ev.in_sync:
+                log.info("in sync with the API", extra=kv(records=len(self.snapshot), clients=len(self.clients)))
+            else:
+                log.warning("out of sync with the API", extra=kv(reason=ev.reason))
+        for c in list(self.clients):
+            self._push(c, f)
+
+    def _push(self, c: _Client, f: bytes) -> None:
+        if c.cut_off:
+            return
+        if len(c.queue) >= self.max_queue:
+            c.cut_off = f"fell {len(c.queue)} updates behind"
+            self.stats.slow_disconnects += 1
+            SLOW.inc()
+            log.warning("disconnecting a slow agent; it reconnects and resyncs",
+                        extra=kv(node=c.node, peer=c.peer, reason=c.cut_off))
+            c.queue.clear()
+            c.writer.transport.abort()
+            c.wake.set()
+            return
+        c.queue.append(f)
+        c.wake.set()
+
+    # --- the clients' side ---
+
+    async def serve(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, host, port)
+
+    async def run(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+        """Listen, run the syncer, until cancelled."""
+        server = await self.serve(host, port)
+        beat = asyncio.create_task(self._heartbeat())
+        sync = asyncio.create_task(self.syncer.run(self.on_event), name="syncer")
+        log.info("listening", extra=kv(address=f"{host}:{port}"))
+        if ready is not None:
+            ready.set()
+        try:
+            await sync  # runs until cancelled
+        finally:
+            sync.cancel()
+            beat.cancel()
+            server.close()
+            for c in list(self.clients):
+                c.writer.transport.abort()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.last_beat = time.monotonic()
+            CLIENTS.set(len(self.clients))
+            await asyncio.sleep(1.0)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        try:
+            msg = await asyncio.wait_for(protocol.read_message(reader), self.hello_timeout)
+            node = protocol.check_hello(msg)
+        except protocol.ProtocolError as e:
+            self.stats.refused += 1
+            REFUSED.inc()
+            log.warning("refused a connection", extra=kv(peer=peer, reason=str(e)))
+            writer.write(protocol.refused(str(e)))
+            await _close(writer)
+            return
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
+            await _close(writer)  # no hello: a port probe, or a peer gone
+            return
+        c = _Client(node, peer, writer)
+        writer.write(protocol.welcome(self.ping_interval))
+        # Registration and the snapshot in one step: every later frame lands in c.queue.
+        frames = list(self.snapshot.values())
+        frames.append(self._status_frame)
+        self.clients.add(c)
+        self.stats.connections += 1
+        CONNECTIONS.inc()
+        log.info("agent connected", extra=kv(node=node, peer=peer, records=len(frames) - 1))
+        eof = asyncio.create_task(reader.read(1))  # the agent never sends more: EOF = it left
+        eof.add_done_callback(lambda _: c.wake.set())
+        try:
+            for i in range(0, len(frames), SNAPSHOT_CHUNK):
+                writer.write(b"".join(frames[i:i + SNAPSHOT_CHUNK]))
+                await writer.drain()
+            del frames
+            while not c.cut_off and not eof.done():
+                if not c.queue:
+                    c.wake.clear()
+                    try:
+                        await asyncio.wait_for(c.wake.wait(), self.ping_interval)
+                    except asyncio.TimeoutError:
+                        c.queue.append(protocol.PING)
+                    continue
+                batch = b"".join(c.queue)
+                c.queue.clear()
+                writer.write(batch)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.clients.discard(c)
+            eof.cancel()
+            log.info("agent disconnected", extra=kv(node=node, peer=peer, reason=c.cut_off or "it left"))
+            await _close(writer)
+
+    def status_doc(self) -> dict:
+        return {"in_sync": self.status.in_sync, "reason": self.status.reason, "records": len(self.snapshot),
+                "clients": sorted(({"node": c.node, "peer": c.peer, "queued": len(c.queue)}
+                                   for c in list(self.clients)), key=lambda d: (d["node"], d["peer"])),
+                "connections": self.stats.connections, "refused": self.stats.refused,
+                "slow_disconnects": self.stats.slow_disconnects}
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass
