@@ -114,7 +114,8 @@ class FanoutSyncer:
             while True:
                 if msg["type"] == "status":
                     st = protocol.decode_status(msg)
-                    state.set_in_sync(st.in_sync, f"tortie-fanout {where}: {st.reason}")
+                    if st.in_sync or st.reason:  # no reason: the server's first list, nothing lost
+                        state.set_in_sync(st.in_sync, f"tortie-fanout {where}: {st.reason}")
                 elif msg["type"] == "update":
                     u = protocol.decode_update(msg)
                     if isinstance(u, BadRecord):

@@ -12,7 +12,9 @@ etcd stores), so the client checks it with the same from_k8s every datastore use
                        the snapshot), then updates and status changes as they happen,
                        and {"type": "ping"} when there is nothing else to send.
 
-A deletion is an update with "value": null.
+A deletion is an update with "value": null. A status not in sync without a reason means the
+server's first list is still in progress (a client then reports nothing, as the direct
+syncer does); with a reason, the server has lost the API.
 """
 from __future__ import annotations
 

@@ -5,11 +5,12 @@ The syncer's events arrive on the event loop (KubernetesSyncer's contract). Each
 encoded ONCE into a frame; the frame replaces the record's entry in the snapshot and is
 queued, as the same bytes object, for every client. A client that connects is registered
 and given the snapshot in the same step of the loop, so nothing falls between the two: it
-gets the snapshot, the status frame that ends it, then every frame queued since.
+gets the snapshot, the status frame that ends it, then every frame queued since. Before
+its first complete list the server has no snapshot: agents that connect wait (pinged).
 
 Memory stays bounded whatever the clients do: a client's queue holds at most `max_queue`
-frames (references to the shared frames); one that falls further behind (a slow reader, a
-stopped process) is disconnected, and reconnects and resyncs from the snapshot. Writes
+frames (references to the shared frames) while its socket is full; one that falls further
+behind (a slow reader, a stopped process) is disconnected, and reconnects and resyncs from the snapshot. Writes
 wait for the socket (drain), so the transport buffers stay at asyncio's high-water mark.
 """
 from __future__ import annotations
@@ -49,6 +50,15 @@ class _Client:
     queue: collections.deque = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     cut_off: str = ""  # why the server dropped it
+    draining: bool = False  # its sender waits for the socket: the agent is not reading fast enough
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        self.draining = True
+        try:
+            await self.writer.drain()
+        finally:
+            self.draining = False
 
 
 @dataclass
@@ -66,9 +76,10 @@ class FanoutServer:
         self.ping_interval = ping_interval
         self.hello_timeout = hello_timeout
         self.snapshot: dict[RecordId, bytes] = {}
-        self.status = SyncStatus(False, "tortie-fanout is starting: its first list from the API is not complete")
+        self.status = SyncStatus(False)  # no reason: the first list is in progress (protocol.py)
         self._status_frame = protocol.status_frame(self.status)
         self.clients: set[_Client] = set()
+        self.synced_once = asyncio.Event()
         self.stats = ServerStats()
         self.last_beat = time.monotonic()  # the event loop's heartbeat, for /livez
 
@@ -89,6 +100,7 @@ class FanoutServer:
             f = self._status_frame = protocol.status_frame(ev)
             IN_SYNC.set(1 if ev.in_sync else 0)
             if ev.in_sync:
+                self.synced_once.set()
                 log.info("in sync with the API", extra=kv(records=len(self.snapshot), clients=len(self.clients)))
             else:
                 log.warning("out of sync with the API", extra=kv(reason=ev.reason))
@@ -98,7 +110,9 @@ class FanoutServer:
     def _push(self, c: _Client, f: bytes) -> None:
         if c.cut_off:
             return
-        if len(c.queue) >= self.max_queue:
+        # Only a client whose socket is full counts as behind: one whose sender has simply
+        # not run yet (a burst of events in one step of the loop) costs one reference a frame.
+        if c.draining and len(c.queue) >= self.max_queue:
             c.cut_off = f"fell {len(c.queue)} updates behind"
             self.stats.slow_disconnects += 1
             SLOW.inc()
@@ -136,7 +150,6 @@ class FanoutServer:
     async def _heartbeat(self) -> None:
         while True:
             self.last_beat = time.monotonic()
-            CLIENTS.set(len(self.clients))
             await asyncio.sleep(1.0)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -157,10 +170,23 @@ class FanoutServer:
             return
         c = _Client(node, peer, writer)
         writer.write(protocol.welcome(self.ping_interval))
+        try:
+            # Until its first list is complete the server has no snapshot to give: an
+            # agent's resync against a partial one would delete what it has not reached.
+            while not self.synced_once.is_set():
+                try:
+                    await asyncio.wait_for(self.synced_once.wait(), self.ping_interval)
+                except asyncio.TimeoutError:
+                    writer.write(protocol.PING)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            await _close(writer)
+            return
         # Registration and the snapshot in one step: every later frame lands in c.queue.
         frames = list(self.snapshot.values())
         frames.append(self._status_frame)
         self.clients.add(c)
+        CLIENTS.set(len(self.clients))
         self.stats.connections += 1
         CONNECTIONS.inc()
         log.info("agent connected", extra=kv(node=node, peer=peer, records=len(frames) - 1))
@@ -168,8 +194,7 @@ class FanoutServer:
         eof.add_done_callback(lambda _: c.wake.set())
         try:
             for i in range(0, len(frames), SNAPSHOT_CHUNK):
-                writer.write(b"".join(frames[i:i + SNAPSHOT_CHUNK]))
-                await writer.drain()
+                await c.send(b"".join(frames[i:i + SNAPSHOT_CHUNK]))
             del frames
             while not c.cut_off and not eof.done():
                 if not c.queue:
@@ -181,12 +206,12 @@ class FanoutServer:
                     continue
                 batch = b"".join(c.queue)
                 c.queue.clear()
-                writer.write(batch)
-                await writer.drain()
+                await c.send(batch)
         except (ConnectionError, OSError):
             pass
         finally:
             self.clients.discard(c)
+            CLIENTS.set(len(self.clients))
             eof.cancel()
             log.info("agent disconnected", extra=kv(node=node, peer=peer, reason=c.cut_off or "it left"))
             await _close(writer)
