@@ -40,6 +40,12 @@ BENCH_SCALE = os.path.join(REPO, "tests", "bench", "bench_scale.py")
 CHANGED_POD = 7  # a remote pod of the synthetic cluster, relabelled by the changes
 
 
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -67,6 +73,7 @@ async def agents_child(args) -> None:
     print("ready", flush=True)
     assert await lines.get() == "go"
     t0 = time.perf_counter()
+    cpu0 = os.times().user + os.times().system
     synced: list[float | None] = [None] * args.n
     all_synced = asyncio.Event()
     watch: dict = {"key": None, "want": None, "seen": {}}
@@ -88,7 +95,8 @@ async def agents_child(args) -> None:
 
     tasks = [asyncio.create_task(s.run(emitter(i))) for i, s in enumerate(syncers)]
     await all_synced.wait()
-    print(json.dumps({"startup_s": synced, "rss_mb": rss_mb()}), flush=True)
+    cpu = os.times()
+    print(json.dumps({"startup_s": synced, "rss_mb": rss_mb(), "cpu_s": cpu.user + cpu.system - cpu0}), flush=True)
     while True:
         line = await lines.get()
         if not line:
@@ -137,14 +145,19 @@ def run_mode(mode: str, size: str, n_agents: int, per_process: int, log_dir: str
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for h in hosts:
             assert h.stdout.readline().strip() == "ready"
+        serving = [p.pid for p in (fanout.proc if fanout else None, api) if p is not None]
+        serving_cpu0 = sum(map(proc_cpu_s, serving))
         for h in hosts:
             h.stdin.write("go\n")
             h.stdin.flush()
-        startup, rss = [], []
+        startup, rss, cpu = [], [], 0.0
         for h in hosts:
             r = json.loads(h.stdout.readline())
             startup += r["startup_s"]
             rss.append(r["rss_mb"] / len(r["startup_s"]))
+            cpu += r["cpu_s"]
+        out["agent_cpu_s"] = cpu / n_agents  # an agent's own start-up, on a node of its own
+        out["serving_cpu_s"] = sum(map(proc_cpu_s, serving)) - serving_cpu0  # API (+ fan-out)
         time.sleep(1.0)  # the direct syncers' watches follow their lists
         out.update(requests())
         out["startup_p50_s"], out["startup_p99_s"] = pct(startup, .5), pct(startup, .99)
@@ -192,6 +205,7 @@ def report(r: dict) -> None:
              if r["mode"] == "fanout" else "")
     print(f"  {r['mode']:6s} {r['agents']} agents: API watches {r['watches']}, lists {r['lists']}; "
           f"start-up p50 {r['startup_p50_s']:.1f} s p99 {r['startup_p99_s']:.1f} s (max {r['startup_max_s']:.1f}); "
+          f"CPU an agent {r['agent_cpu_s']:.2f} s, API+fan-out {r['serving_cpu_s']:.1f} s; "
           f"~{r['agent_rss_mb']:.0f} MB an agent; one change to all agents p50 {r['change_all_p50_ms']:.0f} ms "
           f"max {r['change_all_max_ms']:.0f} ms{extra}", flush=True)
 
