@@ -14,13 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -34,9 +29,8 @@ from felix_agent.datastore.kubernetes import KubernetesSyncer
 from tests.fakes.apiserver import FakeAPIServer
 from tests.fakes.recorder import running
 from tests.lab.cluster import wait_for
-from tests.lab.fanout import Fanout
+from tests.lab.fanout import ClientProcess, Fanout
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = Backoff(initial=0.05, maximum=0.5)
 RESOURCE_PATHS = ("/api/v1/pods", "/api/v1/namespaces", "/api/v1/nodes",
                   "/apis/networking.k8s.io/v1/networkpolicies")
@@ -91,40 +85,6 @@ def _pod(name, ns="x", ip="10.244.9.50", labels=None):
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
-class ClientProcess:
-    """tests/lab/fanout_client.py as a process; its events rebuilt into a model here."""
-
-    def __init__(self, fanout: Fanout, node: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.lab.fanout_client",
-                                      f"127.0.0.1:{fanout.port}", node], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.state: dict = {}
-        self.statuses: list[tuple[bool, str]] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            ev = json.loads(line)
-            with self._lock:
-                if "status" in ev:
-                    self.statuses.append(tuple(ev["status"]))
-                else:
-                    kind, key, value = ev["update"]
-                    if value is None:
-                        self.state.pop((kind, key), None)
-                    else:
-                        self.state[(kind, key)] = from_k8s(value, kind)
-
-    def model(self) -> dict:
-        with self._lock:
-            return dict(self.state)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
 def test_many_agents_share_one_watch_set_and_reach_the_direct_model(api, kubeconfig, fanout):
     """Eight agents through one fan-out: the API serves ONE list and ONE watch per resource
     (an agent watching the API itself costs four more), and every agent's model is the
@@ -150,7 +110,7 @@ def test_many_agents_share_one_watch_set_and_reach_the_direct_model(api, kubecon
 
 
 def test_a_killed_agent_reconnects_to_the_current_model(api, kubeconfig, fanout):
-    a = ClientProcess(fanout, "node-a")
+    a = ClientProcess(fanout.address, "node-a")
     try:
         wait_for(lambda: (True, "") in a.statuses, what="agent process in sync")
         a.kill()
@@ -158,7 +118,7 @@ def test_a_killed_agent_reconnects_to_the_current_model(api, kubeconfig, fanout)
         # Changes while it is dead.
         api.remove("pods", "c", "x")
         api.upsert("pods", _pod("a", ip="10.244.9.3", labels={"pod": "a", "moved": "yes"}))
-        a = ClientProcess(fanout, "node-a")
+        a = ClientProcess(fanout.address, "node-a")
         wait_for(lambda: (True, "") in a.statuses, what="restarted agent process in sync")
         want = asyncio.run(direct_model(kubeconfig))
         assert a.model() == want

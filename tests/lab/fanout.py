@@ -1,19 +1,24 @@
 """A real tortie-fanout process (the installed entry point) on free loopback ports, for
 tests and the fan-out benchmark: start, kill -9, start again on the same ports, and read
-its Prometheus metrics."""
+its Prometheus metrics. ClientProcess: an agent's datastore side as a process of its own
+(tests/lab/fanout_client.py), its model rebuilt from what it prints."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
+from felix_agent.datastore.convert import from_k8s
 from tests.lab.etcd import free_port
 
 VENV_BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Fanout:
@@ -78,3 +83,44 @@ class Fanout:
 
     def __exit__(self, *exc) -> None:
         self.kill(signal.SIGTERM)
+
+
+class ClientProcess:
+    """tests/lab/fanout_client.py connected to `address`; `enter` is a command prefix
+    that puts it in a network namespace (nsenter ...)."""
+
+    def __init__(self, address: tuple[str, int], node: str, enter: list[str] = ()):
+        self.proc = subprocess.Popen([*enter, sys.executable, "-m", "tests.lab.fanout_client",
+                                      f"{address[0]}:{address[1]}", node], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.state: dict = {}
+        self.statuses: list[tuple[bool, str]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            with self._lock:
+                if "status" in ev:
+                    self.statuses.append(tuple(ev["status"]))
+                else:
+                    kind, key, value = ev["update"]
+                    if value is None:
+                        self.state.pop((kind, key), None)
+                    else:
+                        self.state[(kind, key)] = from_k8s(value, kind)
+
+    @property
+    def in_sync(self) -> bool:
+        with self._lock:
+            return bool(self.statuses) and self.statuses[-1][0]
+
+    def model(self) -> dict:
+        with self._lock:
+            return dict(self.state)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
