@@ -33,25 +33,12 @@ sys.path.insert(0, REPO)
 
 from felix_agent.datastore.convert import to_k8s  # noqa: E402
 from felix_agent.model import SyncStatus, Update  # noqa: E402
+from tests.bench.bench_policy import cpu_seconds, vm_hwm_mb  # noqa: E402
 from tests.bench.bench_scale import pct, rss_mb  # noqa: E402
 from tests.bench.scale_cluster import SIZES, Synthetic  # noqa: E402
 
 BENCH_SCALE = os.path.join(REPO, "tests", "bench", "bench_scale.py")
 CHANGED_POD = 7  # a remote pod of the synthetic cluster, relabelled by the changes
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def proc_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # --- the agents' side (a child process) -------------------------------------------------
@@ -146,7 +133,7 @@ def run_mode(mode: str, size: str, n_agents: int, per_process: int, log_dir: str
         for h in hosts:
             assert h.stdout.readline().strip() == "ready"
         serving = [p.pid for p in (fanout.proc if fanout else None, api) if p is not None]
-        serving_cpu0 = sum(map(proc_cpu_s, serving))
+        serving_cpu0 = sum(cpu_seconds(pid)[0] for pid in serving)
         for h in hosts:
             h.stdin.write("go\n")
             h.stdin.flush()
@@ -157,14 +144,14 @@ def run_mode(mode: str, size: str, n_agents: int, per_process: int, log_dir: str
             rss.append(r["rss_mb"] / len(r["startup_s"]))
             cpu += r["cpu_s"]
         out["agent_cpu_s"] = cpu / n_agents  # an agent's own start-up, on a node of its own
-        out["serving_cpu_s"] = sum(map(proc_cpu_s, serving)) - serving_cpu0  # API (+ fan-out)
+        out["serving_cpu_s"] = sum(cpu_seconds(pid)[0] for pid in serving) - serving_cpu0  # API (+ fan-out)
         time.sleep(1.0)  # the direct syncers' watches follow their lists
         out.update(requests())
         out["startup_p50_s"], out["startup_p99_s"] = pct(startup, .5), pct(startup, .99)
         out["startup_max_s"] = max(startup)
         out["agent_rss_mb"] = sum(rss) / len(rss)  # per agent (its process's RSS / agents in it)
         if fanout is not None:
-            out["fanout_rss_mb"] = proc_rss_mb(fanout.proc.pid)
+            out["fanout_rss_mb"] = vm_hwm_mb(fanout.proc.pid)  # its peak
         syn = Synthetic(*SIZES[size], pool_mode="vxlan", kubernetes=True)
         pod = syn.pod(CHANGED_POD)
         lat = []
@@ -201,7 +188,7 @@ def run_mode(mode: str, size: str, n_agents: int, per_process: int, log_dir: str
 
 
 def report(r: dict) -> None:
-    extra = (f"; fan-out: in sync {r['fanout_sync_s']:.1f} s, RSS {r['fanout_rss_mb']:.0f} MB"
+    extra = (f"; fan-out: in sync {r['fanout_sync_s']:.1f} s, peak RSS {r['fanout_rss_mb']:.0f} MB"
              if r["mode"] == "fanout" else "")
     print(f"  {r['mode']:6s} {r['agents']} agents: API watches {r['watches']}, lists {r['lists']}; "
           f"start-up p50 {r['startup_p50_s']:.1f} s p99 {r['startup_p99_s']:.1f} s (max {r['startup_max_s']:.1f}); "

@@ -89,9 +89,12 @@ class ClientProcess:
     """tests/lab/fanout_client.py connected to `address`; `enter` is a command prefix
     that puts it in a network namespace (nsenter ...)."""
 
-    def __init__(self, address: tuple[str, int], node: str, enter: list[str] = ()):
+    def __init__(self, address: tuple[str, int] | str, node: str, enter: list[str] = ()):
+        """`address`: a fan-out's (host, port), or a kubeconfig path (the agent then
+        watches the API itself)."""
+        target = ["--direct", address] if isinstance(address, str) else [f"{address[0]}:{address[1]}"]
         self.proc = subprocess.Popen([*enter, sys.executable, "-m", "tests.lab.fanout_client",
-                                      f"{address[0]}:{address[1]}", node], cwd=REPO,
+                                      *target, node], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.state: dict = {}
         self.statuses: list[tuple[bool, str]] = []

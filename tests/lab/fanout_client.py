@@ -1,7 +1,9 @@
 """An agent's datastore side alone, as its own process: FanoutSyncer connected to a
-tortie-fanout, every event printed as one JSON line (tests kill it and start it again).
+tortie-fanout (or, with --direct, KubernetesSyncer watching the API itself), every event
+printed as one JSON line (tests kill it and start it again).
 
     python -m tests.lab.fanout_client HOST:PORT NODE
+    python -m tests.lab.fanout_client --direct KUBECONFIG NODE
 
     {"update": [kind, key, <the record as to_k8s gives it> | null]}
     {"status": [in_sync, reason]}
@@ -25,8 +27,12 @@ def line(ev: Event) -> str:
 
 
 def main() -> None:
-    host, _, port = sys.argv[1].rpartition(":")
-    syncer = FanoutSyncer([(host, int(port))], sys.argv[2], backoff=Backoff(0.05, 0.5))
+    if sys.argv[1] == "--direct":
+        from felix_agent.datastore.kubernetes import KubernetesSyncer
+        syncer = KubernetesSyncer(kubeconfig=sys.argv[2], backoff=Backoff(0.05, 0.5))
+    else:
+        host, _, port = sys.argv[1].rpartition(":")
+        syncer = FanoutSyncer([(host, int(port))], sys.argv[2], backoff=Backoff(0.05, 0.5))
     asyncio.run(syncer.run(lambda ev: print(line(ev), flush=True)))
 
 
