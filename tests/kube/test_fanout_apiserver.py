@@ -4,7 +4,7 @@ counted by the API server itself: `apiserver_registered_watchers`, the gauge its
 handler raises for every open watch request, per kind. Ten agents' datastore sides
 (tests/lab/fanout_client.py processes) through one fan-out add ONE watch per kind; three
 that watch the API themselves add three. Everything runs in the lab's control-plane
-namespace."""
+namespace. And the fan-out's manifest, applied to that API server for real."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from tests.kube.cluster import KubeLab, build_binaries, wait_for
+from felix_agent.datastore.fanout.protocol import DEFAULT_PORT
+from tests.kube.cluster import ROOT, KubeLab, build_binaries, wait_for
 from tests.lab.fanout import ClientProcess, VENV_BIN
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
@@ -46,6 +47,12 @@ def watchers(k: KubeLab) -> dict[str, int]:
     return out
 
 
+def watchers_plus(k: KubeLab, base: dict[str, int], n: int) -> dict[str, int] | None:
+    """The watchers now, if every kind has exactly n more than `base`."""
+    w = watchers(k)
+    return w if all(w[kind] == base[kind] + n for kind in KINDS) else None
+
+
 def test_ten_agents_through_the_fanout_hold_one_watch_per_kind(control_plane):
     k = control_plane
     docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fan", "labels": {"team": "a"}}},
@@ -70,8 +77,7 @@ def test_ten_agents_through_the_fanout_hold_one_watch_per_kind(control_plane):
         assert {key for kind, key in models[0] if kind == "Pod" and key.startswith("fan/")} == \
             {f"fan/p{i}" for i in range(20)}
         assert ("BlockAffinity", "10.244.7.0/24") in models[0] and ("NetworkPolicy", "fan/deny") in models[0]
-        with_fanout = wait_for(lambda: (w := watchers(k)) if all(
-            w[kd] == before[kd] + 1 for kd in KINDS) else None, 30, "one more watch per kind")
+        with_fanout = wait_for(lambda: watchers_plus(k, before, 1), 30, "one more watch per kind")
 
         k.kubectl("label", "pod", "-n", "fan", "p3", "app=db", "--overwrite")
         wait_for(lambda: all(dict(a.model()[("Pod", "fan/p3")].labels)["app"] == "db" for a in agents), 30,
@@ -80,11 +86,24 @@ def test_ten_agents_through_the_fanout_hold_one_watch_per_kind(control_plane):
 
         direct = [ClientProcess(k.kubeconfig, f"direct-{i}", k.enter(k.cp)) for i in range(3)]
         wait_for(lambda: all(a.in_sync for a in direct), 90, "three agents watching the API themselves")
-        wait_for(lambda: all(w[kd] == with_fanout[kd] + 3 for kd in KINDS) if (w := watchers(k)) else None,
-                 30, "three more watches per kind")
+        wait_for(lambda: watchers_plus(k, with_fanout, 3), 30, "three more watches per kind")
         assert all(a.model() == agents[0].model() for a in direct)
         print(f"\nAPI watchers per kind: before {before}; +10 agents through the fan-out {with_fanout}; "
               f"+3 direct {watchers(k)}", file=sys.stderr)
     finally:
         for a in agents + direct:
             a.kill()
+
+
+def test_the_fanout_manifest_applies_to_the_real_api_server(control_plane):
+    """manifests/tortie-fanout.yaml after manifests/tortie.yaml, `kubectl apply` for real
+    (the API server validates every field); the Service forwards the protocol's port."""
+    k = control_plane
+    for name in ("tortie.yaml", "tortie-fanout.yaml"):
+        k.kubectl("apply", "-f", os.path.join(ROOT, "manifests", name))
+    svc = k.kjson("get", "service", "-n", "tortie-system", "tortie-fanout")
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(DEFAULT_PORT, "fanout")]
+    dep = k.kjson("get", "deployment", "-n", "tortie-system", "tortie-fanout")
+    assert dep["spec"]["template"]["spec"]["hostNetwork"] is True
+    binding = k.kjson("get", "clusterrolebinding", "tortie-fanout")
+    assert binding["roleRef"]["name"] == "tortie-agent"
