@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from felix_agent.datastore.fanout.protocol import DEFAULT_PORT
-from tests.kube.cluster import ROOT, KubeLab, build_binaries, wait_for
+from tests.kube.cluster import ROOT, KubeLab, build_binaries, leftovers, wait_for
 from tests.lab.fanout import ClientProcess, VENV_BIN
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
@@ -35,6 +35,7 @@ def control_plane():
         yield k
     finally:
         k.down()
+    assert leftovers(k.prefix) == []
 
 
 def watchers(k: KubeLab) -> dict[str, int]:

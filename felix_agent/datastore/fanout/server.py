@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -81,7 +80,6 @@ class FanoutServer:
         self.clients: set[_Client] = set()
         self.synced_once = asyncio.Event()
         self.stats = ServerStats()
-        self.last_beat = time.monotonic()  # the event loop's heartbeat, for /livez
 
     # --- the syncer's side ---
 
@@ -130,27 +128,18 @@ class FanoutServer:
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self.handle, host, port)
 
-    async def run(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    async def run(self, host: str, port: int) -> None:
         """Listen, run the syncer, until cancelled."""
         server = await self.serve(host, port)
-        beat = asyncio.create_task(self._heartbeat())
         sync = asyncio.create_task(self.syncer.run(self.on_event), name="syncer")
         log.info("listening", extra=kv(address=f"{host}:{port}"))
-        if ready is not None:
-            ready.set()
         try:
             await sync  # runs until cancelled
         finally:
             sync.cancel()
-            beat.cancel()
             server.close()
             for c in list(self.clients):
                 c.writer.transport.abort()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self.last_beat = time.monotonic()
-            await asyncio.sleep(1.0)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
@@ -191,7 +180,7 @@ class FanoutServer:
         CONNECTIONS.inc()
         log.info("agent connected", extra=kv(node=node, peer=peer, records=len(frames) - 1))
         eof = asyncio.create_task(reader.read(1))  # the agent never sends more: EOF = it left
-        eof.add_done_callback(lambda _: c.wake.set())
+        eof.add_done_callback(lambda t: (t.cancelled() or t.exception(), c.wake.set()))  # a reset is an EOF too
         try:
             for i in range(0, len(frames), SNAPSHOT_CHUNK):
                 await c.send(b"".join(frames[i:i + SNAPSHOT_CHUNK]))
