@@ -10,8 +10,9 @@ its first complete list the server has no snapshot: agents that connect wait (pi
 
 Memory stays bounded whatever the clients do: a client's queue holds at most `max_queue`
 frames (references to the shared frames) while its socket is full; one that falls further
-behind (a slow reader, a stopped process) is disconnected, and reconnects and resyncs from the snapshot. Writes
-wait for the socket (drain), so the transport buffers stay at asyncio's high-water mark.
+behind (a slow reader, a stopped process) is disconnected, and reconnects and resyncs from
+the snapshot. Writes wait for the socket (drain), so the transport buffers stay at asyncio's
+high-water mark. Progress is in the metrics (REGISTRY, served by `tortie-fanout --metrics-port`).
 """
 from __future__ import annotations
 
@@ -60,13 +61,6 @@ class _Client:
             self.draining = False
 
 
-@dataclass
-class ServerStats:
-    connections: int = 0
-    refused: int = 0
-    slow_disconnects: int = 0
-
-
 class FanoutServer:
     def __init__(self, syncer: Syncer, *, max_queue: int = 10_000, ping_interval: float = 10.0,
                  hello_timeout: float = 10.0):
@@ -79,7 +73,6 @@ class FanoutServer:
         self._status_frame = protocol.status_frame(self.status)
         self.clients: set[_Client] = set()
         self.synced_once = asyncio.Event()
-        self.stats = ServerStats()
 
     # --- the syncer's side ---
 
@@ -112,7 +105,6 @@ class FanoutServer:
         # not run yet (a burst of events in one step of the loop) costs one reference a frame.
         if c.draining and len(c.queue) >= self.max_queue:
             c.cut_off = f"fell {len(c.queue)} updates behind"
-            self.stats.slow_disconnects += 1
             SLOW.inc()
             log.warning("disconnecting a slow agent; it reconnects and resyncs",
                         extra=kv(node=c.node, peer=c.peer, reason=c.cut_off))
@@ -148,7 +140,6 @@ class FanoutServer:
             msg = await asyncio.wait_for(protocol.read_message(reader), self.hello_timeout)
             node = protocol.check_hello(msg)
         except protocol.ProtocolError as e:
-            self.stats.refused += 1
             REFUSED.inc()
             log.warning("refused a connection", extra=kv(peer=peer, reason=str(e)))
             writer.write(protocol.refused(str(e)))
@@ -176,7 +167,6 @@ class FanoutServer:
         frames.append(self._status_frame)
         self.clients.add(c)
         CLIENTS.set(len(self.clients))
-        self.stats.connections += 1
         CONNECTIONS.inc()
         log.info("agent connected", extra=kv(node=node, peer=peer, records=len(frames) - 1))
         eof = asyncio.create_task(reader.read(1))  # the agent never sends more: EOF = it left
@@ -204,13 +194,6 @@ class FanoutServer:
             eof.cancel()
             log.info("agent disconnected", extra=kv(node=node, peer=peer, reason=c.cut_off or "it left"))
             await _close(writer)
-
-    def status_doc(self) -> dict:
-        return {"in_sync": self.status.in_sync, "reason": self.status.reason, "records": len(self.snapshot),
-                "clients": sorted(({"node": c.node, "peer": c.peer, "queued": len(c.queue)}
-                                   for c in list(self.clients)), key=lambda d: (d["node"], d["peer"])),
-                "connections": self.stats.connections, "refused": self.stats.refused,
-                "slow_disconnects": self.stats.slow_disconnects}
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
