@@ -42,8 +42,7 @@ class FanoutSyncer:
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
         self.last_progress = time.monotonic()  # the agent's liveness check reads it
-        self.connected_to = ""  # host:port of the server in use, "" while disconnected
-        self.sessions = 0  # connections that got past the hello (tests, status)
+        self.sessions = 0  # connections that got past the hello (tests)
 
     async def run(self, emit: Emit) -> None:
         state = EmittedState(emit)
@@ -63,7 +62,6 @@ class FanoutSyncer:
                 reason = f"{where}: {e}"
             except (OSError, EOFError, asyncio.TimeoutError) as e:  # IncompleteReadError is an EOFError
                 reason = f"{where}: {type(e).__name__}: {e}" if str(e) else f"{where}: {type(e).__name__}"
-            self.connected_to = ""
             if state.in_sync:
                 log.warning("lost the fan-out server; reconnecting", extra=kv(reason=reason))
             state.set_in_sync(False, reason)
@@ -108,7 +106,6 @@ class FanoutSyncer:
                     await asyncio.sleep(0)  # CNI requests wait for no snapshot
             n = state.replace(snapshot)
             del snapshot
-            self.connected_to = where
             self.backoff.reset()
             log.info("synced from the fan-out server", extra=kv(server=where, changes=n))
             while True:
