@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,15 @@ from typing import Any
 
 class ConfigError(ValueError):
     pass
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ConfigError naming `what` otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{what}: {text.strip()!r} is not host:port (port 1-65535)")
+    return host, int(port)
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -30,6 +40,9 @@ class AgentConfig:
                              "https://host:port (TLS) (etcd datastore)")
     etcd_prefix: str = _f("/tortie", "key prefix of every tortie object in etcd")
     kubeconfig: str = _f("", "kubeconfig path (kubernetes datastore; empty: in-cluster config)")
+    fanout_endpoints: str = _f("", "tortie-fanout servers, host:port[,host:port...] (kubernetes datastore): "
+                                   "take the cluster from them instead of watching the API (empty: watch "
+                                   "the API)")
     socket_path: str = _f("/var/run/tortie/agent.sock", "Unix socket the CNI binary talks to")
     state_dir: str = _f("/var/lib/tortie", "persistent state (IPAM allocations)")
     run_dir: str = _f("/var/run/tortie", "runtime files (bird.conf, bird control socket)")
@@ -100,6 +113,16 @@ class AgentConfig:
             raise ConfigError(f"bgp_password_file: {self.bgp_password_file!r} must be an absolute path")
         if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
             raise ConfigError("etcd_cert_file, etcd_key_file: set both or neither")
+        if self.fanout_endpoints.strip():
+            if self.datastore != "kubernetes":
+                raise ConfigError(f"fanout_endpoints: tortie-fanout serves the kubernetes datastore; "
+                                  f"datastore is {self.datastore!r}")
+            self.fanout_addresses  # parses them, so a bad one fails here
+
+    @property
+    def fanout_addresses(self) -> list[tuple[str, int]]:
+        """fanout_endpoints as (host, port) pairs."""
+        return [parse_host_port(ep, "fanout_endpoints") for ep in self.fanout_endpoints.split(",")]
 
     @property
     def etcd_tls(self) -> bool:
@@ -168,12 +191,20 @@ def load_file(path: str) -> dict[str, Any]:
     return out
 
 
+# What the kubelet puts in every pod of a namespace for each Service there (docker-style
+# links): the tortie-fanout Service in the agent's namespace gives TORTIE_FANOUT_SERVICE_HOST,
+# TORTIE_FANOUT_PORT_5473_TCP_ADDR, ...; they are not agent settings.
+_SERVICE_LINK = re.compile(r"TORTIE_\w+?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)")
+
+
 def load_env(environ: dict[str, str]) -> dict[str, Any]:
     out = {}
     for name, value in environ.items():
         if not name.startswith("TORTIE_") or name == "TORTIE_CONFIG" or name == "TORTIE_PYTHON":
             continue
         key = name[len("TORTIE_"):].lower()
+        if key not in FIELDS and _SERVICE_LINK.fullmatch(name):
+            continue
         if key not in FIELDS:
             raise ConfigError(f"{name} (environment): unknown key; known keys: "
                               + ", ".join("TORTIE_" + k.upper() for k in FIELDS))

@@ -100,6 +100,11 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
         syncer = EtcdSyncer(store.clone())
         writer = Publisher(store)  # every write this agent makes
         backend = EtcdBackend(store, writer)
+    elif cfg.fanout_endpoints:  # the kubernetes datastore through tortie-fanout: no API watches here
+        from felix_agent.datastore.fanout.client import FanoutSyncer
+
+        syncer = FanoutSyncer(cfg.fanout_addresses, cfg.name)
+        backend = PodCIDRBackend(cfg.name)
     else:
         from felix_agent.datastore.kubernetes import KubernetesSyncer
 

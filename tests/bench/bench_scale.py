@@ -191,7 +191,8 @@ async def child(args) -> dict:
 
 def serve_k8s(size: str) -> None:
     """The stand-in API server process: load the cluster, print a kubeconfig path, then
-    apply '["pods", {...}]' lines from stdin as upserts (watch events)."""
+    apply '["pods", {...}]' lines from stdin as upserts (watch events); a '"requests"' line
+    prints how many list and watch requests it has served (bench_fanout.py)."""
     from tests.fakes.apiserver import FakeAPIServer
     n_pods, n_nodes, n_pols = SIZES[size]
     syn = Synthetic(n_pods, n_nodes, n_pols, pool_mode="vxlan", kubernetes=True)
@@ -204,7 +205,12 @@ def serve_k8s(size: str) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="tortie-bench-kube-"), "kubeconfig")
     print(api.kubeconfig(path), flush=True)
     for line in sys.stdin:
-        res, obj = json.loads(line)
+        msg = json.loads(line)
+        if msg == "requests":
+            watches = api.count(lambda p, q: q.get("watch") in ("true", "1"))
+            print(json.dumps({"watches": watches, "lists": api.count(lambda p, q: True) - watches}), flush=True)
+            continue
+        res, obj = msg
         api.upsert(res, obj)
     api.stop()
 

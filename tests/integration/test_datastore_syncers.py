@@ -1,9 +1,12 @@
-"""Event sequences both Syncer backends must produce identically, for the same history.
+"""Event sequences every Syncer backend must produce identically, for the same history.
 
 - etcd: a real etcd (tests.lab.Etcd) holding the recorded cluster as tortie's JSON.
 - kubernetes: the stand-in kube-apiserver (tests/fakes/apiserver.py) serving the recorded
   v1.28 objects as live state (no recorded-watch replay here, so every change in these
   tests is the test's own), through the official client and a kubeconfig.
+- fanout: the same stand-in watched by a real tortie-fanout process, the agent's
+  FanoutSyncer connected to it over loopback TCP: what an agent gets through the fan-out
+  must be what it gets from the API directly.
 Both start from the recorded cluster: 7 namespaces, 1 node (+ its podCIDR block),
 9 pods, 11 network policies. Neither backend needs root; nothing leaves loopback.
 """
@@ -19,10 +22,12 @@ from felix_agent import model
 from felix_agent.datastore.convert import from_k8s, to_k8s
 from felix_agent.datastore.base import Backoff
 from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
+from felix_agent.datastore.fanout.client import FanoutSyncer
 from felix_agent.datastore.kubernetes import KubernetesSyncer, records_of
 from tests.fakes.apiserver import DATA_DIR, FakeAPIServer
 from tests.fakes.recorder import running
 from tests.lab import Etcd
+from tests.lab.fanout import Fanout
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 PLURAL = {"Pod": "pods", "Namespace": "namespaces", "Node": "nodes", "NetworkPolicy": "networkpolicies"}
@@ -141,9 +146,31 @@ class KubernetesBackend:
         self.api.stop()
 
 
-@pytest.fixture(params=["etcd", "kubernetes"])
+class FanoutBackend(KubernetesBackend):
+    """The stand-in API server behind a real tortie-fanout; the syncer is the agent's
+    FanoutSyncer. The API's outages and relists reach the agent through the fan-out."""
+    name = "fanout"
+
+    async def setup(self):
+        await super().setup()
+        self.fanout = Fanout(self.kubeconfig, str(self.tmp_path / "fanout.log"), "--ping-interval", "1")
+        self.fanout.start()
+
+    def make_syncer(self):
+        return FanoutSyncer([self.fanout.address], "vm", backoff=FAST)
+
+    async def close(self):
+        if hasattr(self, "fanout"):
+            self.fanout.kill()
+        await super().close()
+
+
+BACKENDS = {"etcd": EtcdBackend, "kubernetes": KubernetesBackend, "fanout": FanoutBackend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
 def backend(request, tmp_path):
-    b = (EtcdBackend if request.param == "etcd" else KubernetesBackend)(tmp_path)
+    b = BACKENDS[request.param](tmp_path)
     yield b
     asyncio.run(b.close())
 
@@ -258,7 +285,7 @@ def test_datastore_restart(backend, change):
             assert rec.statuses_since(m)[0].in_sync is False
             assert rec.statuses_since(m)[0].reason
             changed = _pod("a", ip="10.244.9.3", labels={"pod": "a", "moved": "yes"})
-            if change and backend.name == "kubernetes":
+            if change and backend.name != "etcd":
                 await backend.change_while_away(changed)
             await backend.start()
             if change and backend.name == "etcd":

@@ -35,6 +35,13 @@ def test_json_file_and_booleans(tmp_path):
     (["--etcd-ca-file", "/ca.pem"], {}, None, "https://"),
     (["--etcd-endpoints", "https://e:2379", "--etcd-ca-file", "/ca", "--etcd-cert-file", "/c"], {}, None,
      "etcd_key_file"),
+    (["--fanout-endpoints", "fanout:5473"], {}, None, "fanout_endpoints: tortie-fanout serves the kubernetes"),
+    (["--datastore", "kubernetes", "--fanout-endpoints", "fanout"], {}, None,
+     "fanout_endpoints: 'fanout' is not host:port"),
+    (["--datastore", "kubernetes", "--fanout-endpoints", "a:5473,b:70000"], {}, None,
+     "fanout_endpoints: 'b:70000' is not host:port (port 1-65535)"),
+    (["--datastore", "kubernetes", "--fanout-endpoints", "a:5473,"], {}, None, "fanout_endpoints: ''"),
+    ([], {"TORTIE_DATASTORE": "kubernetes", "TORTIE_FANOUT_ENDPOINTS": ":5473"}, None, "fanout_endpoints"),
 ])
 def test_bad_config_names_the_key(tmp_path, argv, env, filetext, named):
     if filetext is not None:
@@ -52,6 +59,22 @@ def test_etcd_endpoint_forms():
     tls = config.load([], environ={"TORTIE_ETCD_ENDPOINTS": "https://etcd.example:2379,https://b:2379",
                                    "TORTIE_ETCD_CA_FILE": "/ca.pem"})
     assert (tls.etcd_host, tls.etcd_port, tls.etcd_tls) == ("etcd.example", 2379, True)
+
+
+def test_fanout_endpoints_and_the_service_links_of_its_service():
+    """The kubelet gives every pod of the agent's namespace TORTIE_FANOUT_* variables for
+    the tortie-fanout Service there; they are not settings (an unknown TORTIE_* still is
+    an error), and the manifest builds fanout_endpoints from two of them."""
+    env = {"TORTIE_DATASTORE": "kubernetes", "TORTIE_FANOUT_ENDPOINTS": "10.96.0.40:5473, [fd00::40]:5473",
+           "TORTIE_FANOUT_SERVICE_HOST": "10.96.0.40", "TORTIE_FANOUT_SERVICE_PORT": "5473",
+           "TORTIE_FANOUT_SERVICE_PORT_FANOUT": "5473", "TORTIE_FANOUT_PORT": "tcp://10.96.0.40:5473",
+           "TORTIE_FANOUT_PORT_5473_TCP": "tcp://10.96.0.40:5473", "TORTIE_FANOUT_PORT_5473_TCP_PROTO": "tcp",
+           "TORTIE_FANOUT_PORT_5473_TCP_PORT": "5473", "TORTIE_FANOUT_PORT_5473_TCP_ADDR": "10.96.0.40"}
+    c = config.load([], environ=env)
+    assert c.fanout_addresses == [("10.96.0.40", 5473), ("fd00::40", 5473)]
+    assert config.load([], environ={}).fanout_endpoints == ""
+    with pytest.raises(config.ConfigError, match="TORTIE_FANOUT_SERVICE_HOSTS"):
+        config.load([], environ={"TORTIE_FANOUT_SERVICE_HOSTS": "x"})
 
 
 def test_help_documents_every_key(capsys):

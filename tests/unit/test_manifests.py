@@ -15,6 +15,8 @@ MODELS = {
     ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
     ("apps/v1", "DaemonSet"): "V1DaemonSet",
+    ("apps/v1", "Deployment"): "V1Deployment",
+    ("v1", "Service"): "V1Service",
 }
 
 
@@ -169,3 +171,35 @@ def test_network_policy_api_crds_match_what_tortie_converts():
     assert (spec.properties["priority"].minimum, spec.properties["priority"].maximum) == (0, 1000)
     assert spec.properties["tier"].enum == ["Admin", "Baseline"]
     assert spec.properties["ingress"].max_items == 25
+
+
+def test_fanout_manifest_serves_agents_read_only_on_the_protocols_port(objs):
+    """manifests/tortie-fanout.yaml: the fan-out runs as its own service account bound to
+    the agent's read-only role, on the host network, listening on the port its Service
+    forwards to; an agent configured the way the file's header says resolves to it."""
+    from felix_agent import config
+    from felix_agent.datastore.fanout.main import parser
+    from felix_agent.datastore.fanout.protocol import DEFAULT_PORT
+
+    fan = load("tortie-fanout.yaml")
+    assert {k for k, _ in fan} == {"ServiceAccount", "ClusterRoleBinding", "Deployment", "Service"}
+    binding = fan[("ClusterRoleBinding", "tortie-fanout")]
+    assert binding.role_ref.name == "tortie-agent" and ("ClusterRole", "tortie-agent") in objs
+    assert [(s.name, s.namespace) for s in binding.subjects] == [("tortie-fanout", "tortie-system")]
+    pod = fan[("Deployment", "tortie-fanout")].spec.template.spec
+    assert pod.host_network and pod.service_account_name == "tortie-fanout"
+    (c,) = pod.containers
+    args = parser().parse_args(c.command[1:])
+    assert c.command[0] == "tortie-fanout" and args.listen == f"0.0.0.0:{DEFAULT_PORT}"
+    svc = fan[("Service", "tortie-fanout")]
+    assert svc.metadata.namespace == ds(objs).metadata.namespace  # so agents get its service links
+    (port,) = svc.spec.ports
+    assert port.port == DEFAULT_PORT and port.target_port == "fanout"
+    assert {p.name: p.container_port for p in c.ports}["fanout"] == DEFAULT_PORT
+    # What the kubelet gives the agents for this Service, and the header's set-env line.
+    env = {"TORTIE_CONFIG": "", "TORTIE_DATASTORE": "kubernetes",
+           "TORTIE_FANOUT_SERVICE_HOST": "10.96.0.40", "TORTIE_FANOUT_SERVICE_PORT": str(port.port),
+           "TORTIE_FANOUT_PORT": f"tcp://10.96.0.40:{port.port}",
+           f"TORTIE_FANOUT_PORT_{port.port}_TCP_ADDR": "10.96.0.40"}
+    env["TORTIE_FANOUT_ENDPOINTS"] = f"{env['TORTIE_FANOUT_SERVICE_HOST']}:{env['TORTIE_FANOUT_SERVICE_PORT']}"
+    assert config.load([], environ=env).fanout_addresses == [("10.96.0.40", DEFAULT_PORT)]
