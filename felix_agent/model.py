@@ -71,7 +71,7 @@ class LabelSelector:
             elif req.operator == "DoesNotExist":
                 if present:
                     return False
-            else:  # convert.py rejects unknown operators; this guards hand-built records
+            else:  # the converter rejects unknown operators; this guards hand-built records
                 raise ValueError(f"unknown selector operator {req.operator!r}")
         return True
 
@@ -286,7 +286,7 @@ class NetworkPolicy:
     pod_selector: LabelSelector = field(default_factory=LabelSelector)
     ingress: tuple[PolicyRule, ...] = ()
     egress: tuple[PolicyRule, ...] = ()
-    # Always filled in by convert.py with the API's defaulting: Ingress, plus Egress
+    # Always filled in by the converter (datastore/convert) with the API's defaulting: Ingress, plus Egress
     # when the spec has egress rules.
     policy_types: tuple[Literal["Ingress", "Egress"], ...] = ("Ingress",)
 

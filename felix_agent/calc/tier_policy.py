@@ -46,7 +46,7 @@ def peer_selector(peer: TierPeer) -> PeerSelector | None:
 
 def subject_selector(policy: ClusterPolicy) -> PeerSelector:
     sel = peer_selector(policy.subject)
-    # convert.py refuses a networks subject; a hand-built one selects nobody.
+    # the converter refuses a networks subject; a hand-built one selects nobody.
     return sel if sel is not None else PeerSelector(pods=MATCH_ALL, namespace="")
 
 

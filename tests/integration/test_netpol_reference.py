@@ -2,7 +2,7 @@
 compares the real data path against, and its own checks (no root needed).
 
 It is written from the networking.k8s.io/v1 API documentation, straight from the policy
-dicts that are applied, and shares no code with tortie (not convert.py, not the calc), so
+dicts that are applied, and shares no code with tortie (not the converter, not the calc), so
 a misreading in tortie cannot hide in both places.  Rules it implements:
 
 - A pod is isolated for a direction when at least one policy in its namespace selects it

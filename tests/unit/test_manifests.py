@@ -148,7 +148,7 @@ def test_uninstall_mounts_every_host_path_the_script_cleans():
 
 def test_network_policy_api_crds_match_what_tortie_converts():
     """The CRDs parse as the client's model, name the kinds, versions and plurals the
-    syncer watches, and their schemas keep the upstream limits convert.py checks."""
+    syncer watches, and their schemas keep the upstream limits the converter checks."""
     from felix_agent.datastore.convert import API_VERSION
     from felix_agent.datastore.keys import PLURAL
     from felix_agent.model import CLUSTER_POLICY_KINDS
