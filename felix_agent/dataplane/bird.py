@@ -241,6 +241,17 @@ class BirdDaemon:
         """[{name, proto, state, info}] from `birdc show protocols`."""
         return [r.as_dict() for r in parse_protocols(self.birdc("show", "protocols"))]
 
+    def recovering(self) -> bool:
+        """True while a BIRD started with -R waits for its peers' routes (its exports to
+        the kernel and to the peers are held back meanwhile); False when it is not running
+        or birdc cannot tell."""
+        if not self.running():
+            return False
+        try:
+            return "Graceful restart recovery in progress" in self.birdc("show", "status")
+        except BirdError:
+            return False
+
     def established_peers(self) -> list[str]:
         """Names of the BGP protocols whose session is Established."""
         return [r["name"] for r in self.protocols()
