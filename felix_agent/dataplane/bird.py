@@ -81,17 +81,6 @@ class BirdDaemon:
 
     # -- config ---------------------------------------------------------------------
 
-    def validate(self, config_text: str) -> None:
-        """Parse `config_text` with `bird -p`; BirdError with BIRD's message if it fails."""
-        os.makedirs(self.run_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".conf", dir=self.run_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(config_text)
-            self._check(tmp)
-        finally:
-            _unlink(tmp)
-
     def _check(self, path: str) -> None:
         try:
             p = subprocess.run([self.bird_bin, "-p", "-c", path], capture_output=True, text=True, timeout=30)

@@ -1,47 +1,121 @@
-"""Host-side sysctls of workload interfaces the agent keeps right on every full pass.
+"""The node's sysctls the agent keeps right, checked at the first pass and on every resync.
 
-route_localnet: nodes wired by older tortie versions have route_localnet=1 on their
-`cali` veths, which lets a pod reach the node's 127.0.0.1 services (calc/raw.py).  The
-CNI plumbing now writes 0; this resets any veth that still has 1 (at the agent's first
-pass and on every resync), so an upgraded node is fixed without rewiring its pods.
+- net.ipv4.ip_forward=1: without it the kernel drops every packet from another node to
+  this node's pods (and from pods out), silently.  A fresh network namespace starts with
+  0, so, like Felix, the agent turns it on; with ensure_forwarding off, or when the write
+  is refused (read-only /proc/sys in an unprivileged container), it reports why the node
+  cannot serve pods instead (a problem: last_error and /readyz).
+- route_localnet=0 on every `cali` veth: nodes wired by older tortie versions have 1,
+  which lets a pod reach the node's 127.0.0.1 services (calc/raw.py).  The CNI plumbing
+  writes 0 now; this resets any veth that still has 1, so an upgraded node is fixed
+  without rewiring its pods.
+
+Both are files under /proc/sys, which shows the network namespace of the thread that
+reads it: with a netns name (the lab) the driver enters it with setns, else it works in
+the agent's own.  Unit tests point `proc_sys` at a directory of plain files.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+from felix_agent.dataplane.driver import ApplyResult, SinglePhase
+from felix_agent.logs import kv
 from podnet import nsutil
 from podnet.naming import PREFIX as WL_PREFIX
 
-CONF_DIR = "/proc/sys/net/ipv4/conf"
+log = logging.getLogger("tortie.dataplane")
+FORWARD_KEY = "net.ipv4.ip_forward"
 
 
-def reset_route_localnet(netns: str | None = None) -> list[str]:
-    """Set route_localnet=0 on every cali* interface that has it on; the names changed.
+class SysctlDriver(SinglePhase):
+    name = "sysctls"
 
-    netns=None: the calling thread's namespace (the agent runs in the node's)."""
-    if netns is None:
-        return _reset()
-    with nsutil.opened(netns) as fd, nsutil.entered(fd):
-        return _reset()
+    def __init__(self, netns: str | None = None, *, ensure_forwarding: bool = True,
+                 proc_sys: str = "/proc/sys"):
+        self.netns = netns
+        self.ensure_forwarding = ensure_forwarding
+        self.proc_sys = proc_sys
 
+    def wanted(self, plan) -> bool:
+        # Nothing in the plan moves these: the driver runs on the first pass and on every
+        # full one (something else may turn forwarding off again).
+        return self.ensure_forwarding
 
-def _reset() -> list[str]:
-    changed = []
-    try:
-        names = os.listdir(CONF_DIR)
-    except OSError:
-        return []  # no IPv4 in this namespace: nothing to reset
-    for name in sorted(names):
-        if not name.startswith(WL_PREFIX):
-            continue
-        path = f"{CONF_DIR}/{name}/route_localnet"
+    def set_desired(self, wanted) -> None:
+        self.ensure_forwarding = wanted
+
+    def apply(self, full: bool) -> ApplyResult:
+        if self.netns is None:
+            return self._apply()
+        with nsutil.opened(self.netns) as fd, nsutil.entered(fd):
+            return self._apply()
+
+    def _apply(self) -> ApplyResult:
+        res = ApplyResult()
+        changed, problem = self._forwarding()
+        if changed:
+            res.changes["forwarding"] = f"{FORWARD_KEY}=1"
+        if problem:
+            res.problems["forwarding"] = problem
+        reset = self._reset_route_localnet()
+        if reset:
+            log.warning("route_localnet was on for pod interfaces; turned off",
+                        extra=kv(interfaces=",".join(reset)))
+            res.changes["route_localnet_reset"] = len(reset)
+        return res
+
+    # -- ip_forward --
+
+    def _forwarding(self) -> tuple[bool, str]:
+        """(changed, problem): problem is "" when the node forwards after this call."""
+        path = os.path.join(self.proc_sys, "net/ipv4/ip_forward")
         try:
-            with open(path) as f:
-                if f.read().strip() == "0":
-                    continue
-            with open(path, "w") as f:
-                f.write("0")
+            if _read(path) == "1":
+                return False, ""
+        except OSError as e:
+            return False, f"cannot read {FORWARD_KEY}: {e}"
+        if not self.ensure_forwarding:
+            return False, (f"{FORWARD_KEY} is 0: traffic from other nodes to this node's pods is dropped "
+                           "(ensure_forwarding is off: set it to 1 on the node, or turn ensure_forwarding on)")
+        try:
+            _write(path, "1")
+            if _read(path) == "1":
+                return True, ""
+            err = "the value did not stick"
+        except OSError as e:
+            err = str(e)
+        return False, (f"{FORWARD_KEY} is 0 and cannot be set ({err}): traffic from other nodes to this "
+                       "node's pods is dropped; run the agent privileged with a writable /proc/sys, "
+                       "or set it on the node")
+
+    # -- route_localnet --
+
+    def _reset_route_localnet(self) -> list[str]:
+        """Set route_localnet=0 on every cali* interface that has it on; the names changed."""
+        conf = os.path.join(self.proc_sys, "net/ipv4/conf")
+        try:
+            names = os.listdir(conf)
         except OSError:
-            continue  # the veth went away between listing and writing: nothing to fix
-        changed.append(name)
-    return changed
+            return []  # no IPv4 in this namespace: nothing to reset
+        changed = []
+        for name in sorted(n for n in names if n.startswith(WL_PREFIX)):
+            path = f"{conf}/{name}/route_localnet"
+            try:
+                if _read(path) == "0":
+                    continue
+                _write(path, "0")
+            except OSError:
+                continue  # the veth went away between listing and writing: nothing to fix
+            changed.append(name)
+        return changed
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value + "\n")

@@ -27,13 +27,13 @@ def test_full_pass_cross_checks_and_repairs_the_incremental_result(tmp_path):
     assert plan.check is not None
     name = next(n for n in plan.state.ipsets if n.startswith("cali40s:"))
     plan.state.ipsets[name] = IpSet(name, frozenset({"10.9.9.9"}))  # a wrong incremental result
-    first = dp.policy_calc
+    first = dp.planner.policy_calc
     dp._cross_check(plan)
     assert plan.check is None
-    assert plan.state.ipsets == dataplane_state(c, dp.calc_cfg).ipsets  # the full result wins
+    assert plan.state.ipsets == dataplane_state(c, dp.planner.calc_config).ipsets  # the full result wins
     assert plan.state.ipsets[name].members == frozenset({"10.0.0.2"})
     dp.calculate(c)
-    assert dp.policy_calc is not first  # rebuilt from the model
+    assert dp.planner.policy_calc is not first  # rebuilt from the model
 
 
 def test_snapshot_does_not_follow_later_events():

@@ -1,0 +1,194 @@
+"""What should exist on this node, as one value: `Planner.plan(cluster) -> Plan`.
+
+Pure (no I/O, no logging): the dataplane drivers take their slices of a Plan, and what the
+calc has to say about the cluster comes back as data: `Plan.errors` (input it skipped) and
+`Plan.warnings` (conditions an operator should hear about, logged by the agent once per
+change).  The Planner keeps two caches between passes, both pure: the incremental policy
+calc, and the routing part (routes, tunnels, BIRD's config), which depends on nodes,
+pools, blocks and peers only and so stands while pods and policies churn.
+
+Who owns which routes between nodes: the agent (proto 80) for direct and vxlan pools,
+BIRD (proto bird) for bgp pools and, when BIRD runs, for ipip pools too (BIRD's kernel
+export puts them on tunl0; two writers for one destination would fight).  With BIRD
+disabled the agent programs the ipip routes itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from felix_agent.calc import routes as route_calc
+from felix_agent.calc.bird_conf import bird_config, password_include, sessions
+from felix_agent.calc.cluster import Cluster
+from felix_agent.calc.desired import DesiredState, Route
+from felix_agent.calc.filter import CalcConfig, dataplane_state
+from felix_agent.calc.incremental import IncrementalCalc
+from felix_agent.model import DEFAULT_AS
+
+ROUTING_KINDS = ("Node", "IPPool", "BlockAffinity", "BGPPeer")
+BIRD_MODES = frozenset({"bgp", "ipip"})  # pool modes whose routes BIRD exchanges
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    node: str
+    uplink: str
+    node_ip: str = ""  # the uplink's address/prefix: this node's subnet when the datastore has none
+    # kubernetes datastore: peers cannot publish VTEPs (read-only RBAC), so derive them
+    derive_vteps: bool = False
+    bird: bool = True  # BIRD may run (config bird_enabled)
+    default_as: int = DEFAULT_AS
+    bgp_password_file: str = ""  # the mesh (node-to-node) sessions' password
+    secrets_dir: str = ""  # where BIRD's password includes live (named in the config text)
+    wl_to_host_action: str = "ACCEPT"
+
+    @property
+    def calc(self) -> CalcConfig:
+        return CalcConfig(node_name=self.node, wl_to_host_action=self.wl_to_host_action)
+
+
+@dataclass(frozen=True)
+class VxlanWanted:
+    addr: str
+    mac: str
+    fdb: frozenset
+    neighbors: frozenset
+
+
+@dataclass(frozen=True)
+class PlanWarning:
+    topic: str  # one per condition: a new text under the same topic is a change worth logging
+    message: str
+    fields: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Plan:
+    state: DesiredState
+    vxlan: VxlanWanted | None = None
+    bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
+    ipip_addr: str | None = None  # tunl0's address (first address of my first ipip block)
+    # BIRD include file -> the node-local password file it is made from (paths only)
+    bird_secrets: dict[str, str] = field(default_factory=dict)
+    modes: tuple[str, ...] = ()  # the enabled pools' modes
+    errors: list[str] = field(default_factory=list)
+    warnings: tuple[PlanWarning, ...] = ()
+    check: Cluster | None = None  # a model snapshot to cross-check the policy state against
+
+    @property
+    def wants_bird(self) -> bool:
+        return bool(BIRD_MODES & set(self.modes))
+
+
+class Planner:
+    def __init__(self, config: PlanConfig):
+        self.config = config
+        self.calc_config = config.calc
+        self.policy_calc = IncrementalCalc(self.calc_config)
+        self._routing: tuple[Cluster, tuple[int, ...], Plan] | None = None  # (cluster, versions, plan)
+        self._stale = False  # set by rebuild() (the dataplane thread), read by plan()
+
+    def plan(self, cluster: Cluster, full: bool = False) -> Plan:
+        """full=True (a resync pass): the plan also carries a snapshot of the model, from
+        which `cross_check` recomputes the policy state from scratch (on another thread)."""
+        if self._stale:
+            self.policy_calc, self._stale = IncrementalCalc(self.calc_config), False
+        errors: list[str] = []
+        state = self.policy_calc.state(cluster, errors)
+        key = cluster.versions(*ROUTING_KINDS)
+        if self._routing is None or self._routing[0] is not cluster or self._routing[1] != key:
+            self._routing = (cluster, key, routing_plan(cluster, self.config))
+        routing = self._routing[2]
+        state.routes = routing.state.routes
+        return Plan(state=state, vxlan=routing.vxlan, bird_conf=routing.bird_conf,
+                    ipip_addr=routing.ipip_addr, bird_secrets=routing.bird_secrets, modes=routing.modes,
+                    errors=errors + routing.errors, warnings=routing.warnings,
+                    check=cluster.snapshot() if full else None)
+
+    def rebuild(self) -> None:
+        """The next plan() starts the incremental calc afresh (after a failed cross-check)."""
+        self._stale = True
+
+
+def cross_check(plan: Plan, config: CalcConfig) -> list[str]:
+    """The full calc on the plan's snapshot.  Where the incremental result differs, the
+    full one replaces it in `plan`; returns the differing chains and sets (empty: agreed)."""
+    want = dataplane_state(plan.check, config, [])
+    plan.check = None
+    st = plan.state
+    if (want.chains, want.hooks, want.ipsets) == (st.chains, st.hooks, st.ipsets):
+        return []
+    bad = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
+                 {c for t in ("filter", "nat") for c in set(want.chains.get(t, {})) | set(st.chains.get(t, {}))
+                  if want.chains.get(t, {}).get(c) != st.chains.get(t, {}).get(c)})
+    st.chains, st.hooks, st.ipsets = want.chains, want.hooks, want.ipsets
+    return bad or ["hooks"]
+
+
+def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
+    """Routes, tunnels and BIRD's config: the part of a Plan that nodes, pools, blocks and
+    peers decide."""
+    errors: list[str] = []
+    pools, blocks = cluster.pools, cluster.block_affinities
+    nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip)
+    if cfg.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
+        nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks)}
+    state = DesiredState()
+    state.routes = (route_calc.remote_routes(nodes, pools, blocks, cfg.node, uplink=cfg.uplink)
+                    | route_calc.local_block_routes(nodes, pools, blocks, cfg.node))
+    enabled = [p for p in pools.values() if not p.disabled]
+    plan = Plan(state=state, errors=errors, modes=tuple(sorted({p.mode for p in enabled})),
+                warnings=off_subnet_warnings(cluster, nodes, cfg.node))
+    if "vxlan" in plan.modes:
+        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan")
+        if block:
+            addr, mac = route_calc.vtep_for(cfg.node, block)
+            fdb, neigh = route_calc.vxlan_peers(nodes, pools, cfg.node)
+            plan.vxlan = VxlanWanted(addr, mac, fdb, neigh)
+    if "ipip" in plan.modes:
+        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "ipip")
+        if block:
+            # Like the VTEP: the block's first address, which IPAM never gives a pod.
+            plan.ipip_addr = route_calc.vtep_for(cfg.node, block)[0]
+    me = nodes.get(cfg.node)
+    if cfg.bird and me is not None and me.address and plan.wants_bird:
+        try:
+            plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, cfg.node,
+                                         uplink=cfg.uplink, default_as=cfg.default_as,
+                                         mesh_password_file=cfg.bgp_password_file,
+                                         secrets_dir=cfg.secrets_dir)
+            plan.bird_secrets = {
+                password_include(cfg.secrets_dir, s.name): s.password_file
+                for s in sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
+                                  mesh_password_file=cfg.bgp_password_file) if s.password_file}
+        except ValueError as e:
+            errors.append(f"BIRD config: {e}")
+    if plan.bird_conf is not None:
+        state.routes = frozenset(r for r in state.routes if not _ipip_remote(r, pools))
+    return plan
+
+
+def off_subnet_warnings(cluster: Cluster, nodes, me: str) -> tuple[PlanWarning, ...]:
+    """Which nodes' pods this node cannot reach because they sit behind a router and their
+    pool does not encapsulate.  With explicit BGP peers (a ToR that routes the blocks)
+    bgp mode can work across subnets: no warning then."""
+    why = {"direct": "direct routes need the next hop on this node's link"}
+    if not cluster.bgp_peers:
+        why["bgp"] = "BGP routes with a next hop behind a router are not installed"
+    out = []
+    for mode, reason in why.items():
+        far = route_calc.off_subnet_nodes(nodes, cluster.pools, cluster.block_affinities, me, mode)
+        if far:
+            out.append(PlanWarning(
+                f"off-subnet/{mode}",
+                "pods on nodes in another subnet are unreachable in this pool mode; "
+                "use vxlan or ipip (crossSubnet) for them",
+                (("mode", mode), ("nodes", ",".join(far)), ("reason", reason))))
+    return tuple(out)
+
+
+def _ipip_remote(r: Route, pools) -> bool:
+    """A unicast route to a block of an ipip pool (BIRD's to program when it runs)."""
+    if r.type != "unicast":
+        return False
+    pool = route_calc.pool_for(r.dst, pools)
+    return pool is not None and pool.mode == "ipip"
