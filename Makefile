@@ -97,10 +97,11 @@ e2e: kube-deps cni-binary
 	rc=$$?; $(PY) -m tests.kube.cluster down $$p >/dev/null; exit $$rc
 
 # the same cluster with tortie installed ONLY by kubectl apply -f manifests/tortie.yaml (the
-# image from make image in each node's containerd), upgraded and uninstalled by its manifests
+# image from make image in each node's containerd), upgraded, the upstream specs run
+# (E2E_UPSTREAM as for e2e) and uninstalled by its manifests
 e2e-manifest: kube-deps image
 	@p=tm$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n'); set -x; \
-	TORTIE_E2E_MANIFEST=1 TORTIE_KUBE_PREFIX=$$p $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/kube/test_manifest_install.py; \
+	TORTIE_E2E_MANIFEST=1 TORTIE_KUBE_PREFIX=$$p E2E_UPSTREAM=$(E2E_UPSTREAM) $(PY) -m pytest -q -s -p no:cacheprovider $(PYTEST_ARGS) tests/kube/test_manifest_install.py; \
 	rc=$$?; $(PY) -m tests.kube.manifest_lab down $$p >/dev/null; exit $$rc
 
 kube-up: kube-deps cni-binary

@@ -1,8 +1,10 @@
 """/livez, /readyz, /metrics and /status over HTTP, served from a daemon thread.
 
 Liveness: the agent's loop has ticked recently.  Readiness: the datastore is in sync AND
-the dataplane has been programmed since (the agent sets both flags).  The JSON body of
-both says why when the answer is no.  /metrics first refreshes the node-state gauges
+the dataplane has been programmed since (the agent sets both flags) AND nothing holds the
+node back (`holds`, asked at probe time: BIRD still in graceful restart recovery, so that a
+rolling update moves on to the next node only once this one's routes have converged).
+The JSON body of both says why when the answer is no.  /metrics first refreshes the node-state gauges
 from the /status document (see metrics.refresh_from_status).
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Health:
     watchdog: Callable[[], dict[str, str]] | None = None
     # what keeps a programmed node from serving pods (the dataplane's "forwarding" problem)
     faults: dict[str, str] = field(default_factory=dict)
+    # Returns {part: why} for every part not settled yet (wiring.py: BIRD's recovery)
+    holds: Callable[[], dict[str, str]] | None = None
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -51,13 +55,25 @@ class Health:
     def live(self) -> bool:
         return not self.stalls()
 
+    def held(self) -> dict[str, str]:
+        if self.holds is None:
+            return {}
+        try:
+            return self.holds()
+        except Exception as e:  # noqa: BLE001 - a probe must answer
+            return {"holds": f"{type(e).__name__}: {e}"}
+
+    def _ready(self, held: dict[str, str]) -> bool:
+        return self.in_sync and self.programmed and not self.faults and not held
+
     @property
     def ready(self) -> bool:
-        return self.in_sync and self.programmed and not self.faults
+        return self._ready(self.held())
 
     def report(self) -> dict:
         # An operator reading a failed probe (kubectl describe pod) should see why.
-        reasons = {**self.faults, **self.reasons}
+        held = self.held()
+        reasons = {**held, **self.faults, **self.reasons}
         stalls = self.stalls()
         for part, why in stalls.items():
             reasons.setdefault(part, why)
@@ -65,7 +81,7 @@ class Health:
             reasons.setdefault("datastore", "not in sync yet")
         elif not self.programmed:
             reasons.setdefault("dataplane", "not programmed since the datastore synced")
-        return {"live": not stalls, "ready": self.ready, "in_sync": self.in_sync,
+        return {"live": not stalls, "ready": self._ready(held), "in_sync": self.in_sync,
                 "programmed": self.programmed, "reasons": reasons}
 
 

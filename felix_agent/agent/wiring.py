@@ -41,6 +41,10 @@ class Agent:
                 syncer.on_bad_record = self.publisher.bad_record_seen
         self.loop = AgentLoop(cfg, dataplane, syncer, self.state, status, self.endpoints, self.publisher)
         self.health = self.loop.health
+        bird = getattr(dataplane, "bird", None)
+        if bird is not None:
+            self.health.holds = lambda: {"bgp": "BIRD restarted and waits for its peers' routes (graceful restart)"} \
+                if bird.recovering() else {}
         self.view = StatusView(status, self.health, dataplane, syncer, self.endpoints)
 
     def attach_ipam(self, ipam, pod_cidr_backend=None) -> None:

@@ -17,6 +17,14 @@ What the rendered config does, and why:
   Routes land as `proto bird`.
 - BGP imports only prefixes inside enabled pools (never one of my own blocks) and exports
   only my blocks; a route reflector also exports what it learnt (that is reflection).
+Graceful restart (RFC 4724), so that restarting BIRD (the agent's pod replaced in a rolling
+upgrade kills it) interrupts no forwarding: every session announces `graceful restart on`, so
+a peer whose BIRD vanishes without a NOTIFICATION keeps its routes (stale) until it is back
+and has sent them again; and the kernel protocol takes part in the recovery: a BIRD started
+with -R (the agent does so when the kernel still holds proto bird routes, see
+dataplane/bird.py) neither prunes those routes nor exports new ones until its peers have
+sent End-of-RIB, or `graceful restart wait` runs out (30 s, not 240: a peer that is down
+must not hold a new route back for minutes).
 Sessions: full mesh when no node has route_reflector_cluster_id (Mesh_<ip>); otherwise
 reflectors peer with everyone (rr client for non-reflectors of the same AS) and the
 others peer only with reflectors (Node_<ip>).  BGPPeer records add Peer_<name>
@@ -168,6 +176,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w(f"# BIRD config of tortie node {me}, rendered by felix_agent.calc.bird_conf: edits are overwritten.")
     w(f"router id {my_ip};")
     w("timeformat protocol iso long;  # fixed-width 'since' column for the protocols parser")
+    w("graceful restart wait 30;  # the longest a restart (bird -R) defers exports for a silent peer")
     w("")
     w("protocol device { scan time 10; }")
     w("")
@@ -222,6 +231,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w("")
     w("protocol kernel {")
     w("  scan time 10;  # re-adds routes someone deleted")
+    w("  graceful restart on;  # after a restart (bird -R) the old routes stay until the peers resent theirs")
     w("  ipv4 { import none; export filter tortie_kernel_export; };")
     w("}")
     w("")
@@ -230,6 +240,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w("  connect delay time 1;")
     w("  connect retry time 3;")
     w("  error wait time 1, 10;")
+    w("  graceful restart on;  # peers keep my routes while my BIRD restarts")
     w("  ipv4 { import filter tortie_bgp_import; export filter tortie_bgp_export; };")
     w("}")
     for s in sess:

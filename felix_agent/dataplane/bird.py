@@ -7,6 +7,12 @@ own parser (`bird -p -c`); only a config that parses replaces bird.conf (rename,
 BIRD never reads half a file), and a bad one raises BirdError with BIRD's message
 while the running BIRD keeps its good config.  The control socket is a filesystem path,
 so birdc runs from anywhere; only bird itself is started inside the node's netns.
+
+A BIRD that starts while the kernel still holds proto bird routes is a restart (the agent's
+pod was replaced and took its BIRD along, or BIRD died): it starts with -R, graceful restart
+recovery, so that those routes stay in place until the peers have sent theirs again (the
+rendered config's `graceful restart` options; calc/bird_conf.py).  Without them, as on a
+fresh node, it starts plainly and exports at once.
 """
 from __future__ import annotations
 
@@ -149,6 +155,8 @@ class BirdDaemon:
         for stale in (self.sock_path, self.pid_path):
             _unlink(stale)
         argv = [self.bird_bin, "-c", self.conf_path, "-s", self.sock_path, "-P", self.pid_path]
+        if self.kernel_has_bird_routes():
+            argv.append("-R")
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         with open(self.log_path, "ab") as log:
@@ -163,6 +171,16 @@ class BirdDaemon:
                 return
             time.sleep(0.05)
         raise BirdError(f"bird did not come up within {self.start_timeout}s: {self._log_tail()}")
+
+    def kernel_has_bird_routes(self) -> bool:
+        """True when the main table holds IPv4 routes of protocol bird: forwarding state a
+        previous BIRD left, which a restart must keep (see the module doc)."""
+        argv = ["ip", *(["-n", self.netns] if self.netns else []), "-4", "route", "show", "proto", "bird"]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return False  # unknown: a plain start, as on a fresh node
+        return p.returncode == 0 and bool(p.stdout.strip())
 
     def _ctl_ok(self) -> bool:
         try:
@@ -211,6 +229,17 @@ class BirdDaemon:
     def protocols(self) -> list[dict[str, str]]:
         """[{name, proto, state, info}] from `birdc show protocols`."""
         return [r.as_dict() for r in parse_protocols(self.birdc("show", "protocols"))]
+
+    def recovering(self) -> bool:
+        """True while a BIRD started with -R waits for its peers' routes (its exports to
+        the kernel and to the peers are held back meanwhile); False when it is not running
+        or birdc cannot tell."""
+        if not self.running():
+            return False
+        try:
+            return "Graceful restart recovery in progress" in self.birdc("show", "status")
+        except BirdError:
+            return False
 
     def established_peers(self) -> list[str]:
         """Names of the BGP protocols whose session is Established."""

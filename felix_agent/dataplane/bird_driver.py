@@ -65,6 +65,10 @@ class BirdDriver(SinglePhase):
         """True when BIRD should run under this agent and its process is gone."""
         return self._want[0] is not None and self._seen and not self.daemon.running()
 
+    def recovering(self) -> bool:
+        """BIRD restarted (-R) and still waits for its peers' routes (BirdDaemon.recovering)."""
+        return self.daemon.recovering()
+
     def status(self) -> list[dict]:
         if not self.daemon.running():
             return []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 
@@ -160,3 +162,50 @@ def test_plain_bgp_across_a_router_is_not_programmed(make_lab, birds):
                    and "10.65.2.0/26" in o and o, what="route learnt by BIRD")
     assert "192.168.200.12" in out
     assert bird_routes(lab, n1.ns) == set()
+
+
+def test_killed_bird_restarts_without_withdrawing_a_route(make_lab, birds, tmp_path):
+    """BIRD killed the way a replaced pod kills it (SIGKILL: no NOTIFICATION) and started
+    again: graceful restart keeps both directions' routes in both kernels throughout."""
+    lab = make_lab(2)
+    nodes, blocks = model_of(lab)
+    n1, n2 = lab.nodes
+    d1, d2 = birds.for_node(n1.ns), birds.for_node(n2.ns)
+    conf1 = bird_config(nodes, [], POOLS, blocks, "node1")
+    assert not d1.kernel_has_bird_routes()  # a fresh node: a plain start
+    d1.ensure(conf1)
+    d2.ensure(bird_config(nodes, [], POOLS, blocks, "node2"))
+    to_n1 = "10.65.1.0/26 via 192.168.100.11 dev eth0 metric 32"
+    to_n2 = "10.65.2.0/26 via 192.168.100.12 dev eth0 metric 32"
+    wait_for(lambda: to_n1 in bird_routes(lab, n2.ns) and to_n2 in bird_routes(lab, n1.ns), what="routes")
+    # every route change in both kernels from here on
+    logs = {n.ns: tmp_path / f"{n.name}.routes" for n in lab.nodes}
+    monitors = [lab.popen(ns, ["ip", "-4", "monitor", "route"], stdout=open(path, "w"), stderr=subprocess.STDOUT)
+                for ns, path in logs.items()]
+    pid = d1.pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not d1.running(), what="bird to die")
+    wait_for(lambda: "Mesh_192_168_100_11" not in d2.established_peers(), what="node2 to see the session go")
+    assert to_n1 in bird_routes(lab, n2.ns)  # the peer keeps the dead BIRD's route (stale)
+    assert d1.kernel_has_bird_routes()
+    assert d1.ensure(conf1) == "started"  # with -R: the kernel holds its routes
+    assert b"-R" in open(f"/proc/{d1.pid()}/cmdline", "rb").read().split(b"\0")
+    wait_for(lambda: "Mesh_192_168_100_11" in d2.established_peers(), what="the session back")
+    # recovery ends once node2 sent End-of-RIB; then node1 prunes what is stale (nothing is)
+    wait_for(lambda: not d1.recovering(), what="recovery to end")
+    time.sleep(1)  # one more exchange of updates, had anything been withdrawn
+    for m in monitors:
+        m.terminate()
+        m.wait(5)
+    for ns, path in logs.items():
+        changes = path.read_text()
+        assert "Deleted" not in changes, (ns, changes)
+    assert to_n1 in bird_routes(lab, n2.ns) and to_n2 in bird_routes(lab, n1.ns)
+    # with its peer gone too, a restarted BIRD stays in recovery (the agent is not ready,
+    # see health.py) and the kernel keeps the routes meanwhile
+    os.kill(d2.pid(), signal.SIGKILL)
+    os.kill(d1.pid(), signal.SIGKILL)
+    wait_for(lambda: not d1.running() and not d2.running(), what="both birds to die")
+    assert d1.ensure(conf1) == "started"
+    assert d1.recovering()
+    assert to_n2 in bird_routes(lab, n1.ns)

@@ -261,20 +261,4 @@ def test_agent_rights_are_exactly_read_only(lab):
 @pytest.mark.timeout(4 * 3600)  # the full NetworkPolicy suite takes ~45 min on 2 shared cores
 def test_upstream_e2e_specs(lab):
     """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|network|none."""
-    suite = os.environ.get("E2E_UPSTREAM", "netpol")
-    if suite == "none":
-        pytest.skip("E2E_UPSTREAM=none")
-    report = os.environ.get("E2E_REPORT_DIR", f"/var/tmp/tortie-e2e/{lab.prefix}")
-    lines, failed = [], []
-    for i, (focus, skip) in enumerate(upstream.SUITES[suite]):
-        r = upstream.run_suite(lab, focus, skip, os.path.join(report, str(i)))
-        lines.append(f"{focus[:60]!r}: ran {r.ran}, passed {r.passed}, failed {r.failed} in {r.seconds:.0f}s ({r.log})")
-        failed += r.failures
-        if r.ran == 0:
-            failed.append(f"{focus}: no spec ran")
-    summary = "\n".join(lines)
-    os.makedirs(report, exist_ok=True)
-    with open(os.path.join(report, "summary.txt"), "w") as f:
-        f.write(summary + "\n" + "\n".join(failed) + "\n")
-    print(f"\nupstream e2e ({suite}):\n{summary}")
-    assert not failed, summary + "\n" + "\n".join(failed)
+    upstream.check_suite_from_env(lab)

@@ -63,6 +63,47 @@ def run_suite(lab, focus: str, skip: str, report_dir: str, timeout: float = 3600
     return Result(focus, ran, passed, failed, skipped, failures, took, log)
 
 
+@dataclass
+class SuiteRun:
+    """Every focus set of one suite, run in turn."""
+    suite: str
+    results: list[Result]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for r in self.results for f in r.failures] + \
+               [f"{r.focus}: no spec ran" for r in self.results if r.ran == 0]
+
+    @property
+    def summary(self) -> str:
+        return "\n".join(f"{r.focus[:60]!r}: ran {r.ran}, passed {r.passed}, failed {r.failed} in {r.seconds:.0f}s"
+                         f" ({r.log})" for r in self.results)
+
+
+def run_named(lab, suite: str, report_dir: str) -> SuiteRun:
+    """SUITES[suite] against `lab`, one report dir per focus set; summary.txt in report_dir."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown upstream suite {suite!r}: one of {', '.join(SUITES)} or none")
+    out = SuiteRun(suite, [run_suite(lab, focus, skip, os.path.join(report_dir, str(i)))
+                           for i, (focus, skip) in enumerate(SUITES[suite])])
+    os.makedirs(report_dir, exist_ok=True)
+    with open(os.path.join(report_dir, "summary.txt"), "w") as f:
+        f.write(out.summary + "\n" + "\n".join(out.failures) + "\n")
+    return out
+
+
+def check_suite_from_env(lab) -> None:
+    """The body of a pytest test: the suite E2E_UPSTREAM names (default netpol) against
+    `lab`, reports under E2E_REPORT_DIR; skips for "none", fails on any failed spec."""
+    import pytest
+    suite = os.environ.get("E2E_UPSTREAM", "netpol")
+    if suite == "none":
+        pytest.skip("E2E_UPSTREAM=none")
+    out = run_named(lab, suite, os.environ.get("E2E_REPORT_DIR", f"/var/tmp/tortie-e2e/{lab.prefix}"))
+    print(f"\nupstream e2e ({suite}):\n{out.summary}")
+    assert not out.failures, out.summary + "\n" + "\n".join(out.failures)
+
+
 def main(argv: list[str]) -> int:
     """python -m tests.kube.upstream <prefix of a running cluster> [suite] [report dir]"""
     import sys
@@ -72,15 +113,11 @@ def main(argv: list[str]) -> int:
         return 2
     lab = KubeLab.attach(argv[0])
     suite = argv[1] if len(argv) > 1 else "netpol"
-    report = argv[2] if len(argv) > 2 else f"/var/tmp/tortie-e2e/{lab.prefix}-{suite}"
-    bad = 0
-    for i, (focus, skip) in enumerate(SUITES[suite]):
-        r = run_suite(lab, focus, skip, os.path.join(report, str(i)))
-        print(f"{focus[:70]!r}: ran {r.ran}, passed {r.passed}, failed {r.failed} in {r.seconds:.0f}s ({r.log})")
-        for f in r.failures:
-            print(f"  FAIL {f}")
-        bad += r.failed + (r.ran == 0)
-    return 1 if bad else 0
+    out = run_named(lab, suite, argv[2] if len(argv) > 2 else f"/var/tmp/tortie-e2e/{lab.prefix}-{suite}")
+    print(out.summary)
+    for f in out.failures:
+        print(f"  FAIL {f}")
+    return 1 if out.failures else 0
 
 
 if __name__ == "__main__":
