@@ -223,7 +223,7 @@ def test_upstream_e2e_specs(lab):
         pytest.skip("E2E_UPSTREAM=none")
     report = os.environ.get("E2E_REPORT_DIR", f"/var/tmp/tortie-e2e/{lab.prefix}")
     lines, failed = [], []
-    for i, (focus, skip) in enumerate(upstream.SUITES[suite]):
+    for i, (focus, skip) in enumerate(upstream.suite(suite)):
         r = upstream.run_suite(lab, focus, skip, os.path.join(report, str(i)))
         lines.append(f"{focus[:60]!r}: ran {r.ran}, passed {r.passed}, failed {r.failed} in {r.seconds:.0f}s ({r.log})")
         failed += r.failures
