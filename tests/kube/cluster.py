@@ -7,7 +7,8 @@ Layout, all names carrying a per-run prefix "tk<6 hex>" (P below):
     P-cp   control plane, eth0 10.99.0.2: etcd (loopback), kube-apiserver :6443,
            kube-controller-manager (node CIDR allocation from 10.244.0.0/16), kube-scheduler
     P-n1.. nodes, eth0 10.99.0.11..: containerd + runc (Debian), kubelet, kube-proxy,
-           tortie-agent with BIRD; CNI bin/conf dirs of their own
+           tortie-agent with BIRD, the lab's cluster DNS on the node address (cluster_dns.py);
+           CNI bin/conf dirs of their own
 
 Every process runs under `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, which
 remounts /sys and gives the process a private mount namespace that containerd and runc
@@ -374,6 +375,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{n.ns}", "failSwapOn": False,
             "oomScoreAdj": 0, "protectKernelDefaults": False, "serializeImagePulls": False,
             "clusterDomain": "cluster.local", "resolvConf": "/etc/resolv.conf",
+            # the lab's cluster DNS (tests/kube/cluster_dns.py) on the node's own address
+            "clusterDNS": [n.ip],
             # the disk is shared with the host: do not evict over its usage
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
                              "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
@@ -418,6 +421,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             f"--volume-plugin-dir={n.dir}/kubelet/volume-plugins",
             f"--hostname-override={n.name}", f"--node-ip={n.ip}",
             "--pod-infra-container-image=k8s.gcr.io/pause:3.2", "--v=1"])
+
+    def start_cluster_dns(self, n: Node) -> None:
+        """tests/kube/cluster_dns.py (a stand-in for CoreDNS) on the node's address."""
+        self.popen(f"cluster-dns-{n.name}", n.ns, [sys.executable, "-m", "tests.kube.cluster_dns",
+                                                   f"--kubeconfig={self.kubeconfig}", f"--listen={n.ip}"],
+                   env={"PYTHONPATH": ROOT})
 
     def start_kube_proxy(self, n: Node) -> None:
         # 0 for the conntrack and oom settings: kube-proxy leaves the global values alone
@@ -525,6 +534,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for n in self.nodes:
             self.start_node(n, archives)
             self.start_kube_proxy(n)
+            self.start_cluster_dns(n)
         if with_tortie:
             self.install_tortie(pool_mode)
             self.wait_agents_ready()

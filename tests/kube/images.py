@@ -47,7 +47,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, mode: int =
 AGNHOST_TOOLS = {"usr/bin/curl": "/usr/bin/curl", "usr/bin/wget": "/usr/bin/wget", "usr/bin/nc": "/bin/nc.openbsd",
                  "bin/sh": "/bin/dash"}
 # bumped when the agnhost layer's contents change: the cached archive is keyed by it
-AGNHOST_LAYOUT = 4
+AGNHOST_LAYOUT = 5
 
 
 def _busybox_files(tar: tarfile.TarFile, replaced: frozenset[str] = frozenset()) -> None:
@@ -132,7 +132,8 @@ def build_all(bin_dir: str, src_tree: str, out_dir: str) -> list[str]:
             _dynamic_tools(t, AGNHOST_TOOLS)
             with open(os.path.join(bin_dir, "agnhost"), "rb") as f:
                 _add(t, "agnhost", f.read())
-        _archive(ag, AGNHOST, fill, ["/agnhost"], None)
+        # as test/images/agnhost/Dockerfile: with no args it pauses (hostexec pods rely on it)
+        _archive(ag, AGNHOST, fill, ["/agnhost"], ["pause"])
     paths.append(ag)
     pa = os.path.join(out_dir, "pause.tar")
     if not os.path.exists(pa):
