@@ -90,7 +90,8 @@ kube-deps: deps
 	bash deploy/kube/build.sh >/dev/null
 
 # tortie under a real Kubernetes v1.20.2 in network namespaces (root): our checks, then
-# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|full|none)
+# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|netpol|pods|services|hostport|network|none,
+# or a comma list such as pods,services,hostport)
 E2E_UPSTREAM ?= netpol
 e2e: kube-deps cni-binary
 	@# the cluster's prefix is chosen here so that it is removed even if pytest is killed

@@ -167,6 +167,25 @@ def test_network_policy_enforced_across_nodes(lab):
     lab.kubectl("delete", "namespace", "np", "--wait=true", "--timeout=90s", timeout=120)
 
 
+def test_cluster_ip_service_through_kube_proxy_across_nodes(lab):
+    """A ClusterIP Service: kube-proxy's DNAT in the client's node namespace, then tortie's
+    routes to the backend on the other node; by address and by name (the lab's cluster DNS)."""
+    server = pod(lab, "svc-backend", lab.nodes[0].name, {"app": "svc-backend"})
+    client = pod(lab, "svc-client", lab.nodes[1].name)
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend", "namespace": "default"},
+           "spec": {"selector": {"app": "svc-backend"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(svc))
+    ip = lab.kjson("get", "service", "backend")["spec"]["clusterIP"]
+    rules = lambda: run(["iptables-save", "-t", "nat"], ns=lab.nodes[1].ns).stdout
+    assert wait_for(lambda: f"-d {ip}/32" in rules() and server["status"]["podIP"] in rules(), 30,
+                    "kube-proxy's rules for the Service on the client's node")
+    assert wait_for(lambda: connects(lab, "svc-client", ip, 80), 20, "client -> ClusterIP across nodes")
+    assert connects(lab, "svc-client", "backend.default.svc.cluster.local", 80), "by name (cluster DNS)"
+    lab.kubectl("delete", "service", "backend")
+    for p in (server, client):
+        lab.kubectl("delete", "pod", p["metadata"]["name"], "--wait=true", "--timeout=60s")
+
+
 def test_kubectl_delete_pod_leaves_nothing(lab):
     p = pod(lab, "gone", lab.nodes[1].name)
     ip, n, routes = _wired(lab, p)

@@ -116,6 +116,9 @@ class Result:
 # a private /etc/hosts naming google.com as the control-plane address, where a one-line HTTP
 # server answers for the run.  Nothing leaves the lab's namespaces.
 INTERNET_CHECK_HOST = "google.com"
+_SERVE = ("import sys, functools, http.server as h; "
+          "s = h.ThreadingHTTPServer((sys.argv[1], 80), functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[2])); "
+          "print('listening', flush=True); s.serve_forever()")
 
 
 def _internet_standin(lab, report_dir: str) -> tuple[list[str], subprocess.Popen]:
@@ -127,9 +130,11 @@ def _internet_standin(lab, report_dir: str) -> tuple[list[str], subprocess.Popen
         f.write(f"127.0.0.1 localhost\n{CP_IP} {INTERNET_CHECK_HOST}\n")
     www = os.path.join(report_dir, "www")
     os.makedirs(www, exist_ok=True)
-    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.cp}", sys.executable, "-m", "http.server",
-                               "--bind", CP_IP, "--directory", www, "80"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.cp}", sys.executable, "-c", _SERVE, CP_IP, www],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if server.stdout.readline().strip() != "listening":  # the runner must not start before it
+        server.wait(10)
+        raise RuntimeError(f"the internet check's stand-in HTTP server on {CP_IP}:80 did not start")
     prefix = ["nsenter", f"--net=/run/netns/{lab.cp}", "unshare", "--mount", "--propagation", "private",
               "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts]
     return prefix, server
