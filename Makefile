@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 # curl, wget, nc.openbsd and dash go into the agnhost image with their libraries, tests/kube/images.py)
 KUBE_TOOLS := go:golang-go dpkg-source:dpkg-dev containerd:containerd ctr:containerd runc:runc \
               busybox:busybox-static gcc:gcc openssl:openssl nsenter:util-linux unshare:util-linux \
-              curl:curl wget:wget nc.openbsd:netcat-openbsd dash:dash ldd:libc-bin
+              curl:curl wget:wget nc.openbsd:netcat-openbsd dash:dash ldd:libc-bin hostname:hostname
 KUBE_APT := $(sort $(foreach t,$(KUBE_TOOLS),$(lastword $(subst :, ,$(t)))) libc6-dev)
 
 # make image without a docker engine: podman and buildah (no daemon; runc: crun refuses hybrid cgroups), debootstrap for the

@@ -5,7 +5,8 @@ Layout, all names carrying a per-run prefix "tk<6 hex>" (P below):
 
     P-br   the lab bridge br0, 10.99.0.1/24 (the nodes' default gateway; routes nowhere)
     P-cp   control plane, eth0 10.99.0.2: etcd (loopback), kube-apiserver :6443,
-           kube-controller-manager (node CIDR allocation from 10.244.0.0/16), kube-scheduler
+           kube-controller-manager (node CIDR allocation from 10.244.0.0/16), kube-scheduler;
+           a route to each node's podCIDR via the node (the API server's proxy reaches pods)
     P-n1.. nodes, eth0 10.99.0.11..: containerd + runc (Debian), kubelet, kube-proxy,
            tortie-agent with BIRD, the lab's cluster DNS on the node address (cluster_dns.py);
            CNI bin/conf dirs of their own
@@ -406,7 +407,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         # for the conflist's chained hostPort plugin
         for plugin in ("loopback", "portmap"):
             shutil.copy2(f"/usr/lib/cni/{plugin}", os.path.join(n.cni_bin, plugin))
-        self.popen(f"containerd-{n.name}", n.ns, ["containerd", "--config", conf])
+        # containerd (and so every shim and hostNetwork container) in a UTS namespace of its
+        # own named for the node: a hostNetwork pod's hostname is its node's, as on a real
+        # machine (the specs tell endpoints apart by it), and the host's name stays as it is
+        self.popen(f"containerd-{n.name}", n.ns, ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                                                   n.name, "containerd", "--config", conf])
         wait_for(lambda: (self._check_alive(f"containerd-{n.name}") or True) and os.path.exists(n.sock),
                  30, f"containerd on {n.name}")
         for img in images:
@@ -518,6 +523,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return ok >= {n.name for n in self.nodes}
         wait_for(ready, timeout, "every node Ready", interval=1)
 
+    def route_pods_from_control_plane(self) -> None:
+        """The API server reaches pods (its proxy, webhooks), as a control plane on a node
+        that runs the network would: each node's podCIDR (tortie's block there) via that
+        node, in the control-plane namespace only."""
+        for item in self.kjson("get", "nodes")["items"]:
+            ip = next(a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP")
+            for cidr in item["spec"].get("podCIDRs") or []:
+                run(["ip", "route", "replace", cidr, "via", ip], ns=self.cp)
+
     # -- whole cluster ------------------------------------------------------------------
 
     def up(self, with_tortie: bool = True, pool_mode: str | None = None) -> "KubeLab":
@@ -539,6 +553,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.install_tortie(pool_mode)
             self.wait_agents_ready()
         self.wait_nodes_ready()
+        self.route_pods_from_control_plane()
         return self
 
     def down(self) -> None:

@@ -20,7 +20,7 @@ from tests.kube import images, upstream
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
               pytest.mark.timeout(900)]  # the first test also brings the cluster up
 
-ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward",
+ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward", "kernel.hostname",
                 "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "vm.panic_on_oom")
 
 
@@ -236,7 +236,8 @@ def test_agent_rights_are_exactly_read_only(lab):
 
 @pytest.mark.timeout(4 * 3600)  # the full NetworkPolicy suite takes ~45 min on 2 shared cores
 def test_upstream_e2e_specs(lab):
-    """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|network|none."""
+    """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|pods|services|hostport|network|none
+    or a comma list of them."""
     suite = os.environ.get("E2E_UPSTREAM", "netpol")
     if suite == "none":
         pytest.skip("E2E_UPSTREAM=none")

@@ -81,9 +81,14 @@ GROUPS: dict[str, tuple[str, str]] = {
                  _NEVER),
 }
 SUITES: dict[str, list[tuple[str, str]]] = {
-    "smoke": [("NetworkPolicy.*(should support a 'default-deny-ingress' policy|"
+    # CI: four NetworkPolicy specs, pod to pod across nodes, a ClusterIP Service through
+    # kube-proxy and a hostPort through portmap, in one run (about 3 minutes)
+    "smoke": [("(NetworkPolicy.*(should support a 'default-deny-ingress' policy|"
                "should enforce policy to allow traffic from pods within server namespace based on PodSelector|"
-               "should enforce policy based on Ports|should deny ingress access to updated pod)", "SCTP")],
+               "should enforce policy based on Ports|should deny ingress access to updated pod)"
+               "|Granular Checks: Pods should function for intra-pod communication: http"
+               "|Granular Checks: Services should function for pod-Service: http"
+               "|" + GROUPS["hostport"][0] + ")", "SCTP")],
     **{name: [g] for name, g in GROUPS.items()},
     "network": list(GROUPS.values()),
 }
@@ -146,6 +151,8 @@ def run_suite(lab, focus: str, skip: str, report_dir: str, timeout: float = 3600
     prefix, server = _internet_standin(lab, report_dir)
     argv = [*prefix, lab.bin("e2e.test"),
             f"--kubeconfig={lab.kubeconfig}", "--provider=skeleton", "--num-nodes=2",
+            # the same release's kubectl (the specs exec through it), not whatever is on PATH
+            f"--kubectl-path={lab.bin('kubectl')}",
             f"--ginkgo.focus={focus}", f"--ginkgo.skip={skip}", "--ginkgo.noColor",
             f"--report-dir={report_dir}", "--disable-log-dump", "--ginkgo.flakeAttempts=1"]
     t0 = time.monotonic()
