@@ -20,9 +20,11 @@ APT_FILES := /usr/lib/cni/host-local:containernetworking-plugins /usr/lib/cni/po
 APT_PACKAGES := $(sort $(foreach t,$(APT_TOOLS) $(APT_FILES),$(lastword $(subst :, ,$(t)))))
 PYTEST_ARGS ?=
 # make e2e / kube-up: a real Kubernetes built from Debian's source package (deploy/kube/build.sh)
-# (command:package, as APT_TOOLS; libc6-dev has no command but the static builds need it)
+# (command:package, as APT_TOOLS; libc6-dev has no command but the static builds need it;
+# curl, wget, nc.openbsd and dash go into the agnhost image with their libraries, tests/kube/images.py)
 KUBE_TOOLS := go:golang-go dpkg-source:dpkg-dev containerd:containerd ctr:containerd runc:runc \
-              busybox:busybox-static gcc:gcc openssl:openssl nsenter:util-linux unshare:util-linux
+              busybox:busybox-static gcc:gcc openssl:openssl nsenter:util-linux unshare:util-linux \
+              curl:curl wget:wget nc.openbsd:netcat-openbsd dash:dash ldd:libc-bin hostname:hostname
 KUBE_APT := $(sort $(foreach t,$(KUBE_TOOLS),$(lastword $(subst :, ,$(t)))) libc6-dev)
 
 # make image without a docker engine: podman and buildah (no daemon; runc: crun refuses hybrid cgroups), debootstrap for the
@@ -88,7 +90,8 @@ kube-deps: deps
 	bash deploy/kube/build.sh >/dev/null
 
 # tortie under a real Kubernetes v1.20.2 in network namespaces (root): our checks, then
-# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|full|none)
+# the upstream e2e specs (tests/kube/upstream.py; E2E_UPSTREAM=smoke|netpol|pods|services|hostport|network|none,
+# or a comma list such as pods,services,hostport)
 E2E_UPSTREAM ?= netpol
 e2e: kube-deps cni-binary
 	@# the cluster's prefix is chosen here so that it is removed even if pytest is killed

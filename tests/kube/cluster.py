@@ -5,9 +5,11 @@ Layout, all names carrying a per-run prefix "tk<6 hex>" (P below):
 
     P-br   the lab bridge br0, 10.99.0.1/24 (the nodes' default gateway; routes nowhere)
     P-cp   control plane, eth0 10.99.0.2: etcd (loopback), kube-apiserver :6443,
-           kube-controller-manager (node CIDR allocation from 10.244.0.0/16), kube-scheduler
+           kube-controller-manager (node CIDR allocation from 10.244.0.0/16), kube-scheduler;
+           a route to each node's podCIDR via the node (the API server's proxy reaches pods)
     P-n1.. nodes, eth0 10.99.0.11..: containerd + runc (Debian), kubelet, kube-proxy,
-           tortie-agent with BIRD; CNI bin/conf dirs of their own
+           tortie-agent with BIRD, the lab's cluster DNS on the node address (cluster_dns.py);
+           CNI bin/conf dirs of their own
 
 Every process runs under `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, which
 remounts /sys and gives the process a private mount namespace that containerd and runc
@@ -374,6 +376,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{n.ns}", "failSwapOn": False,
             "oomScoreAdj": 0, "protectKernelDefaults": False, "serializeImagePulls": False,
             "clusterDomain": "cluster.local", "resolvConf": "/etc/resolv.conf",
+            # the lab's cluster DNS (tests/kube/cluster_dns.py) on the node's own address
+            "clusterDNS": [n.ip],
             # the disk is shared with the host: do not evict over its usage
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
                              "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
@@ -403,7 +407,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         # for the conflist's chained hostPort plugin
         for plugin in ("loopback", "portmap"):
             shutil.copy2(f"/usr/lib/cni/{plugin}", os.path.join(n.cni_bin, plugin))
-        self.popen(f"containerd-{n.name}", n.ns, ["containerd", "--config", conf])
+        # containerd (and so every shim and hostNetwork container) in a UTS namespace of its
+        # own named for the node: a hostNetwork pod's hostname is its node's, as on a real
+        # machine (the specs tell endpoints apart by it), and the host's name stays as it is
+        self.popen(f"containerd-{n.name}", n.ns, ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                                                   n.name, "containerd", "--config", conf])
         wait_for(lambda: (self._check_alive(f"containerd-{n.name}") or True) and os.path.exists(n.sock),
                  30, f"containerd on {n.name}")
         for img in images:
@@ -418,6 +426,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             f"--volume-plugin-dir={n.dir}/kubelet/volume-plugins",
             f"--hostname-override={n.name}", f"--node-ip={n.ip}",
             "--pod-infra-container-image=k8s.gcr.io/pause:3.2", "--v=1"])
+
+    def start_cluster_dns(self, n: Node) -> None:
+        """tests/kube/cluster_dns.py (a stand-in for CoreDNS) on the node's address."""
+        self.popen(f"cluster-dns-{n.name}", n.ns, [sys.executable, "-m", "tests.kube.cluster_dns",
+                                                   f"--kubeconfig={self.kubeconfig}", f"--listen={n.ip}"],
+                   env={"PYTHONPATH": ROOT})
 
     def start_kube_proxy(self, n: Node) -> None:
         # 0 for the conntrack and oom settings: kube-proxy leaves the global values alone
@@ -509,6 +523,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return ok >= {n.name for n in self.nodes}
         wait_for(ready, timeout, "every node Ready", interval=1)
 
+    def route_pods_from_control_plane(self) -> None:
+        """The API server reaches pods (its proxy, webhooks), as a control plane on a node
+        that runs the network would: each node's podCIDR (tortie's block there) via that
+        node, in the control-plane namespace only."""
+        for item in self.kjson("get", "nodes")["items"]:
+            ip = next(a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP")
+            for cidr in item["spec"].get("podCIDRs") or []:
+                run(["ip", "route", "replace", cidr, "via", ip], ns=self.cp)
+
     # -- whole cluster ------------------------------------------------------------------
 
     def up(self, with_tortie: bool = True, pool_mode: str | None = None) -> "KubeLab":
@@ -525,10 +548,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for n in self.nodes:
             self.start_node(n, archives)
             self.start_kube_proxy(n)
+            self.start_cluster_dns(n)
         if with_tortie:
             self.install_tortie(pool_mode)
             self.wait_agents_ready()
         self.wait_nodes_ready()
+        self.route_pods_from_control_plane()
         return self
 
     def down(self) -> None:

@@ -4,7 +4,10 @@ one layer tar) written from files on this machine, for `ctr images import`.
   busybox   docker.io/library/busybox:1.29 - Debian's busybox-static with its applet links
             (its wget segfaults in a container; the e2e specs here use nc)
   agnhost   k8s.gcr.io/e2e-test-images/agnhost:2.21 - agnhost built static from the same
-            Kubernetes tree, plus busybox (specs run `sh -c` in it)
+            Kubernetes tree, plus busybox (specs run `sh -c` in it) and, as upstream's image
+            has them, Debian's curl, wget, OpenBSD nc and dash as /bin/sh, with their shared libraries (the
+            sig-network specs run `curl .../dial`, `nc -zv -u`, `wget -T 1`; busybox's nc has
+            no -z/-u and its wget segfaults)
   pause     k8s.gcr.io/pause:3.2 - build/pause/linux/pause.c of the tree, compiled static
 
 The tags are the ones the v1.20.2 e2e framework asks for (test/utils/image/manifest.go)."""
@@ -38,7 +41,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, mode: int =
         tar.addfile(ti, io.BytesIO(data or b""))
 
 
-def _busybox_files(tar: tarfile.TarFile) -> None:
+# the dynamically linked tools copied into agnhost: path in the image -> path here
+# (/bin/sh is dash: busybox's sh runs its own applets before PATH, so `sh -c "nc -u"` would
+# still reach busybox's nc)
+AGNHOST_TOOLS = {"usr/bin/curl": "/usr/bin/curl", "usr/bin/wget": "/usr/bin/wget", "usr/bin/nc": "/bin/nc.openbsd",
+                 "bin/sh": "/bin/dash"}
+# bumped when the agnhost layer's contents change: the cached archive is keyed by it
+AGNHOST_LAYOUT = 5
+
+
+def _busybox_files(tar: tarfile.TarFile, replaced: frozenset[str] = frozenset()) -> None:
     bb = "/bin/busybox"
     with open(bb, "rb") as f:
         _add(tar, "bin/busybox", f.read())
@@ -46,10 +58,35 @@ def _busybox_files(tar: tarfile.TarFile) -> None:
         _add(tar, d, kind=tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
     applets = subprocess.run([bb, "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     for a in applets:
-        if a != "bin/busybox":
+        if a != "bin/busybox" and a not in replaced:
             _add(tar, a, link="/bin/busybox")
     _add(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644)
     _add(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)
+
+
+def shared_libraries(binary: str) -> list[str]:
+    """The files the dynamic loader maps for `binary` (ldd's list, the loader included)."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            libs.append(path)
+    return libs
+
+
+def _dynamic_tools(tar: tarfile.TarFile, tools: dict[str, str]) -> None:
+    """tools (image path -> host path) and every library they load, at the paths ldd names
+    (regular files: the image has no /lib -> usr/lib link)."""
+    libs = sorted({lib for src in tools.values() for lib in shared_libraries(src)})
+    dirs = sorted({os.path.dirname(p.lstrip("/")) for p in libs})
+    for d in dirs:
+        for i in range(1, d.count("/") + 2):
+            _add(tar, "/".join(d.split("/")[:i]), kind=tarfile.DIRTYPE)
+    for dst, src in [*tools.items(), *((p.lstrip("/"), p) for p in libs)]:
+        with open(os.path.realpath(src), "rb") as f:
+            _add(tar, dst, f.read())
 
 
 def _archive(path: str, tag: str, fill, entrypoint: list[str] | None, cmd: list[str] | None) -> str:
@@ -88,13 +125,15 @@ def build_all(bin_dir: str, src_tree: str, out_dir: str) -> list[str]:
     if not os.path.exists(bb):
         _archive(bb, BUSYBOX, _busybox_files, None, ["sh"])
     paths.append(bb)
-    ag = os.path.join(out_dir, "agnhost.tar")
+    ag = os.path.join(out_dir, f"agnhost-{AGNHOST_LAYOUT}.tar")
     if not os.path.exists(ag):
         def fill(t):
-            _busybox_files(t)
+            _busybox_files(t, frozenset(AGNHOST_TOOLS))
+            _dynamic_tools(t, AGNHOST_TOOLS)
             with open(os.path.join(bin_dir, "agnhost"), "rb") as f:
                 _add(t, "agnhost", f.read())
-        _archive(ag, AGNHOST, fill, ["/agnhost"], None)
+        # as test/images/agnhost/Dockerfile: with no args it pauses (hostexec pods rely on it)
+        _archive(ag, AGNHOST, fill, ["/agnhost"], ["pause"])
     paths.append(ag)
     pa = os.path.join(out_dir, "pause.tar")
     if not os.path.exists(pa):

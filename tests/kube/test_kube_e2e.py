@@ -20,7 +20,7 @@ from tests.kube import images, upstream
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
               pytest.mark.timeout(900)]  # the first test also brings the cluster up
 
-ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward",
+ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward", "kernel.hostname",
                 "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "vm.panic_on_oom")
 
 
@@ -208,6 +208,25 @@ def test_cluster_network_policy_enforced_across_nodes(lab):
         lab.kubectl("delete", "--ignore-not-found", "-f", crds, timeout=120, check=False)
 
 
+def test_cluster_ip_service_through_kube_proxy_across_nodes(lab):
+    """A ClusterIP Service: kube-proxy's DNAT in the client's node namespace, then tortie's
+    routes to the backend on the other node; by address and by name (the lab's cluster DNS)."""
+    server = pod(lab, "svc-backend", lab.nodes[0].name, {"app": "svc-backend"})
+    client = pod(lab, "svc-client", lab.nodes[1].name)
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend", "namespace": "default"},
+           "spec": {"selector": {"app": "svc-backend"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(svc))
+    ip = lab.kjson("get", "service", "backend")["spec"]["clusterIP"]
+    rules = lambda: run(["iptables-save", "-t", "nat"], ns=lab.nodes[1].ns).stdout
+    assert wait_for(lambda: f"-d {ip}/32" in rules() and server["status"]["podIP"] in rules(), 30,
+                    "kube-proxy's rules for the Service on the client's node")
+    assert wait_for(lambda: connects(lab, "svc-client", ip, 80), 20, "client -> ClusterIP across nodes")
+    assert connects(lab, "svc-client", "backend.default.svc.cluster.local", 80), "by name (cluster DNS)"
+    lab.kubectl("delete", "service", "backend")
+    for p in (server, client):
+        lab.kubectl("delete", "pod", p["metadata"]["name"], "--wait=true", "--timeout=60s")
+
+
 def test_kubectl_delete_pod_leaves_nothing(lab):
     p = pod(lab, "gone", lab.nodes[1].name)
     ip, n, routes = _wired(lab, p)
@@ -260,5 +279,6 @@ def test_agent_rights_are_exactly_read_only(lab):
 
 @pytest.mark.timeout(4 * 3600)  # the full NetworkPolicy suite takes ~45 min on 2 shared cores
 def test_upstream_e2e_specs(lab):
-    """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|network|none."""
+    """The release's own e2e specs (tests/kube/upstream.py): E2E_UPSTREAM=smoke|netpol|pods|services|hostport|network|none
+    or a comma list of them."""
     upstream.check_suite_from_env(lab)
