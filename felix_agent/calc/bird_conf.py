@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, blocks_by_node, ipv4_address, pool_for, records,
+from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, grouped, ipv4_address, pool_for, records,
                                      same_subnet)
 from felix_agent.model import DEFAULT_AS, BGPPeer, Node
 
@@ -166,8 +166,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     ipip_cross = sorted(p.cidr for p in enabled if p.mode == "ipip" and p.cross_subnet)
     ipip_always = sorted(p.cidr for p in enabled if p.mode == "ipip" and not p.cross_subnet)
     all_pools = sorted(str(ipaddress.ip_network(p.cidr, strict=False)) for p in enabled)
-    by_node = by_node if by_node is not None else blocks_by_node(nodes, blocks)
-    my_blocks = [c for c in by_node.get(me, ())
+    my_blocks = [c for c in grouped(nodes, blocks, by_node).get(me, ())
                  if ipaddress.ip_network(c).version == 4 and pool_for(c, pools) is not None]
     reflector = bool(mine.route_reflector_cluster_id)
 

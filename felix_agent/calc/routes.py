@@ -117,6 +117,12 @@ def blocks_by_node(nodes: Nodes, blocks: Blocks) -> dict[str, tuple[str, ...]]:
     return {k: tuple(sorted(v, key=_sort_key)) if len(v) > 1 else tuple(v) for k, v in out.items()}
 
 
+def grouped(nodes: Nodes, blocks: Blocks, by_node: ByNode | None) -> ByNode:
+    """`by_node` when the caller grouped the blocks already (once a pass), else
+    blocks_by_node(nodes, blocks)."""
+    return by_node if by_node is not None else blocks_by_node(nodes, blocks)
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def _canonical(cidr: str) -> str:
     return str(_net(cidr))
@@ -173,7 +179,7 @@ def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink
         return frozenset()  # my own Node record is not known yet: nothing is safe to route
     pools = records(pools)
     routes: set[Route] = set()
-    for name, cidrs in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).items():
+    for name, cidrs in grouped(nodes, blocks, by_node).items():
         if name == me:
             continue
         peer = by_name[name]
@@ -220,7 +226,7 @@ def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: 
         return ()
     pools = records(pools)
     out = []
-    for name, cidrs in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).items():
+    for name, cidrs in grouped(nodes, blocks, by_node).items():
         peer = by_name[name]
         if name == me or not peer.address or same_subnet(mine, peer):
             continue
@@ -246,7 +252,7 @@ def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, k
         raise ValueError(f"local block route kind must be blackhole or unreachable, not {kind!r}")
     routes = set()
     pools = records(pools)
-    for cidr in (by_node if by_node is not None else blocks_by_node(nodes, blocks)).get(me, ()):
+    for cidr in grouped(nodes, blocks, by_node).get(me, ()):
         pool = pool_for(cidr, pools)
         if pool is not None:
             routes.add(Route(dst=cidr, type=kind))
@@ -276,8 +282,7 @@ def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks, by_node: ByNo
     kubernetes datastore, where agents have read-only access and cannot publish; every
     agent derives the same values the VTEP's owner programs on its own device."""
     nodes = records(nodes)
-    if by_node is None:
-        by_node = blocks_by_node(nodes, blocks)  # once, not once per node (5,000 nodes: minutes)
+    by_node = grouped(nodes, blocks, by_node)  # once, not once per node (5,000 nodes: minutes)
     pools = records(pools)
     out = []
     for n in nodes:
@@ -319,8 +324,7 @@ def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str,
                  by_node: ByNode | None = None) -> str | None:
     """My first block (lowest CIDR) in an enabled pool of `mode` ("vxlan" or "ipip"): its
     first address becomes the tunnel device's address.  None when I own no such block."""
-    by_node = by_node if by_node is not None else blocks_by_node(nodes, blocks)
-    return _first_block(by_node.get(me, ()), records(pools), mode)
+    return _first_block(grouped(nodes, blocks, by_node).get(me, ()), records(pools), mode)
 
 
 def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str) -> str | None:

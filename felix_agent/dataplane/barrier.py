@@ -107,7 +107,6 @@ class Dataplane:
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
                  derive_vteps: bool = False, bgp_password_file: str = "", node_ip: str = "",
                  ensure_forwarding: bool = True):
-        self.netns = netns
         det = detect(netns, configured=iptables_backend)
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))

@@ -38,12 +38,12 @@ class SysctlDriver(SinglePhase):
         self.proc_sys = proc_sys
 
     def wanted(self, plan) -> bool:
-        # Nothing in the plan moves these: the driver runs on the first pass and on every
-        # full one (something else may turn forwarding off again).
-        return self.ensure_forwarding
+        # Nothing in the plan moves these: a constant slice makes the driver run on the
+        # first pass and on every full one (something else may turn forwarding off again).
+        return True
 
     def set_desired(self, wanted) -> None:
-        self.ensure_forwarding = wanted
+        pass  # what to reach is fixed at construction (ensure_forwarding)
 
     def apply(self, full: bool) -> ApplyResult:
         if self.netns is None:
