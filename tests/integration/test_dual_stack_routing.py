@@ -123,3 +123,28 @@ def test_ipv6_only_cluster(make_cluster, mode):
     for p in pods:
         assert not p.ip
     check_del_releases_both(c, pods)
+
+
+def test_nat_outgoing_ipv6_masquerades_to_the_outside_only(make_cluster):
+    """An IPv6 natOutgoing pool: a pod reaching an address outside every pool (the lab
+    underlay's gateway, which has no route back to pod addresses) is seen as its node's
+    IPv6 address (ip6tables nat cali-nat-outgoing); pod to pod stays un-NATed."""
+    import subprocess
+    import sys
+
+    from tests.lab.cluster import SERVER
+
+    c = make_cluster(2, mode="direct", pool="", pool6=POOL6, start=False)
+    c.apply_pool(POOL6, mode="direct", name="pool6", nat_outgoing=True)
+    c.start_agents()
+    a = c.add_pod("default", "a", "node1", serve=[f"who:{PORT}"])
+    b = c.add_pod("default", "b", "node2", serve=[f"who:{PORT}"])
+    out = c.lab.popen(c.lab.underlay, [sys.executable, "-c", SERVER, f"who:{PORT}"], stdout=subprocess.PIPE,
+                      stderr=subprocess.DEVNULL, text=True)
+    assert out.stdout.readline().strip() == "ready"
+    node1 = c.lab.node("node1")
+    wait_for(lambda: c.peer_seen(a, "fd00:100::1", PORT) == node1.ip6, timeout=30,
+             what="pod a to the outside masqueraded to node1's IPv6 address")
+    assert c.peer_seen(a, b.ip6, PORT) == a.ip6  # between pools: no NAT
+    saved = sh("ip6tables-save", "-t", "nat", ns=node1.ns).stdout
+    assert "-A cali-nat-outgoing -s fd00:10:65::/112" in saved and "MASQUERADE" in saved, saved
