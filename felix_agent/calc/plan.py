@@ -118,9 +118,11 @@ class Planner:
 
 def add_chains6(state: DesiredState, routing: DesiredState) -> None:
     """The routing part's ip6tables chains (IPv6 natOutgoing) joined to the policy part's:
-    chains are added to their table, hooks appended once each."""
+    chains are added to their table (a chain both name stays the policy part's, so a policy
+    calc that renders the whole IPv6 nat table, floating IPs too, is not cut short), hooks
+    appended once each."""
     for table, chains in routing.chains6.items():
-        state.chains6 = {**state.chains6, table: {**state.chains6.get(table, {}), **chains}}
+        state.chains6 = {**state.chains6, table: {**chains, **state.chains6.get(table, {})}}
     state.hooks6 = state.hooks6 + tuple(h for h in routing.hooks6 if h not in state.hooks6)
 
 
