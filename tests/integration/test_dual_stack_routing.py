@@ -148,3 +148,18 @@ def test_nat_outgoing_ipv6_masquerades_to_the_outside_only(make_cluster):
     assert c.peer_seen(a, b.ip6, PORT) == a.ip6  # between pools: no NAT
     saved = sh("ip6tables-save", "-t", "nat", ns=node1.ns).stdout
     assert "-A cali-nat-outgoing -s fd00:10:65::/112" in saved and "MASQUERADE" in saved, saved
+
+
+def test_restarted_agent_keeps_both_addresses_of_its_dual_stack_pods(make_cluster):
+    """After a restart the agent rebuilds its endpoints from the IPAM state: a dual-stack
+    pod's two allocations are one endpoint with both addresses (not two half endpoints),
+    and the pod stays reachable over both families."""
+    c = make_cluster(2, mode="direct", pool6=POOL6)
+    a = c.add_pod("default", "a", "node1", serve=[f"who:{PORT}"])
+    b = c.add_pod("default", "b", "node2", serve=[f"who:{PORT}"])
+    c.stop_agent("node1")
+    c.start_agent("node1")
+    eps = c.status("node1")["endpoints"]
+    assert [(e["pod"], sorted(e["ips"])) for e in eps] == [("a", sorted([a.ip, a.ip6]))], eps
+    for ip, want in ((a.ip, b.ip), (a.ip6, b.ip6)):
+        assert c.peer_seen(b, ip, PORT) == want
