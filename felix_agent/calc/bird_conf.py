@@ -45,6 +45,7 @@ password file.  The rendered text, the plan, logs and status therefore only ever
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -53,8 +54,6 @@ from dataclasses import dataclass
 from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, grouped, ip_address, pool_for, records,
                                      same_subnet, version_of)
 from felix_agent.model import DEFAULT_AS, BGPPeer, Node
-
-import hashlib
 
 STATIC_PROTOCOL = "tortie_blocks"
 NEXTHOP_PROTOCOL = "tortie_nexthops"
