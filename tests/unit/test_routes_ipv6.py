@@ -141,3 +141,14 @@ def test_sysctls_forward_ipv6_only_with_an_ipv6_pool(tmp_path):
     off = SysctlDriver(ensure_forwarding=False, proc_sys=str(tmp_path))
     off.set_desired((4, 6))
     assert "net.ipv6.conf.all.forwarding is 0" in off.apply(full=True).problems["forwarding6"]
+
+
+def test_bgp_peers_join_the_sessions_of_their_family():
+    from felix_agent.model import BGPPeer
+    peers = [BGPPeer("tor4", "192.168.100.1", 65000), BGPPeer("tor6", "fd00:100::1", 65000)]
+    s4 = sessions(NODES, peers, "node1")
+    s6 = sessions(NODES, peers, "node1", version=6)
+    assert [s.name for s in s4 if s.name.startswith("Peer")] == ["Peer_tor4"]
+    assert [(s.name, s.peer_ip) for s in s6 if s.name.startswith("Peer")] == [("Peer_tor6", "fd00:100::1")]
+    with pytest.raises(ValueError, match="no IPv6 address"):
+        sessions([Node("node1", "192.168.100.11/24")], [], "node1", version=6)
