@@ -116,9 +116,11 @@ def test_dual_stack_three_nodes_every_pod_pair_over_both_families(make_cluster, 
     check_del_releases_both(c, pods)
 
 
-@pytest.mark.parametrize("mode", ["bgp", "vxlan"])
-def test_ipv6_only_cluster(make_cluster, mode):
-    c = make_cluster(3, mode=mode, pool="", pool6=POOL6)
+@pytest.mark.parametrize("mode,ipv4_nodes", [("bgp", True), ("vxlan", True), ("bgp", False), ("direct", False)])
+def test_ipv6_only_cluster(make_cluster, mode, ipv4_nodes):
+    """No IPv4 pool; with ipv4_nodes False the nodes have no IPv4 address either (BIRD's
+    router id is then hashed from the node name, and it runs IPv6 sessions only)."""
+    c = make_cluster(3, mode=mode, pool="", pool6=POOL6, ipv4_nodes=ipv4_nodes)
     pods = check_cluster(c, mode, (6,))
     for p in pods:
         assert not p.ip
