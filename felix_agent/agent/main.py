@@ -24,13 +24,14 @@ log = logging.getLogger("tortie.main")
 
 def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
     """(uplink interface, node IPv4 with prefix): from config, else the default route's
-    interface and its first IPv4 address."""
+    interface (IPv4's, else IPv6's) and its first IPv4 address.  An IPv6-only node (no
+    IPv4 on the uplink, an IPv6 one there or in node_ip6) gets "" as its IPv4 address."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         uplink = cfg.uplink
-        if not uplink:
-            for r in ipr.get_default_routes(family=2):
+        for family in (2, 10):
+            for r in ipr.get_default_routes(family=family) if not uplink else ():
                 oif = r.get("RTA_OIF")
                 if oif:
                     uplink = ipr.get_links(oif)[0].get("IFLA_IFNAME")
@@ -45,9 +46,25 @@ def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
             for a in ipr.get_addr(family=2, index=idx[0]):
                 node_ip = f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
                 break
-        if not node_ip:
-            raise config.ConfigError(f"node_ip: {uplink} has no IPv4 address; set --node-ip")
+    if not node_ip and not detect_ip6(cfg, uplink):
+        raise config.ConfigError(f"node_ip: {uplink} has no IPv4 or global IPv6 address; set --node-ip "
+                                 "or --node-ip6")
     return uplink, node_ip
+
+
+def detect_ip6(cfg: config.AgentConfig, uplink: str) -> str:
+    """This node's IPv6 address with prefix: from config, else the uplink's first global
+    IPv6 address ("" when it has none: the node then routes IPv4 only)."""
+    if cfg.node_ip6:
+        return cfg.node_ip6
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=uplink)
+        for a in ipr.get_addr(family=10, index=idx[0]) if idx else ():
+            if a["scope"] == 0:  # global, not the link-local
+                return f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+    return ""
 
 
 def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], set[str]]:
@@ -59,30 +76,33 @@ def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], se
 
     from podnet.naming import host_iface_for
 
-    weps = []
+    weps: dict[tuple[str, str], WorkloadEndpoint] = {}  # a dual-stack attachment has two allocations
     with IPRoute() as ipr:
         present = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for a in ipam.allocations():
             iface = host_iface_for(a.namespace, a.pod, a.container_id, a.ifname)
             if iface not in present:
                 continue  # the pod is gone; CNI GC frees its address
-            weps.append(WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
-                                         container_id=a.container_id, iface=iface, ips=(a.ip,)))
-    return weps, {name for name in present if name and name.startswith("cali")}
+            had = weps.get(a.attachment)
+            weps[a.attachment] = WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
+                                                  container_id=a.container_id, iface=iface,
+                                                  ips=(had.ips if had else ()) + (a.ip,))
+    return list(weps.values()), {name for name in present if name and name.startswith("cali")}
 
 
-async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
+async def run(cfg: config.AgentConfig, uplink: str, node_ip: str, node_ip6: str = "") -> None:
     from felix_agent.dataplane.barrier import Dataplane
     from felix_agent.ipam import IPAM, EtcdBackend, PodCIDRBackend
     from felix_agent.agent.intents import IntentLog
     from felix_agent.agent.cni_service import CNIService
     from felix_agent.agent.localapi import LocalAPI
 
-    log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
+    log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip,
+                                  node_ip6=node_ip6 or "-"))
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
                           wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
-                          derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip,
+                          derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip, node_ip6=node_ip6,
                           ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
     store = writer = None
     if cfg.datastore == "etcd":
@@ -122,7 +142,7 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
         agent.endpoints.adopt(wep)
     agent.endpoints.set_startup_ifaces(ifaces)
     if store is not None and cfg.register_node:
-        agent.register_node(node_ip, cfg.as_number)
+        agent.register_node(node_ip, cfg.as_number, node_ip6)
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.view.as_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(cfg.log_level)
     try:
         uplink, node_ip = detect_uplink(cfg)
-        asyncio.run(run(cfg, uplink, node_ip))
+        asyncio.run(run(cfg, uplink, node_ip, detect_ip6(cfg, uplink)))
     except config.ConfigError as e:
         print(f"tortie-agent: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
