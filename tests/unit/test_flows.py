@@ -1,0 +1,81 @@
+"""The agent's flow table (agent/flows.py) and the nfnetlink_log message parser
+(dataplane/nflog.py), without the kernel: packets are built as the kernel sends them."""
+from __future__ import annotations
+
+import socket
+import struct
+
+from felix_agent.agent.flows import FlowLog, FlowTable
+from felix_agent.calc.desired import FlowRule
+from felix_agent.dataplane.nflog import (
+    NFULA_PAYLOAD,
+    NFULA_PREFIX,
+    LoggedPacket,
+    NflogUnavailable,
+    parse_messages,
+)
+from tortiectl.flows import decided_by
+
+DENY = FlowRule("deny", "ingress", "Admin", "ClusterNetworkPolicy/no-y", 1, "block-y")
+
+
+def ipv4_udp(src: str, dst: str, dport: int) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + struct.pack("!HHHH", 40000, dport, 8, 0)
+
+
+def attr(kind: int, value: bytes) -> bytes:
+    n = 4 + len(value)
+    return struct.pack("=HH", n, kind) + value + b"\0" * (-n % 4)
+
+
+def packet_msg(prefix: str, payload: bytes) -> bytes:
+    body = struct.pack("=BBH", socket.AF_INET, 0, socket.htons(20)) + attr(NFULA_PREFIX, prefix.encode() + b"\0") \
+        + attr(NFULA_PAYLOAD, payload)
+    return struct.pack("=IHHII", 16 + len(body), 4 << 8, 0, 0, 0) + body
+
+
+def test_parse_messages_reads_prefix_addresses_and_port_of_each_packet():
+    buf = packet_msg("D:abc", ipv4_udp("10.0.0.2", "10.0.0.3", 53)) + packet_msg("A:def", ipv4_udp("1.2.3.4", "5.6.7.8", 80))
+    assert parse_messages(buf) == [LoggedPacket("D:abc", "10.0.0.2", "10.0.0.3", "udp", 53),
+                                   LoggedPacket("A:def", "1.2.3.4", "5.6.7.8", "udp", 80)]
+    assert parse_messages(b"\x01\x02") == []  # a short read is nothing, not an error
+
+
+def test_packets_aggregate_into_flows_with_the_rule_that_decided():
+    t = FlowTable(10)
+    pkt = LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "tcp", 80)
+    counts = t.add([pkt, pkt, LoggedPacket("D:zz", "10.0.0.2", "10.0.0.3", "tcp", 80)], {"r1": DENY}, 100.0)
+    assert counts[("deny", "Admin", "ClusterNetworkPolicy/no-y")] == 2
+    assert counts[("deny", "unknown", "zz")] == 1
+    flows = {f.rule_id: f for f in t.flows()}
+    assert flows["r1"].packets == 2 and flows["r1"].rule == DENY and flows["zz"].rule is None
+    t.add([LoggedPacket("D:zz", "10.0.0.2", "10.0.0.3", "tcp", 80)], {"zz": DENY}, 101.0)
+    assert {f.rule_id: f for f in t.flows()}["zz"].rule == DENY  # named once the calc knows the id
+
+
+def test_the_table_holds_at_most_max_flows_evicting_the_least_recently_seen():
+    t = FlowTable(3)
+    for port in range(1, 6):
+        t.add([LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "udp", port)], {}, float(port))
+    assert len(t) == 3 and t.evicted == 2
+    assert [f.dport for f in t.flows()] == [3, 4, 5]
+    seq = t.seq
+    t.add([LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "udp", 3)], {}, 9.0)
+    assert [f.dport for f in t.flows(since=seq)] == [3]  # --follow: only what changed
+
+
+def test_an_unavailable_group_is_reported_not_raised():
+    def refuse(group, netns):
+        raise NflogUnavailable(f"cannot listen on NFLOG group {group}: Device or resource busy")
+    fl = FlowLog(20, 100, opener=refuse)
+    fl.start()
+    assert fl.status()["state"] == "unavailable" and "busy" in fl.status()["reason"]
+    assert fl.document()["flows"] == []
+
+
+def test_decided_by_names_tier_policy_and_rule():
+    assert decided_by({"tier": "Admin", "policy": "ClusterNetworkPolicy/no-y", "rule": 1,
+                       "rule_name": "block-y", "verdict": "deny"}) == "Admin: ClusterNetworkPolicy/no-y rule 1 (block-y)"
+    assert decided_by({"tier": "NetworkPolicy", "policy": "NetworkPolicy x/a", "rule": -1,
+                       "verdict": "deny"}) == "NetworkPolicy x/a (no rule allowed)"
