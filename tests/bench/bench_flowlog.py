@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.bench.bench_policy import cpu_seconds, vm_hwm_mb  # noqa: E402
+from tests.bench.bench_policy import cpu_seconds, vm_mb  # noqa: E402
 from tests.lab import Etcd, Lab, new_prefix, sh  # noqa: E402
 from tests.lab.cluster import LabCluster, wait_for  # noqa: E402
 
@@ -50,14 +50,6 @@ print(sent)
 DENY_ALL = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "deny-all", "namespace": "probe"},
             "spec": {"podSelector": {"matchLabels": {"pod": "server"}}, "policyTypes": ["Ingress"]}}
-
-
-def vm_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def logged_packets(c: LabCluster) -> float:
@@ -85,7 +77,7 @@ def run(flow_logs: bool, seconds: float, max_flows: int, deny_rate: int = 100) -
         wait_for(lambda: not c.probe(client, server.ip, 81, proto="udp", timeout=0.3), what="the deny")
         time.sleep(1)
         for phase in ("idle", "one-flow", "many-flows"):
-            cpu0, rss0, logged0 = cpu_seconds(pid)[0], vm_rss_mb(pid), logged_packets(c) if flow_logs else 0
+            cpu0, rss0, logged0 = cpu_seconds(pid)[0], vm_mb(pid, "VmRSS"), logged_packets(c) if flow_logs else 0
             t0 = time.monotonic()
             if phase == "idle":
                 time.sleep(seconds)
@@ -99,7 +91,7 @@ def run(flow_logs: bool, seconds: float, max_flows: int, deny_rate: int = 100) -
             fl = c.status("node1").get("flow_logs") or {}
             out.append({"flow_logs": flow_logs, "deny_rate": deny_rate, "phase": phase, "seconds": round(took, 1), "sent": sent,
                         "agent_cpu_s": round(cpu_seconds(pid)[0] - cpu0, 2),
-                        "rss_mb": (round(rss0, 1), round(vm_rss_mb(pid), 1)), "hwm_mb": round(vm_hwm_mb(pid), 1),
+                        "rss_mb": (round(rss0, 1), round(vm_mb(pid, "VmRSS"), 1)), "hwm_mb": round(vm_mb(pid), 1),
                         "logged": int(logged_packets(c) - logged0) if flow_logs else 0,
                         "flows": fl.get("flows", 0), "evicted": fl.get("evicted", 0),
                         "overruns": fl.get("overruns", 0)})

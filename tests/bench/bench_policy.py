@@ -123,10 +123,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (utime + stime) / TICK, (cutime + cstime) / TICK
 
 
-def vm_hwm_mb(pid: int) -> float:
+def vm_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of /proc/<pid>/status in MB: VmHWM (the peak), VmRSS (now)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -242,7 +243,7 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
                    "rules": s.rules, "chains": s.chains, "policy_rules": s.policy_rules,
                    "ipsets": len(s.sets), "members": s.members,
                    "agent_cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0, "wall": wall,
-                   "last_apply": st.get("last_apply_seconds", 0.0), "hwm_mb": vm_hwm_mb(agent.pid)}
+                   "last_apply": st.get("last_apply_seconds", 0.0), "hwm_mb": vm_mb(agent.pid)}
             # One iptables-filter apply per dataplane pass (the ipsets driver is timed twice
             # per pass: updates first, deletions last), so passes are counted on it.
             passes = drivers1.get("iptables-filter", (0, 0))[1] - drivers0.get("iptables-filter", (0, 0))[1]
