@@ -121,8 +121,8 @@ def test_chains_and_sets_load_and_read_back_verbatim(make_lab, st, backend):
         got = saved_rules(lab.exec(ns, f"{backend}-save", "-t", table).stdout)
         for name, bodies in st.chains[table].items():
             assert got.get(name, []) == list(bodies), f"{backend} {table} {name}"
-        for h in (h for h in st.hooks if h.table == table):
-            assert got[h.builtin] == [f"-j {h.target}"]
+        for builtin in {h.builtin for h in st.hooks if h.table == table}:
+            assert got[builtin] == [f"-j {h.target}" for h in st.hooks if (h.table, h.builtin) == (table, builtin)]
 
 
 def test_the_rich_state_covers_every_shape(st):
