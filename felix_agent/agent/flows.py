@@ -145,6 +145,9 @@ class FlowLog:
                     self.state, self.reason = "unavailable", f"reading NFLOG group {self.group}: {e}"
                     log.error("flow log reader stopped", extra=kv(error=e))
                 return
+            except Exception as e:  # noqa: BLE001 - one bad batch must not end the flow log
+                log.warning("flow log: a batch could not be read; skipped", extra=kv(error=repr(e)))
+                continue
             if sock.overruns != overruns:
                 metrics.FLOW_OVERRUNS.inc(sock.overruns - overruns)
                 overruns = sock.overruns

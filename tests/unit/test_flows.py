@@ -79,3 +79,22 @@ def test_decided_by_names_tier_policy_and_rule():
                        "rule_name": "block-y", "verdict": "deny"}) == "Admin: ClusterNetworkPolicy/no-y rule 1 (block-y)"
     assert decided_by({"tier": "NetworkPolicy", "policy": "NetworkPolicy x/a", "rule": -1,
                        "verdict": "deny"}) == "NetworkPolicy x/a (no rule allowed)"
+
+
+def test_the_flows_route_says_off_and_refuses_a_bad_cursor():
+    from felix_agent.agent.health import _flows_body
+    body, _, code = _flows_body(None, "")
+    assert code == 200 and b'"state": "off"' in body
+    fl = FlowLog(20, 10, opener=lambda group, netns: None)  # never started: nothing read
+    assert _flows_body(fl.document, "since=x")[2] == 400
+    body, _, code = _flows_body(fl.document, "denied=1&namespace=x&since=0")
+    assert code == 200 and b'"flows": []' in body
+
+
+def test_status_shows_the_flow_log_state():
+    from tortiectl.status import render_status
+    st = {"node": "n1", "datastore": "etcd", "in_sync": True,
+          "flow_logs": {"state": "unavailable", "reason": "cannot listen on NFLOG group 20: busy"}}
+    assert "Flow logs:        unavailable (cannot listen on NFLOG group 20: busy)" in render_status(st)
+    st["flow_logs"] = {"state": "on", "nflog_group": 20, "flows": 3, "max_flows": 10, "evicted": 1}
+    assert "Flow logs:        on (NFLOG group 20, 3/10 flows, 1 evicted)" in render_status(st)
