@@ -98,3 +98,36 @@ def test_status_shows_the_flow_log_state():
     assert "Flow logs:        unavailable (cannot listen on NFLOG group 20: busy)" in render_status(st)
     st["flow_logs"] = {"state": "on", "nflog_group": 20, "flows": 3, "max_flows": 10, "evicted": 1}
     assert "Flow logs:        on (NFLOG group 20, 3/10 flows, 1 evicted)" in render_status(st)
+
+
+def test_tortiectl_flows_follow_prints_flows_as_they_come_and_stops_on_interrupt():
+    """Against a real /flows server on loopback (health.serve) fed with packets."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from felix_agent.agent.health import Health, serve
+
+    fl = FlowLog(20, 100, opener=lambda group, netns: None)
+    fl.state = "on"
+    rules = {"r1": DENY}
+    srv = serve(Health(), "127.0.0.1", 0, flows=fl.document)
+    try:
+        fl.table.add([LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "tcp", 80)], rules, time.time())
+        p = subprocess.Popen([sys.executable, "-m", "tortiectl.cli", "flows", "--follow", "--agent",
+                              f"http://127.0.0.1:{srv.server_address[1]}"], stdout=subprocess.PIPE, text=True)
+        killer = threading.Timer(20, p.kill)  # a hung read must not hang the suite
+        killer.start()
+        first = p.stdout.readline() + p.stdout.readline()  # the header and the first flow
+        threading.Timer(0.2, fl.table.add, ([LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "udp", 53)],
+                                            rules, time.time())).start()
+        later = p.stdout.readline()  # printed by the follow loop
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=10) == 130
+        killer.cancel()
+    finally:
+        srv.shutdown()
+    assert "80/tcp" in first and "Admin: ClusterNetworkPolicy/no-y rule 1 (block-y)" in first
+    assert "53/udp" in later and "DENY" in later
