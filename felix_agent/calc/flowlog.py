@@ -16,7 +16,7 @@ DesiredState.flow_rules (NFLOG prefixes hold 64 characters; names do not fit):
 Only a connection's first packets reach these chains (established traffic is accepted at
 the top of FORWARD).  Every log rule is rate limited twice, so a flood costs the kernel
 and the agent bounded work: per flow (hashlimit on source, destination and port, one
-kernel table per verdict) and per rule (limit).  Counts are therefore of logged packets.
+kernel table per verdict and rate) and per rule (limit).  Counts are therefore of logged packets.
 """
 from __future__ import annotations
 
@@ -66,8 +66,10 @@ def log_line(match: str, rule: FlowRule, cfg: FlowLogConfig) -> str:
     """The NFLOG rule for `rule`, with `match` (the verdict rule's own matches) first."""
     deny = rule.verdict == "deny"
     per_flow, rate = (cfg.deny_per_flow, cfg.deny_rate) if deny else (cfg.allow_per_flow, cfg.allow_rate)
+    # The kernel shares one hashlimit table per name and keeps the settings it was made
+    # with: the name carries the rate, so a new rate gets a new table.
     limits = (f"-m hashlimit --hashlimit-upto {per_flow}/sec --hashlimit-burst {per_flow} "
-              f"--hashlimit-mode srcip,dstip,dstport --hashlimit-name cali-fl-{'deny' if deny else 'allow'} "
+              f"--hashlimit-mode srcip,dstip,dstport --hashlimit-name cali-fl-{'d' if deny else 'a'}{per_flow} "
               f"-m limit --limit {rate}/sec --limit-burst {rate}")
     return (f"{match + ' ' if match else ''}{limits} -j NFLOG --nflog-group {cfg.group} "
             f"--nflog-prefix {prefix(rule)} --nflog-size 96")
