@@ -12,6 +12,10 @@ what the agent saw (logged packets, flows, evictions, overruns):
   one-flow    one destination port: every packet the same flow
   many-flows  a new destination port each packet (3000 rotating): the flow table fills
 
+and, with flow logs on, how soon a denied packet shows in /flows: 20 single packets to new
+ports, each timed from its send to the first /flows answer that lists it (polled every 5 ms
+from this process, which enters the pod's and the node's namespaces for the two sockets).
+
     .venv/bin/python tests/bench/bench_flowlog.py [--seconds 10] [--max-flows 500]
 
 Three agents in turn: flow logs off; on with the default rates (100 denied packets a
@@ -24,13 +28,18 @@ import argparse
 import json
 import os
 import re
+import socket
+import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.bench.bench_policy import cpu_seconds, vm_mb  # noqa: E402
+from podnet.nsutil import entered, netns_path  # noqa: E402
+from tests.bench.bench_policy import cpu_seconds, pct, vm_mb  # noqa: E402
+from tests.lab.cluster import AGENT_HTTP_PORT  # noqa: E402
 from tests.lab import Etcd, Lab, new_prefix, sh  # noqa: E402
 from tests.lab.cluster import LabCluster, wait_for  # noqa: E402
 
@@ -58,6 +67,34 @@ def logged_packets(c: LabCluster) -> float:
                                                        body, re.M))
 
 
+def visible_seconds(c: LabCluster, client_ns: str, server_ip: str, n: int = 20) -> list[float]:
+    """Send -> listed in /flows, for `n` single denied UDP packets to ports no flow has yet."""
+    client_fd = os.open(netns_path(client_ns), os.O_RDONLY | os.O_CLOEXEC)
+    node_fd = os.open(netns_path(c.lab.node("node1").ns), os.O_RDONLY | os.O_CLOEXEC)
+    url = f"http://127.0.0.1:{AGENT_HTTP_PORT}/flows?denied=1"
+    out = []
+    try:
+        with entered(client_fd):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(n):
+            port = 6000 + i
+            t0 = time.monotonic()
+            sock.sendto(b"x", (server_ip, port))
+            while time.monotonic() - t0 < 10:
+                with entered(node_fd):  # the HTTP client's socket is made in the node
+                    flows = json.load(urllib.request.urlopen(url, timeout=5))["flows"]
+                if any(f["dport"] == port for f in flows):
+                    out.append(time.monotonic() - t0)
+                    break
+                time.sleep(0.005)
+            time.sleep(0.2)
+        sock.close()
+    finally:
+        os.close(client_fd)
+        os.close(node_fd)
+    return out
+
+
 def run(flow_logs: bool, seconds: float, max_flows: int, deny_rate: int = 100) -> list[dict]:
     out = []
     args = ("--flow-logs", "true", "--flow-log-max-flows", str(max_flows),
@@ -76,6 +113,13 @@ def run(flow_logs: bool, seconds: float, max_flows: int, deny_rate: int = 100) -
         c.apply(DENY_ALL)
         wait_for(lambda: not c.probe(client, server.ip, 81, proto="udp", timeout=0.3), what="the deny")
         time.sleep(1)
+        if flow_logs:
+            lat = visible_seconds(c, client.ns, server.ip)
+            print(f"flow logs {label} a denied packet listed in /flows after p50 {statistics.median(lat) * 1000:.0f} ms, "
+                  f"p99 {pct(lat, 0.99) * 1000:.0f} ms ({len(lat)} of 20 seen within 10 s)", flush=True)
+            out.append({"flow_logs": True, "deny_rate": deny_rate, "phase": "visible",
+                        "p50_ms": round(statistics.median(lat) * 1000), "p99_ms": round(pct(lat, 0.99) * 1000),
+                        "seen": len(lat)})
         for phase in ("idle", "one-flow", "many-flows"):
             cpu0, rss0, logged0 = cpu_seconds(pid)[0], vm_mb(pid, "VmRSS"), logged_packets(c) if flow_logs else 0
             t0 = time.monotonic()
