@@ -78,6 +78,14 @@ class AgentConfig:
                                       "(0: max(60, 6 x resync_interval))")
     ensure_forwarding: bool = _f(True, "set net.ipv4.ip_forward=1 in the node's namespace, as Felix does "
                                  "(off: only check it; either way /readyz says when it is 0)")
+    flow_logs: bool = _f(False, "flow logs: NFLOG rules at every policy verdict (denies, sampled allows), "
+                               "aggregated by the agent into flows for `tortiectl flows` and metrics")
+    flow_log_group: int = _f(20, "the NFLOG group of the flow-log rules (0-65535; one listener per node)")
+    flow_log_max_flows: int = _f(10000, "flows the agent keeps; the least recently seen go first")
+    flow_log_deny_rate: int = _f(100, "denied packets logged per second, at most, per deny rule (and a "
+                                      "tenth of it per flow)")
+    flow_log_allow_rate: int = _f(20, "allowed connections sampled per second, at most, per allow rule (and "
+                                      "one per flow)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -90,6 +98,13 @@ class AgentConfig:
             raise ConfigError(f"liveness_timeout: must be >= 0, got {self.liveness_timeout}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: {self.http_port} is not a port")
+        if not 0 <= self.flow_log_group <= 65535:
+            raise ConfigError(f"flow_log_group: {self.flow_log_group} is not in 0-65535")
+        if not 1 <= self.flow_log_max_flows <= 10_000_000:
+            raise ConfigError(f"flow_log_max_flows: {self.flow_log_max_flows} is not in 1-10000000")
+        for name in ("flow_log_deny_rate", "flow_log_allow_rate"):
+            if not 1 <= getattr(self, name) <= 10000:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not in 1-10000")
         if not 68 <= self.mtu <= 65535:
             raise ConfigError(f"mtu: {self.mtu} is out of range 68-65535")
         if self.node_ip:

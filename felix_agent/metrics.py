@@ -42,6 +42,15 @@ TASK_RESTARTS = Counter("tortie_task_restarts_total", "Core tasks restarted afte
                         registry=REGISTRY)
 CNI_REQUESTS = Histogram("tortie_cni_request_seconds", "Local API requests from the CNI binary",
                          ["command", "result"], registry=REGISTRY)
+# Flow logs (agent/flows.py): counts of packets the NFLOG rules logged (rate limited, so
+# a floor of what passed), per verdict and the policy that decided.
+FLOW_PACKETS = Counter("tortie_flow_logged_packets_total", "Packets the flow-log rules logged",
+                       ["verdict", "tier", "policy"], registry=REGISTRY)
+FLOWS = Gauge("tortie_flows", "Flows in the agent's flow table", registry=REGISTRY)
+FLOW_EVICTIONS = Counter("tortie_flow_evictions_total", "Flows evicted from the full flow table (least "
+                         "recently seen first)", registry=REGISTRY)
+FLOW_OVERRUNS = Counter("tortie_flow_log_overruns_total", "Times the kernel dropped flow-log messages "
+                        "for a full socket buffer", registry=REGISTRY)
 
 # Known error kinds are exported from the start (at 0), so a rate() or an alert on them
 # works before the first error rather than seeing "no data".

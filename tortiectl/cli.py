@@ -5,6 +5,7 @@
     tortiectl delete KIND NAME [-n NS]
     tortiectl delete -f FILE|-
     tortiectl trace NS/POD NS/POD|IP PORT/PROTO [-o json]
+    tortiectl flows [--denied] [-n NS] [--follow] [-o json]
 
 `apply` reads ordinary multi-document Kubernetes YAML (Pod, Namespace, Node,
 NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, and
@@ -26,6 +27,7 @@ from felix_agent.datastore.convert import ConvertError, from_k8s
 from felix_agent.datastore import keys
 from felix_agent.datastore.etcd import EtcdStore, EtcdUnavailable, record_key
 from felix_agent.datastore.etcd_tls import EtcdTLS
+from tortiectl import flows as flows_cmd
 from tortiectl import status
 from tortiectl import trace as trace_cmd
 from tortiectl.documents import read_documents, resolve_kind, validate_documents
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Views of one node's agent (status, node status, ipam show) read its /status.
     status.add_commands(sub)
+    flows_cmd.add_commands(sub)  # the flows one agent logged (its /flows)
     # `trace` reads the datastore alone and runs the agent's calc on it.
     trace_cmd.add_commands(sub)
     return p
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # `flows --follow` ends this way
+        return 130
     except EtcdUnavailable as e:
         hint = "" if "TLS:" in str(e) else "; set --etcd-endpoints or TORTIE_ETCD_ENDPOINTS"
         print(f"Error: cannot reach {e}{hint}", file=sys.stderr)

@@ -20,9 +20,10 @@ class AgentUnreachable(Exception):
     pass
 
 
-def fetch_status(url: str) -> dict:
+def fetch_status(url: str, path: str = "/status") -> dict:
+    """The agent's JSON document at `path` (/status, /flows?...)."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as r:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=5) as r:
             return json.load(r)
     except (urllib.error.URLError, OSError) as e:
         raise AgentUnreachable(f"cannot reach the agent at {url}: {getattr(e, 'reason', e)}") from None
@@ -54,6 +55,12 @@ def render_status(st: dict) -> str:
     if st.get("bad_records"):
         lines.append(f"Bad records:      {len(st['bad_records'])} in the datastore, skipped "
                      f"(first: {st['bad_records'][0]['key']})")
+    fl = st.get("flow_logs") or {"state": "off"}
+    if fl.get("state") == "on":
+        lines.append(f"Flow logs:        on (NFLOG group {fl.get('nflog_group')}, {fl.get('flows', 0)}/"
+                     f"{fl.get('max_flows', 0)} flows, {fl.get('evicted', 0)} evicted)")
+    else:
+        lines.append(f"Flow logs:        {fl.get('state')}" + (f" ({fl['reason']})" if fl.get("reason") else ""))
     eps = st.get("endpoints") or []
     lines += ["", f"Endpoints on this node: {len(eps)}"]
     if eps:

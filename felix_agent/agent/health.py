@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,8 +86,10 @@ class Health:
                 "programmed": self.programmed, "reasons": reasons}
 
 
-def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPServer:
-    """`status` is a callable returning a JSON-able dict, served at /status (tortiectl status)."""
+def serve(health: Health, host: str, port: int, status=None, flows=None) -> ThreadingHTTPServer:
+    """`status` is a callable returning a JSON-able dict, served at /status (tortiectl status);
+    `flows` the flow log's document (agent/flows.py FlowLog.document), served at /flows
+    with the query ?denied=1&namespace=NS&since=SEQ (tortiectl flows)."""
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
             path = self.path.split("?")[0]
@@ -96,6 +99,8 @@ def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPSer
                 body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
             elif path == "/status" and status is not None:
                 body, ctype, code = (json.dumps(status(), default=str) + "\n").encode(), "application/json", 200
+            elif path == "/flows":
+                body, ctype, code = _flows_body(flows, self.path.partition("?")[2])
             elif path in ("/livez", "/readyz"):
                 ok = health.live if path == "/livez" else health.ready
                 body = (json.dumps(health.report()) + "\n").encode()
@@ -115,3 +120,18 @@ def serve(health: Health, host: str, port: int, status=None) -> ThreadingHTTPSer
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="health-http", daemon=True).start()
     return server
+
+
+def _flows_body(flows, query: str) -> tuple[bytes, str, int]:
+    if flows is None:
+        doc = {"flows": [], "seq": 0, "flow_logs": {"state": "off", "reason": "flow_logs is not set in the "
+                                                                           "agent's config"}}
+        return (json.dumps(doc) + "\n").encode(), "application/json", 200
+    q = urllib.parse.parse_qs(query)
+    try:
+        since = int(q.get("since", ["0"])[0])
+    except ValueError:
+        return b"since: not a number\n", "text/plain", 400
+    doc = flows(denied=q.get("denied", [""])[0] in ("1", "true"), namespace=q.get("namespace", [""])[0],
+                since=since)
+    return (json.dumps(doc) + "\n").encode(), "application/json", 200

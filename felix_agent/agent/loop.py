@@ -18,6 +18,7 @@ import time
 from felix_agent import metrics
 from felix_agent.agent.endpoint_publisher import EndpointPublisher
 from felix_agent.agent.endpoints import EndpointRegistry
+from felix_agent.agent.flows import FlowLog
 from felix_agent.agent.health import Health
 from felix_agent.agent.ipam_sync import IPAMSync
 from felix_agent.agent.registrar import NodeRegistrar
@@ -51,6 +52,7 @@ class AgentLoop:
         self.publisher = publisher
         self.ipam: IPAMSync | None = None
         self.registrar: NodeRegistrar | None = None  # etcd mode with register_node
+        self.flows: FlowLog | None = None  # flow logs, when on: told each pass's rule ids and names
         self.liveness_timeout = cfg.liveness_timeout or max(60.0, cfg.resync_interval * 6)
         self.health = Health(liveness_timeout=self.liveness_timeout, watchdog=self.stalls)
         self._beat: float | None = None  # the event loop's heartbeat (see _heartbeat)
@@ -199,6 +201,8 @@ class AgentLoop:
             problems = getattr(self.dataplane, "problems", {})
             # either family's forwarding off keeps the node from serving pods: /readyz says so
             self.health.faults = {k: problems[k] for k in ("forwarding", "forwarding6") if problems.get(k)}
+            if self.flows is not None:
+                self.flows.follow(plan.state.flow_rules, self.state.cluster)
             if plan.errors:
                 log.warning("calc skipped bad input", extra=kv(errors="; ".join(plan.errors[:5])))
             if self.registrar is not None and self.status.in_sync:

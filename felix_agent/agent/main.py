@@ -13,6 +13,8 @@ import sys
 from felix_agent import config, logs
 
 from felix_agent.agent import health
+from felix_agent.agent.flows import FlowLog
+from felix_agent.calc.flowlog import FlowLogConfig
 from felix_agent.agent.wiring import Agent
 from felix_agent.datastore.publisher import Publisher
 from felix_agent.logs import kv
@@ -67,6 +69,13 @@ def detect_ip6(cfg: config.AgentConfig, uplink: str) -> str:
     return ""
 
 
+def flow_log_config(cfg: config.AgentConfig) -> FlowLogConfig | None:
+    if not cfg.flow_logs:
+        return None
+    return FlowLogConfig(group=cfg.flow_log_group, deny_rate=cfg.flow_log_deny_rate,
+                         deny_per_flow=max(1, cfg.flow_log_deny_rate // 10), allow_rate=cfg.flow_log_allow_rate)
+
+
 def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], set[str]]:
     """Endpoints this node served before a restart, from the persisted IPAM allocations,
     so their chains stay programmed before the first CNI call arrives; and the names of
@@ -103,7 +112,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str, node_ip6: str 
                           wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
                           derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip, node_ip6=node_ip6,
-                          ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
+                          ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file,
+                          flow_logs=flow_log_config(cfg))
     store = writer = None
     if cfg.datastore == "etcd":
         from felix_agent.datastore.etcd import EtcdStore, EtcdSyncer
@@ -143,8 +153,13 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str, node_ip6: str 
     agent.endpoints.set_startup_ifaces(ifaces)
     if store is not None and cfg.register_node:
         agent.register_node(node_ip, cfg.as_number, node_ip6)
-    server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.view.as_dict) \
-        if cfg.http_port else None
+    flows = None
+    if cfg.flow_logs:
+        flows = FlowLog(cfg.flow_log_group, cfg.flow_log_max_flows)
+        flows.start()  # in this (the node's) namespace; unavailable: said in the status, no crash
+        agent.loop.flows = agent.view.flows = flows
+    server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.view.as_dict,
+                          flows=flows.document if flows is not None else None) if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
     service = CNIService(ipam, agent.endpoints, cfg.name, executor,
                          intents=IntentLog(os.path.join(cfg.state_dir, "intents")))
@@ -180,6 +195,8 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str, node_ip6: str 
     if store is not None:
         await store.close()
     agent.shutdown()
+    if flows is not None:
+        flows.stop()
     executor.shutdown(wait=False)
     if server:
         server.shutdown()

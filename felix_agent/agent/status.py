@@ -17,6 +17,7 @@ class StatusView:
         self.endpoints = endpoints
         self.node_ip = ""
         self.ipam = None  # the node's IPAM, once started
+        self.flows = None  # the flow log (agent/flows.py) when the config turns it on
 
     def bad_records(self) -> dict[str, str]:
         """key -> why, for every datastore key the syncer could not decode."""
@@ -44,6 +45,7 @@ class StatusView:
             "endpoints": [{"namespace": w.namespace, "pod": w.pod, "iface": w.iface, "ips": list(w.ips),
                            "container_id": w.container_id} for w in weps],
             "bgp_peers": [p for p in bgp if p.get("proto") == "BGP"],
+            "flow_logs": self.flows.status() if self.flows is not None else {"state": "off"},
             "ipam": None if ipam is None else {
                 "blocks": [{"cidr": b.cidr, "pool": b.pool, "used": b.used, "capacity": b.capacity}
                            for b in ipam.blocks],

@@ -63,6 +63,18 @@ class Neighbor:
     dev: str = "vxlan.calico"
 
 
+@dataclass(frozen=True)
+class FlowRule:
+    """What a flow-log id (calc/flowlog.py) stands for: the verdict and who made it."""
+
+    verdict: str  # "deny" | "allow"
+    direction: str  # "ingress" | "egress": whose policy (the receiver's or the sender's)
+    tier: str  # "Admin" | "NetworkPolicy" | "Baseline" | "default"
+    policy: str  # "ClusterNetworkPolicy/x", "NetworkPolicy ns/name" (several: comma-separated)
+    rule: int  # index in the policy's ingress or egress rules; -1: the end of a tier
+    rule_name: str = ""
+
+
 @dataclass
 class DesiredState:
     chains: Chains = field(default_factory=dict)
@@ -72,3 +84,5 @@ class DesiredState:
     # IPv6 iptables (ip6tables): today only the raw table's loopback guard.
     chains6: Chains = field(default_factory=dict)
     hooks6: tuple[Hook, ...] = ()
+    # flow-log id -> its meaning (empty unless flow logs are on)
+    flow_rules: dict[str, FlowRule] = field(default_factory=dict)

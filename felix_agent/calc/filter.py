@@ -33,9 +33,10 @@ from typing import Callable, Iterable
 from podnet.naming import host_iface_name
 
 from felix_agent.calc.cluster import Cluster
-from felix_agent.calc.desired import DesiredState, Hook, IpSet
+from felix_agent.calc.desired import DesiredState, FlowRule, Hook, IpSet
 from felix_agent.calc.dispatch import dispatch_chains, sources_set
 from felix_agent.calc.endpoints import EndpointPolicies, endpoint_chains
+from felix_agent.calc.flowlog import FlowLogConfig, logged_endpoint_chain, logged_policy, policy_name
 from felix_agent.calc.ipsets import NodeSet, SetSpec, desired_ipset, node_members
 from felix_agent.calc.names import (
     CLEAR_FORWARD_MARK,
@@ -53,6 +54,8 @@ from felix_agent.calc.names import (
     WL_IFACE_WILDCARD,
     WL_SOURCES_SET,
     WL_TO_HOST,
+    from_wl_chain,
+    to_wl_chain,
 )
 from felix_agent.calc.nat import nat_chains, pool_sets
 from felix_agent.calc.policy import PolicyChains, policy_chains
@@ -87,6 +90,7 @@ class CalcConfig:
     # What happens to a workload's traffic to the node itself once its egress policy
     # allowed it: ACCEPT (default; DNS or metrics on the host keep working) or DROP.
     wl_to_host_action: str = "ACCEPT"
+    flow_logs: FlowLogConfig | None = None  # NFLOG rules at the verdicts (calc/flowlog.py)
 
     def __post_init__(self) -> None:
         if not self.node_name:
@@ -189,7 +193,17 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     ingress_of: dict[str, list[str]] = {}
     egress_of: dict[str, list[str]] = {}
 
-    def use(rendered: PolicyChains) -> None:
+    flow = config.flow_logs
+    flow_rules: dict[str, FlowRule] = {}
+    np_names: dict[str, str] = {}  # NetworkPolicy id -> name, for the flow logs' default deny
+
+    def use(rendered: PolicyChains, policy: NetworkPolicy | ClusterPolicy) -> None:
+        if flow is not None:
+            if isinstance(policy, NetworkPolicy):
+                np_names[policy.id] = policy_name(policy)
+            logged = logged_policy(policy, flow)
+            rendered = logged.chains
+            flow_rules.update(logged.rules)
         errs.extend(rendered.errors)
         filt.update(rendered.chains)
         sets.update(dict.fromkeys(rendered.sets))
@@ -198,7 +212,7 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         selected = here.select(PeerSelector.of_policy(policy))
         if not selected:
             continue
-        use(policy_chains(policy))
+        use(policy_chains(policy), policy)
         for ptype, by_ep in (("Ingress", ingress_of), ("Egress", egress_of)):
             if ptype in policy.policy_types:
                 for ep in selected:
@@ -209,7 +223,7 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         selected = here.select(subject_selector(cp))
         if not selected:
             continue
-        use(tier_policy_chains(cp))
+        use(tier_policy_chains(cp), cp)
         for direction in ("ingress", "egress"):
             if getattr(cp, direction):
                 by_ep = tiers.setdefault((cp.tier, direction), {})
@@ -221,8 +235,14 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
                                 network=tuple(network.get(ep.key, ())),
                                 baseline=tuple(tiers.get(("Baseline", direction), {}).get(ep.key, ())))
     for ep in local:
-        filt.update(endpoint_chains(ep, policies_of(ep, "ingress", ingress_of),
-                                    policies_of(ep, "egress", egress_of)))
+        chains = endpoint_chains(ep, policies_of(ep, "ingress", ingress_of), policies_of(ep, "egress", egress_of))
+        if flow is not None:
+            for chain, direction, network in ((to_wl_chain(ep.iface), "ingress", ingress_of),
+                                              (from_wl_chain(ep.iface), "egress", egress_of)):
+                chains[chain], rules = logged_endpoint_chain(
+                    chains[chain], direction, [np_names[i] for i in network.get(ep.key, ())], flow)
+                flow_rules.update(rules)
+        filt.update(chains)
     filt.update(dispatch_chains(local))
 
     ipsets = {spec.name: node_members(spec, cluster.nodes.values()) if isinstance(spec, NodeSet) else ipset_for(spec)
@@ -231,4 +251,4 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     ipsets[WL_SOURCES_SET] = sources_set(wired)
     nat = nat_chains(wired, cluster.pools.values(), errs)
     return DesiredState(chains={"filter": filt, "nat": nat, "raw": raw_chains(4)}, hooks=HOOKS, ipsets=ipsets,
-                        chains6={"raw": raw_chains(6)}, hooks6=RAW_HOOKS)
+                        chains6={"raw": raw_chains(6)}, hooks6=RAW_HOOKS, flow_rules=flow_rules)

@@ -21,6 +21,7 @@ from felix_agent.calc.bird_conf import bird_config, password_include, sessions, 
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Route
 from felix_agent.calc.filter import CalcConfig, dataplane_state
+from felix_agent.calc.flowlog import FlowLogConfig
 from felix_agent.calc.incremental import IncrementalCalc
 from felix_agent.calc.nat import nat6_state
 from felix_agent.model import DEFAULT_AS
@@ -42,10 +43,11 @@ class PlanConfig:
     bgp_password_file: str = ""  # the mesh (node-to-node) sessions' password
     secrets_dir: str = ""  # where BIRD's password includes live (named in the config text)
     wl_to_host_action: str = "ACCEPT"
+    flow_logs: FlowLogConfig | None = None  # None: no flow-log rules
 
     @property
     def calc(self) -> CalcConfig:
-        return CalcConfig(node_name=self.node, wl_to_host_action=self.wl_to_host_action)
+        return CalcConfig(node_name=self.node, wl_to_host_action=self.wl_to_host_action, flow_logs=self.flow_logs)
 
 
 @dataclass(frozen=True)

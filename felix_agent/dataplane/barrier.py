@@ -22,6 +22,7 @@ import time
 
 from felix_agent import metrics
 from felix_agent.calc.cluster import Cluster
+from felix_agent.calc.flowlog import FlowLogConfig
 from felix_agent.calc.plan import Plan, PlanConfig, Planner, PlanWarning, cross_check
 from felix_agent.dataplane.backend import BackendError, detect, require_backend
 from felix_agent.dataplane.bird import BirdDaemon
@@ -106,7 +107,8 @@ class Dataplane:
                  run_dir: str = "/var/run/tortie", bird: bool = True,
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
                  derive_vteps: bool = False, bgp_password_file: str = "", node_ip: str = "",
-                 ensure_forwarding: bool = True, node_ip6: str = ""):
+                 ensure_forwarding: bool = True, node_ip6: str = "",
+                 flow_logs: FlowLogConfig | None = None):
         det = detect(netns, configured=iptables_backend)
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
@@ -138,7 +140,7 @@ class Dataplane:
         self.planner = Planner(PlanConfig(
             node=node_name, uplink=uplink, node_ip=node_ip, node_ip6=node_ip6, derive_vteps=derive_vteps, bird=bird,
             default_as=default_as, bgp_password_file=bgp_password_file,
-            secrets_dir=self.bird.secrets_dir, wl_to_host_action=wl_to_host_action))
+            secrets_dir=self.bird.secrets_dir, wl_to_host_action=wl_to_host_action, flow_logs=flow_logs))
         self.modes: tuple[str, ...] = ()
         self._warned: dict[str, PlanWarning] = {}
 

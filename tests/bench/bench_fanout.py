@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 
 from felix_agent.datastore.convert import to_k8s  # noqa: E402
 from felix_agent.model import SyncStatus, Update  # noqa: E402
-from tests.bench.bench_policy import cpu_seconds, vm_hwm_mb  # noqa: E402
+from tests.bench.bench_policy import cpu_seconds, vm_mb  # noqa: E402
 from tests.bench.bench_scale import pct, rss_mb  # noqa: E402
 from tests.bench.scale_cluster import SIZES, Synthetic  # noqa: E402
 
@@ -151,7 +151,7 @@ def run_mode(mode: str, size: str, n_agents: int, per_process: int, log_dir: str
         out["startup_max_s"] = max(startup)
         out["agent_rss_mb"] = sum(rss) / len(rss)  # per agent (its process's RSS / agents in it)
         if fanout is not None:
-            out["fanout_rss_mb"] = vm_hwm_mb(fanout.proc.pid)  # its peak
+            out["fanout_rss_mb"] = vm_mb(fanout.proc.pid)  # its peak
         syn = Synthetic(*SIZES[size], pool_mode="vxlan", kubernetes=True)
         pod = syn.pod(CHANGED_POD)
         lat = []

@@ -123,10 +123,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (utime + stime) / TICK, (cutime + cstime) / TICK
 
 
-def vm_hwm_mb(pid: int) -> float:
+def vm_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of /proc/<pid>/status in MB: VmHWM (the peak), VmRSS (now)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -162,18 +163,30 @@ def timed_tortiectl(c: LabCluster, args: list[str], doc: dict | None) -> tuple[f
     return t0, time.monotonic()
 
 
-def timed_reps(c: LabCluster, prober: Prober, server_ip: str, reps: int, apply_doc, delete_args) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Probing:
+    """How the client probes: a new connection every `interval` s, each given `timeout` s.
+    A probe whose SYN is dropped fails (TCP retransmits only after 1 s), so a finer pair
+    shows whether the figures are the probes' resolution or the agent's."""
+
+    timeout: float = 0.3
+    interval: float = 0.02
+
+
+def timed_reps(c: LabCluster, prober: Prober, server_ip: str, reps: int, apply_doc, delete_args,
+               probing: Probing = Probing()) -> dict:
     """`reps` times: apply apply_doc(r) until the client gets in, delete it until it is out;
     the p50/p99 of each from tortiectl's start, and p50 from its exit."""
     allow, allow_w, deny, deny_w = [], [], [], []
+    probe = Probe(server_ip, 80, "tcp", probing.timeout)
     for r in range(reps):
         t0, t1 = timed_tortiectl(c, ["apply", "-f", "-"], apply_doc(r))
-        seen, _ = prober.until(Probe(server_ip, 80, "tcp", 0.3), OK, deadline=60)
+        seen, _ = prober.until(probe, OK, interval=probing.interval, deadline=60)
         assert seen is not None, f"change {r} never took effect"
         allow.append(seen - t0)
         allow_w.append(max(0.0, seen - t1))
         t0, t1 = timed_tortiectl(c, delete_args(r), None)
-        seen, _ = prober.until(Probe(server_ip, 80, "tcp", 0.3), TIMEOUT, deadline=60)
+        seen, _ = prober.until(probe, TIMEOUT, interval=probing.interval, deadline=60)
         assert seen is not None, f"deleting change {r} never took effect"
         deny.append(seen - t0)
         deny_w.append(max(0.0, seen - t1))
@@ -183,7 +196,8 @@ def timed_reps(c: LabCluster, prober: Prober, server_ip: str, reps: int, apply_d
             "deny_from_write_p50": statistics.median(deny_w)}
 
 
-def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies: int = 20) -> list[dict]:
+def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies: int = 20,
+        probing: Probing = Probing()) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="tortie-bench-policy-") as work, Etcd() as etcd, \
             Lab(prefix=new_prefix("bp")) as lab:
@@ -228,9 +242,9 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
             drivers0 = driver_seconds(c)
             t_run = time.monotonic()
             timed = timed_reps(c, prober, server.ip, reps, lambda r: probe_policy(f"allow-{r}", allow=True),
-                               lambda r: ["delete", "networkpolicy", f"allow-{r}", "-n", "probe"])
+                               lambda r: ["delete", "networkpolicy", f"allow-{r}", "-n", "probe"], probing)
             cnp = timed_reps(c, prober, server.ip, reps, lambda r: probe_cluster_policy(f"admit-{r}"),
-                             lambda r: ["delete", "clusternetworkpolicy", f"admit-{r}"])
+                             lambda r: ["delete", "clusternetworkpolicy", f"admit-{r}"], probing)
             wall = time.monotonic() - t_run
             cpu1, kids1 = cpu_seconds(agent.pid)
             drivers1 = driver_seconds(c)
@@ -242,7 +256,7 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
                    "rules": s.rules, "chains": s.chains, "policy_rules": s.policy_rules,
                    "ipsets": len(s.sets), "members": s.members,
                    "agent_cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0, "wall": wall,
-                   "last_apply": st.get("last_apply_seconds", 0.0), "hwm_mb": vm_hwm_mb(agent.pid)}
+                   "last_apply": st.get("last_apply_seconds", 0.0), "hwm_mb": vm_mb(agent.pid)}
             # One iptables-filter apply per dataplane pass (the ipsets driver is timed twice
             # per pass: updates first, deletions last), so passes are counted on it.
             passes = drivers1.get("iptables-filter", (0, 0))[1] - drivers0.get("iptables-filter", (0, 0))[1]
@@ -274,14 +288,18 @@ def main() -> None:
     ap.add_argument("--policies", type=int, nargs="+", default=[10, 200])
     ap.add_argument("--cluster-policies", type=int, default=20, help="background ClusterNetworkPolicies")
     ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "10")))
+    ap.add_argument("--probe-timeout", type=float, default=Probing.timeout, help="seconds a probe waits")
+    ap.add_argument("--probe-interval", type=float, default=Probing.interval, help="seconds between probes")
     args = ap.parse_args()
+    probing = Probing(args.probe_timeout, args.probe_interval)
     if os.geteuid() != 0:
         print("bench_policy: needs root (network namespaces); skipped")
         return
-    print("== policy: tortiectl apply/delete -> first probe that sees it (probe every 20 ms)")
+    print(f"== policy: tortiectl apply/delete -> first probe that sees it (a probe every "
+          f"{probing.interval * 1000:.0f} ms, each waiting {probing.timeout * 1000:.0f} ms)")
     all_results = []
     for n in args.endpoints:
-        all_results += run(n, sorted(args.policies), args.reps, args.cluster_policies)
+        all_results += run(n, sorted(args.policies), args.reps, args.cluster_policies, probing)
     print("== summary (target: apply->enforced p50 under 1 s at 1000 endpoints)")
     for r in all_results:
         verdict = "ok" if r["allow_p50"] < 1.0 else "MISSED"

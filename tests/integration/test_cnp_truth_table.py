@@ -11,10 +11,20 @@ reachability again.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
+
+from felix_agent.calc.trace import Tracer
+from felix_agent.datastore.etcd import EtcdStore
+from tests.lab.cluster import SERVER, wait_for
+from tests.lab.prober import flush_conntrack
+from tortiectl.trace import load_cluster
 
 from tests.integration.test_netpol_truth_table import (  # noqa: F401  (world: the module's fixture)
     Case,
@@ -194,3 +204,71 @@ def test_pod_created_after_the_cluster_policy_is_protected_from_its_first_packet
 
 def test_every_case_also_runs_in_the_v1alpha1_spelling():
     assert [c.name for c in CASES if c.name + "-v1alpha1" not in {v.name for v in V1ALPHA1_CASES}] == []
+
+
+# --- egress to nodes ---------------------------------------------------------------------------
+
+NODE_PORT = 18080
+
+
+def _label_node(world: World, name: str, labels: dict) -> None:
+    """Set a Node record's labels (the agent keeps them when it republishes its address)."""
+    doc = json.loads(world.cluster.tortiectl("get", "node", name, "-o", "json").stdout)
+    doc["metadata"]["labels"] = labels
+    world.cluster.apply(doc)
+
+
+def test_egress_to_nodes_by_label(world: World):
+    """A `nodes` peer (a node label selector; the agent matches it with a cali40h set of the
+    picked nodes' addresses): x may reach zone-a nodes although a NetworkPolicy denies x all
+    egress, y may not reach zone-b nodes on NODE_PORT; probed from every pod to each node's
+    own address (a server in the node namespace), and `tortiectl trace` agrees on every cell."""
+    c = world.cluster
+    nodes = {n.name: n for n in c.lab.nodes}
+    zone = {"node1": "a", "node2": "b"}
+    servers = [c.lab.popen(n.ns, [sys.executable, "-c", SERVER, f"tcp:{NODE_PORT}"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True) for n in nodes.values()]
+    policies = [
+        pol("deny-egress", "x", types=["Egress"]),
+        cnp("accept-x-to-zone-a", "Admin", 10, X, egress=[eg("Accept", {"nodes": ml(zone="a")})]),
+        cnp("deny-y-to-zone-b", "Admin", 11, in_ns("y"),
+            egress=[eg("Deny", {"nodes": ml(zone="b")}, protocols=[tcp(NODE_PORT)])]),
+    ]
+    try:
+        assert all(s.stdout.readline().strip() == "ready" for s in servers)
+        for name, z in zone.items():
+            _label_node(world, name, {"zone": z})
+        c.apply(policies)
+        world.wait_programmed(policies)
+
+        def expect(key: str, node: str) -> bool:
+            ns = key.split("/")[0]
+            return not ((ns == "x" and zone[node] != "a") or (ns == "y" and zone[node] == "b"))
+        want = {(k, n): expect(k, n) for k in world.pods for n in nodes}
+
+        def observe():
+            flush_conntrack(world.node_namespaces)
+            return {(k, n): c.probe(pod, nodes[n].ip, NODE_PORT, timeout=0.5)
+                    for k, pod in world.pods.items() for n in nodes}
+        got = wait_for(lambda: (lambda o: o if o == want else None)(observe()), timeout=30,
+                       what="pod -> node probes as the policies say")
+        assert got == want and not all(want.values()) and any(want.values())
+
+        async def load():
+            async with EtcdStore.from_endpoint(c.etcd.endpoint) as store:
+                return await load_cluster(store)
+        tracer = Tracer(asyncio.run(load()))
+        eps = tracer.cluster.endpoint_map()
+        for (key, node), ok in want.items():
+            t = tracer.trace(eps[tuple(key.split("/"))], nodes[node].ip, NODE_PORT, "tcp")
+            assert t.allowed == ok, (key, node, t.reason)
+        t = tracer.trace(eps[("y", "a")], nodes["node2"].ip, NODE_PORT, "tcp")
+        assert any(s.policy == "ClusterNetworkPolicy/deny-y-to-zone-b" and s.action == "Deny"
+                   for d in t.directions for s in d.steps), t
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+        for name in zone:
+            _label_node(world, name, {})
+        world.reset(policies)

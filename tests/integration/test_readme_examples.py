@@ -83,7 +83,7 @@ def status_labels() -> list[str]:
 
 
 def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
-    c = make_cluster(2)
+    c = make_cluster(2, agent_args=("--flow-logs", "true"))  # as the README's flow logs section says
     (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML)
     (tmp_path / "admin-policy.yaml").write_text(readme_yaml("admin-policy.yaml"))
     (tmp_path / "pool-v6.yaml").write_text(readme_yaml("pool-v6.yaml"))
@@ -131,6 +131,15 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         sample = text[text.index("    192.0.2.10 -> shop/frontend"):].split("\n\n")[0]
         assert out.splitlines() == [ln[4:] for ln in sample.splitlines()], out
 
+    def flows(out: str) -> None:
+        if not state.get("probed"):  # a connection from node2 to the pod's port 9090, denied
+            state["probed"] = True
+            assert not c.probe(c.lab.node("node2").ns, state["ip"], 9090, timeout=0.5)
+        rows = out.splitlines()
+        assert rows[0].split()[:4] == ["LAST", "SEEN", "SOURCE", "DESTINATION"], out
+        assert any("node node2 (192.168.100.12)" in r and f"shop/frontend ({state['ip']})" in r and "9090/tcp" in r
+                   and "DENY" in r and "NetworkPolicy shop/allow-web (no rule allowed)" in r for r in rows[1:]), out
+
     def status(out: str) -> None:
         for label in status_labels():  # the README's sample shows the real fields
             assert label in out, (label, out)
@@ -163,6 +172,7 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         ("tortiectl apply -f admin-policy.yaml", False, apply_cnp, None),
         ("tortiectl get cnp -o wide", False, get_cnp, None),
         ("tortiectl trace 192.0.2.10 shop/frontend 9090/tcp", False, trace, None),
+        ("tortiectl flows --denied -n shop", True, flows, None),
         ("tortiectl status", True, status, None),
         ("tortiectl node status", True, node_status, None),
         ("tortiectl ipam show", True, ipam_show, None),
