@@ -108,7 +108,7 @@ e2e-manifest: kube-deps image
 	rc=$$?; $(PY) -m tests.kube.manifest_lab down $$p >/dev/null; exit $$rc
 
 kube-up: kube-deps cni-binary
-	$(PY) -m tests.kube.cluster up
+	$(PY) -m tests.kube.cluster up $(if $(DUAL_STACK),--dual-stack)
 
 kube-down:
 	@if [ -x $(PY) ]; then $(PY) -m tests.kube.cluster down; else python3 -m tests.kube.cluster down; fi

@@ -11,6 +11,13 @@ Layout, all names carrying a per-run prefix "tk<6 hex>" (P below):
            tortie-agent with BIRD, the lab's cluster DNS on the node address (cluster_dns.py);
            CNI bin/conf dirs of their own
 
+Dual-stack (KubeLab(dual_stack=True), `up --dual-stack`): the bridge, control plane and
+nodes also get fd99::1, ::2, ::11.. /64; every component runs with the IPv6DualStack
+feature gate (alpha in 1.20), the controller-manager allocates a podCIDR of each family
+(10.244.0.0/16 by /24, fd00:244::/56 by /64), Services get a second range, kubelet reports
+an InternalIP of each family, kube-proxy programs ip6tables too, and tortie's default pool
+names both families.
+
 Every process runs under `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, which
 remounts /sys and gives the process a private mount namespace that containerd and runc
 would not share).  Files live in /var/lib/tortie-kube/P; mounts made there by kubelet and
@@ -19,7 +26,7 @@ Nothing in the root namespace changes: kubelet is built never to write global sy
 (deploy/kube/build.sh), kube-proxy is told to leave conntrack and oom settings alone, and
 the agent's ip_forward=1 goes into each node's own namespace.
 
-    python -m tests.kube.cluster up      # build or reuse binaries, start, install tortie
+    python -m tests.kube.cluster up [--dual-stack]  # build or reuse binaries, start, install tortie
     python -m tests.kube.cluster down [P] # remove a cluster (all tk clusters without P)
 """
 from __future__ import annotations
@@ -43,6 +50,11 @@ SUBNET = "10.99.0"
 CP_IP = f"{SUBNET}.2"
 CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
+SUBNET6 = "fd99::"
+CP_IP6 = f"{SUBNET6}2"
+CLUSTER_CIDR6 = "fd00:244::/56"
+SERVICE_CIDR6 = "fd00:96::/112"
+DUAL_STACK_GATE = "--feature-gates=IPv6DualStack=true"
 ADMIN_TOKEN_USER = "tortie-lab-admin"
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -94,6 +106,7 @@ class Node:
     ns: str
     ip: str
     dir: str
+    ip6: str = ""  # dual-stack labs only
 
     @property
     def sock(self) -> str:
@@ -119,6 +132,7 @@ class KubeLab:
     bin_dir: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
+    dual_stack: bool = False
 
     # -- layout ---------------------------------------------------------------------
 
@@ -152,7 +166,7 @@ class KubeLab:
         with open(os.path.join(BASE, prefix, "lab.json")) as f:
             d = json.load(f)
         return cls(prefix=prefix, n_nodes=len(d["nodes"]), bin_dir=d["bin_dir"],
-                   nodes=[Node(**n) for n in d["nodes"]])
+                   nodes=[Node(**n) for n in d["nodes"]], dual_stack=d.get("dual_stack", False))
 
     def tokens_admin(self) -> str:
         with open(os.path.join(self.dir, "pki/tokens.csv")) as f:
@@ -211,27 +225,33 @@ class KubeLab:
         run(["ip", "netns", "add", name])
         run(["ip", "link", "set", "lo", "up"], ns=name)
 
-    def _plug(self, ns: str, ip: str, idx: int) -> None:
+    def _plug(self, ns: str, ip: str, idx: int, ip6: str = "") -> None:
         host = f"{self.prefix}h{idx}"
         run(["ip", "link", "add", host, "netns", self.br, "type", "veth", "peer", "name", "eth0", "netns", ns])
         run(["ip", "link", "set", host, "master", "br0", "up"], ns=self.br)
         run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"], ns=ns)
+        if ip6:  # nodad: usable at once (duplicate detection would hold it for a second)
+            run(["ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"], ns=ns)
         run(["ip", "link", "set", "eth0", "up"], ns=ns)
         run(["ip", "route", "add", "default", "via", f"{SUBNET}.1"], ns=ns)
+        if ip6:
+            run(["ip", "-6", "route", "add", "default", "via", f"{SUBNET6}1"], ns=ns)
 
     def build_network(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         self._netns(self.br)
         run(["ip", "link", "add", "br0", "type", "bridge"], ns=self.br)
         run(["ip", "addr", "add", f"{SUBNET}.1/24", "dev", "br0"], ns=self.br)
+        if self.dual_stack:
+            run(["ip", "addr", "add", f"{SUBNET6}1/64", "dev", "br0", "nodad"], ns=self.br)
         run(["ip", "link", "set", "br0", "up"], ns=self.br)
         self._netns(self.cp)
-        self._plug(self.cp, CP_IP, 0)
+        self._plug(self.cp, CP_IP, 0, CP_IP6 if self.dual_stack else "")
         for i in range(1, self.n_nodes + 1):
             n = Node(f"{self.prefix}-n{i}", f"{self.prefix}-n{i}", f"{SUBNET}.{10 + i}",
-                     os.path.join(self.dir, f"n{i}"))
+                     os.path.join(self.dir, f"n{i}"), f"{SUBNET6}{10 + i}" if self.dual_stack else "")
             self._netns(n.ns)
-            self._plug(n.ns, n.ip, i)
+            self._plug(n.ns, n.ip, i, n.ip6)
             self.nodes.append(n)
 
     # -- PKI and credentials ----------------------------------------------------------
@@ -290,6 +310,24 @@ class KubeLab:
 
     # -- control plane ----------------------------------------------------------------
 
+    @property
+    def gates(self) -> tuple[str, ...]:
+        return (DUAL_STACK_GATE,) if self.dual_stack else ()
+
+    @property
+    def cluster_cidrs(self) -> str:
+        return f"{CLUSTER_CIDR},{CLUSTER_CIDR6}" if self.dual_stack else CLUSTER_CIDR
+
+    @property
+    def service_cidrs(self) -> str:
+        return f"{SERVICE_CIDR},{SERVICE_CIDR6}" if self.dual_stack else SERVICE_CIDR
+
+    @property
+    def node_cidr_masks(self) -> tuple[str, ...]:
+        # dual-stack refuses the single-family flag
+        return (("--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64") if self.dual_stack
+                else ("--node-cidr-mask-size=24",))
+
     def start_control_plane(self) -> None:
         d, pki = self.dir, os.path.join(self.dir, "pki")
         self.popen("etcd", self.cp, ["etcd", "--name", "cp", "--data-dir", f"{d}/etcd",
@@ -302,7 +340,7 @@ class KubeLab:
         self.popen("kube-apiserver", self.cp, [
             self.bin("kube-apiserver"), "--etcd-servers=http://127.0.0.1:2379",
             f"--bind-address={CP_IP}", f"--advertise-address={CP_IP}", "--secure-port=6443",
-            "--insecure-port=0", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--insecure-port=0", f"--service-cluster-ip-range={self.service_cidrs}", *self.gates,
             f"--tls-cert-file={pki}/apiserver.crt", f"--tls-private-key-file={pki}/apiserver.key",
             f"--client-ca-file={pki}/ca.crt", f"--token-auth-file={pki}/tokens.csv",
             f"--service-account-key-file={pki}/sa.pub", f"--service-account-signing-key-file={pki}/sa.key",
@@ -320,8 +358,8 @@ class KubeLab:
             f"--authentication-kubeconfig={d}/controller-manager.kubeconfig",
             f"--authorization-kubeconfig={d}/controller-manager.kubeconfig",
             "--bind-address=127.0.0.1", "--secure-port=10257", "--port=0",
-            "--allocate-node-cidrs=true", f"--cluster-cidr={CLUSTER_CIDR}", "--node-cidr-mask-size=24",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--use-service-account-credentials=true",
+            "--allocate-node-cidrs=true", f"--cluster-cidr={self.cluster_cidrs}", *self.node_cidr_masks, *self.gates,
+            f"--service-cluster-ip-range={self.service_cidrs}", "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki}/sa.key", f"--root-ca-file={pki}/ca.crt",
             "--controllers=*,-cloud-node-lifecycle", "--leader-elect=false", "--v=1"])
         self.popen("kube-scheduler", self.cp, [
@@ -424,7 +462,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--container-runtime=remote", f"--container-runtime-endpoint=unix://{n.sock}",
             f"--root-dir={n.dir}/kubelet", f"--cert-dir={n.dir}/kubelet/pki",
             f"--volume-plugin-dir={n.dir}/kubelet/volume-plugins",
-            f"--hostname-override={n.name}", f"--node-ip={n.ip}",
+            f"--hostname-override={n.name}", f"--node-ip={n.ip}" + (f",{n.ip6}" if n.ip6 else ""), *self.gates,
             "--pod-infra-container-image=k8s.gcr.io/pause:3.2", "--v=1"])
 
     def start_cluster_dns(self, n: Node) -> None:
@@ -437,7 +475,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         # 0 for the conntrack and oom settings: kube-proxy leaves the global values alone
         self.popen(f"kube-proxy-{n.name}", n.ns, [
             self.bin("kube-proxy"), f"--kubeconfig={self.dir}/kube-proxy.kubeconfig",
-            f"--hostname-override={n.name}", f"--cluster-cidr={CLUSTER_CIDR}", "--proxy-mode=iptables",
+            f"--hostname-override={n.name}", f"--cluster-cidr={self.cluster_cidrs}", "--proxy-mode=iptables", *self.gates,
             "--conntrack-max-per-core=0", "--conntrack-min=0",
             "--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
             "--oom-score-adj=0", f"--bind-address={n.ip}", "--metrics-bind-address=127.0.0.1:10249",
@@ -488,6 +526,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                "TORTIE_RUN_DIR": os.path.join(n.agent_dir, "run")}
         if pool_mode:
             env["TORTIE_DEFAULT_POOL_MODE"] = pool_mode
+        if self.dual_stack:  # the pools the podCIDRs come from, both families
+            env["TORTIE_DEFAULT_POOL"] = self.cluster_cidrs
         self.popen(f"tortie-agent-{n.name}", n.ns, [os.path.join(VENV_BIN, "tortie-agent")], env=env)
 
     def stop_tortie(self) -> None:
@@ -528,9 +568,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         that runs the network would: each node's podCIDR (tortie's block there) via that
         node, in the control-plane namespace only."""
         for item in self.kjson("get", "nodes")["items"]:
-            ip = next(a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP")
+            ips = [a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP"]
             for cidr in item["spec"].get("podCIDRs") or []:
-                run(["ip", "route", "replace", cidr, "via", ip], ns=self.cp)
+                v6 = ":" in cidr
+                ip = next((i for i in ips if (":" in i) == v6), None)
+                if ip:
+                    run(["ip", "-6" if v6 else "-4", "route", "replace", cidr, "via", ip], ns=self.cp)
 
     # -- whole cluster ------------------------------------------------------------------
 
@@ -541,7 +584,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         archives = images.build_all(self.bin_dir, self.src_tree, os.path.join(os.path.dirname(self.bin_dir), "images"))
         self.build_network()
         with open(os.path.join(self.dir, "lab.json"), "w") as f:
-            json.dump({"prefix": self.prefix, "bin_dir": self.bin_dir,
+            json.dump({"prefix": self.prefix, "bin_dir": self.bin_dir, "dual_stack": self.dual_stack,
                        "nodes": [n.__dict__ for n in self.nodes]}, f)
         self.make_pki()
         self.start_control_plane()
@@ -695,7 +738,7 @@ def leftovers(prefix: str) -> list[str]:
 def _main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "up"
     if cmd == "up":
-        lab = KubeLab().up_or_remove("kube-up")
+        lab = KubeLab(dual_stack="--dual-stack" in argv[1:]).up_or_remove("kube-up")
         kc = lab.kubeconfig
         print(f"""
 cluster {lab.prefix} is up: control plane in netns {lab.cp}, nodes {', '.join(n.ns for n in lab.nodes)}
