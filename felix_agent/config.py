@@ -55,13 +55,16 @@ class AgentConfig:
     http_port: int = _f(9099, "port of the /livez, /readyz and /metrics server (0: off)")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
     node_ip: str = _f("", "this node's IPv4 address with prefix (default: the uplink's address)")
+    node_ip6: str = _f("", "this node's IPv6 address with prefix (default: the uplink's first global IPv6 "
+                           "address, if any)")
     uplink: str = _f("", "the node's uplink interface (default: the interface of the default route)")
     as_number: int = _f(0, "this node's BGP AS number (0: the cluster default 64512)")
     bird: bool = _f(True, "run BIRD for pools in bgp/ipip mode")
     bird_bin: str = _f("bird", "the bird daemon executable")
     birdc_bin: str = _f("birdc", "the birdc client executable")
     mtu: int = _f(1500, "pod interface MTU when the CNI config gives none")
-    default_pool: str = _f("", "create this IPv4 pool (CIDR) if the datastore has no pool (etcd mode)")
+    default_pool: str = _f("", "create this pool (CIDR; dual-stack: an IPv4 and an IPv6 CIDR, comma-separated) "
+                               "if the datastore has no pool (etcd mode)")
     default_pool_mode: str = _f("bgp", "routing mode of the default pool", ("bgp", "direct", "vxlan", "ipip"))
     register_node: bool = _f(True, "publish this node's address, AS and VTEP on its Node record (etcd mode)")
     etcd_ca_file: str = _f("", "CA certificate (PEM) that signed etcd's server certificate; needed with an "
@@ -94,11 +97,13 @@ class AgentConfig:
                 ipaddress.IPv4Interface(self.node_ip)
             except ValueError:
                 raise ConfigError(f"node_ip: {self.node_ip!r} is not an IPv4 address/prefix") from None
-        if self.default_pool:
+        if self.node_ip6:
             try:
-                ipaddress.IPv4Network(self.default_pool)
+                ipaddress.IPv6Interface(self.node_ip6)
             except ValueError:
-                raise ConfigError(f"default_pool: {self.default_pool!r} is not an IPv4 CIDR") from None
+                raise ConfigError(f"node_ip6: {self.node_ip6!r} is not an IPv6 address/prefix") from None
+        if self.default_pool:
+            self.default_pools  # raises ConfigError for a bad list
         host, _, port = self.etcd_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} is not host:port, http://host:port "
@@ -123,6 +128,23 @@ class AgentConfig:
     def fanout_addresses(self) -> list[tuple[str, int]]:
         """fanout_endpoints as (host, port) pairs."""
         return [parse_host_port(ep, "fanout_endpoints") for ep in self.fanout_endpoints.split(",")]
+
+    @property
+    def default_pools(self) -> list[tuple[str, str]]:
+        """default_pool as (pool name, CIDR) pairs: "default-pool" for the IPv4 CIDR,
+        "default-pool-v6" for the IPv6 one (a dual-stack cluster names both)."""
+        out: dict[int, tuple[str, str]] = {}
+        for c in (x.strip() for x in self.default_pool.split(",") if x.strip()):
+            try:
+                net = ipaddress.ip_network(c)
+            except ValueError:
+                raise ConfigError(f"default_pool: {c!r} is not a CIDR") from None
+            if net.version in out:
+                raise ConfigError(f"default_pool: two IPv{net.version} CIDRs; give at most one of each family")
+            if net.version == 6 and self.default_pool_mode == "ipip":
+                raise ConfigError("default_pool: ipip carries IPv4 only; an IPv6 pool takes bgp, direct or vxlan")
+            out[net.version] = ("default-pool" if net.version == 4 else "default-pool-v6", str(net))
+        return [out[v] for v in sorted(out)]
 
     @property
     def etcd_tls(self) -> bool:

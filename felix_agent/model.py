@@ -34,6 +34,7 @@ Kind = Literal[
 
 DEFAULT_AS = 64512
 DEFAULT_BLOCK_SIZE = 26
+DEFAULT_BLOCK_SIZE_V6 = 122
 
 
 # --- label selectors ------------------------------------------------------------------

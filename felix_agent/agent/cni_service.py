@@ -150,7 +150,7 @@ class CNIService:
         return n
 
     async def _add(self, req: CNIRequest, netns_fd: int | None, namespace: str, pod: str, host_if: str) -> dict:
-        allocated: Allocation | None = None
+        allocated: list[Allocation] = []
         plumbing_tried = registered = False
         if not req.ips and netns_fd is not None:
             # Before allocating or changing anything: the pod's CNI_IFNAME may be another
@@ -165,8 +165,10 @@ class CNIService:
                 cidrs = list(req.ips)
             else:
                 with step("alloc"):
-                    allocated = await self.ipam.allocate(req.container_id, req.ifname, namespace=namespace, pod=pod)
-                cidrs = [host_cidr(allocated.ip)]
+                    # one address of each family the pools (or podCIDRs) offer: dual-stack
+                    allocated = await self.ipam.allocate_families(req.container_id, req.ifname,
+                                                                  namespace=namespace, pod=pod)
+                cidrs = [host_cidr(a.ip) for a in allocated]
             plumbing_tried = True
             with step("plumbing"):
                 info = await self._run(self.plumbing.setup, netns_fd, req.ifname, host_if, cidrs, req.conf.mtu,
@@ -194,7 +196,7 @@ class CNIService:
         return res.to_dict(versions.LATEST)
 
     async def _rollback(self, req: CNIRequest, namespace: str, pod: str, host_if: str,
-                        allocated: Allocation | None, plumbing_tried: bool, registered: bool) -> None:
+                        allocated: list[Allocation], plumbing_tried: bool, registered: bool) -> None:
         """Undo an ADD's steps, newest first; every step is tried even if one fails."""
         if registered:
             try:
@@ -206,11 +208,12 @@ class CNIService:
                 await self._run(self.plumbing.teardown, None, req.ifname, host_if)
             except Exception as e:  # noqa: BLE001
                 log.error("rollback of %s: teardown of %s failed: %s", req.container_id, host_if, e)
-        if allocated is not None:
+        if allocated:
             try:
                 await self.ipam.release(req.container_id, req.ifname)
             except Exception as e:  # noqa: BLE001 - GC frees it later
-                log.error("rollback of %s: releasing %s failed: %s", req.container_id, allocated.ip, e)
+                log.error("rollback of %s: releasing %s failed: %s", req.container_id,
+                          ", ".join(a.ip for a in allocated), e)
 
     # -- DEL ------------------------------------------------------------------------------
 

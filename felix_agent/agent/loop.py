@@ -24,7 +24,7 @@ from felix_agent.agent.registrar import NodeRegistrar
 from felix_agent.agent.state import ModelState, Status
 from felix_agent.config import AgentConfig
 from felix_agent.logs import kv
-from felix_agent.model import IPPool, SyncStatus, Update
+from felix_agent.model import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE_V6, IPPool, SyncStatus, Update
 
 log = logging.getLogger("tortie.agent")
 
@@ -58,9 +58,10 @@ class AgentLoop:
         self._calc_seconds = float("inf")  # the last calc's time: the first pass goes off the loop
         self.status = status
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataplane")
-        if cfg.default_pool:
-            state.inject(Update("IPPool", "default-pool", IPPool(
-                name="default-pool", cidr=cfg.default_pool, mode=cfg.default_pool_mode)))
+        for name, cidr in cfg.default_pools:
+            state.inject(Update("IPPool", name, IPPool(
+                name=name, cidr=cidr, mode=cfg.default_pool_mode,
+                block_size=DEFAULT_BLOCK_SIZE if ":" not in cidr else DEFAULT_BLOCK_SIZE_V6)))
 
     # -- events -------------------------------------------------------------------------
 

@@ -207,10 +207,10 @@ class IPAM:
     def _used(self, cidr: str) -> set[str]:
         return {a.ip for a in self._state.allocations.values() if a.block == cidr}
 
-    def _block_usable(self, cidr: str) -> bool:
+    def _block_usable(self, cidr: str, version: int | None = None) -> bool:
         if cidr in self._foreign:
             return False
-        if ipaddress.ip_network(cidr).version != self.version:
+        if ipaddress.ip_network(cidr).version != (version or self.version):
             return False
         aff = self._state.blocks[cidr]
         pool = self._pool(aff.pool) if aff.pool else None
@@ -228,18 +228,37 @@ class IPAM:
     def blocks(self) -> list[BlockAffinity]:
         return sorted(self._state.blocks.values(), key=lambda b: b.cidr)
 
+    def families(self) -> tuple[int, ...]:
+        """The IP versions an ADD gets one address of each: those of the enabled pools
+        (etcd mode) or of this node's podCIDRs (kubernetes mode), so a dual-stack cluster
+        gives every pod an IPv4 and an IPv6 address and an IPv6-only one IPv6 only.  With
+        neither known, the IPAM's own version (the error then names it)."""
+        if self.backend.claims_blocks:
+            found = {pool_network(p).version for p in self.pools if not p.disabled}
+        else:
+            found = {ipaddress.ip_network(c).version for c in self._state.blocks if c not in self._foreign}
+        return tuple(sorted(found)) or (self.version,)
+
     def status(self) -> tuple[bool, str]:
-        """(True, "") when an ADD could get an address now or by claiming a block."""
+        """(True, "") when an ADD could get an address of every family now or by claiming
+        a block."""
+        for version in self.families():
+            ok, why = self._status(version)
+            if not ok:
+                return ok, why
+        return True, ""
+
+    def _status(self, version: int) -> tuple[bool, str]:
         for cidr in self._state.blocks:
-            if self._block_usable(cidr) and len(self._used(cidr)) < block_capacity(cidr):
+            if self._block_usable(cidr, version) and len(self._used(cidr)) < block_capacity(cidr):
                 return True, ""
         if not self.backend.claims_blocks:
             if not self._state.blocks:
                 return False, f"node {self.node} has no podCIDR yet (Node.spec.podCIDRs is empty)"
             return False, f"node {self.node}'s podCIDRs {', '.join(sorted(self._state.blocks))} are full"
-        enabled = [p for p in self.pools if not p.disabled and pool_network(p).version == self.version]
+        enabled = [p for p in self.pools if not p.disabled and pool_network(p).version == version]
         if not enabled:
-            return False, "no enabled IPv%d pool" % self.version
+            return False, "no enabled IPv%d pool" % version
         # Whether an unclaimed block exists needs the datastore; claim() finds out.
         return True, ""
 
@@ -247,7 +266,7 @@ class IPAM:
         blocks = []
         for aff in self.blocks():
             blocks.append(BlockReport(cidr=aff.cidr, pool=aff.pool, capacity=block_capacity(aff.cidr),
-                                      used=len(self._used(aff.cidr)), usable=self._block_usable(aff.cidr)))
+                                      used=len(self._used(aff.cidr)), usable=self._block_usable(aff.cidr, ipaddress.ip_network(aff.cidr).version)))
         allocs = tuple(self.allocations())
         leaks: tuple[Allocation, ...] = ()
         if known_container_ids is not None:
@@ -257,18 +276,43 @@ class IPAM:
 
     # -- changes ---------------------------------------------------------------------------
 
+    async def allocate_families(self, container_id: str, ifname: str = "eth0", *, namespace: str = "",
+                                pod: str = "") -> list[Allocation]:
+        """One address of each family (families()) for the attachment, IPv4 first: what a
+        CNI ADD gets.  All or nothing: when one family fails, the addresses this call made
+        are released again (a retried ADD's existing ones stay) and the error is raised."""
+        made: list[Allocation] = []
+        out: list[Allocation] = []
+        for version in self.families():
+            before = {a.ip for a in self.allocations_for(container_id, ifname)}
+            try:
+                a = await self.allocate(container_id, ifname, namespace=namespace, pod=pod, version=version)
+            except BaseException:
+                if made:
+                    await self.release_ips(a.ip for a in made)
+                raise
+            if a.ip not in before:
+                made.append(a)
+            out.append(a)
+        return out
+
     async def allocate(self, container_id: str, ifname: str = "eth0", *, namespace: str = "",
-                       pod: str = "") -> Allocation:
+                       pod: str = "", version: int | None = None) -> Allocation:
+        """One address of IP version `version` (default: the IPAM's) for the attachment."""
         if not container_id or not ifname:
             raise IPAMConfigError("an allocation needs a container id and an interface name")
+        version = version or self.version
+        if version not in (4, 6):
+            raise IPAMConfigError(f"IP version must be 4 or 6, not {version!r}")
         self._check_started()
         async with self._lock:
             for a in self._state.allocations.values():
-                if a.container_id == container_id and a.ifname == ifname:
+                if (a.container_id == container_id and a.ifname == ifname
+                        and ipaddress.ip_address(a.ip).version == version):
                     return a  # a retried ADD gets the address it already has
-            ip, cidr = self._find_free()
+            ip, cidr = self._find_free(version)
             if ip is None:
-                cidr = await self._claim_block()
+                cidr = await self._claim_block(version)
                 ip = next_free(cidr, self._used(cidr), None)
                 assert ip is not None, "a freshly claimed block has free addresses"
             alloc = Allocation(ip=ip, block=cidr, container_id=container_id, ifname=ifname,
@@ -329,29 +373,29 @@ class IPAM:
         if not self._started:
             raise RuntimeError("IPAM.start() was not awaited")
 
-    def _find_free(self) -> tuple[str | None, str]:
+    def _find_free(self, version: int) -> tuple[str | None, str]:
         used: dict[str, set[str]] = {}
         for a in self._state.allocations.values():  # one pass, not one per block
             used.setdefault(a.block, set()).add(a.ip)
         for aff in self.blocks():
-            if not self._block_usable(aff.cidr):
+            if not self._block_usable(aff.cidr, version):
                 continue
             ip = next_free(aff.cidr, used.get(aff.cidr, set()), self._state.cursors.get(aff.cidr))
             if ip is not None:
                 return ip, aff.cidr
         return None, ""
 
-    async def _claim_block(self) -> str:
-        """Claim a new block for this node (caller holds the lock)."""
+    async def _claim_block(self, version: int) -> str:
+        """Claim a new block of IP version `version` for this node (caller holds the lock)."""
         if not self.backend.claims_blocks:
             if not self._state.blocks:
                 raise NoUsablePool(f"node {self.node} has no podCIDR (Node.spec.podCIDRs is empty)")
             raise IPAMExhausted(f"node {self.node}'s podCIDRs {', '.join(sorted(self._state.blocks))} "
                                 "are exhausted: every address is allocated")
         self._backend_pools = _good_pools(await self.backend.list_pools())
-        enabled = [p for p in self.pools if not p.disabled and pool_network(p).version == self.version]
+        enabled = [p for p in self.pools if not p.disabled and pool_network(p).version == version]
         if not enabled:
-            raise NoUsablePool(f"no enabled IPv{self.version} IP pool to allocate from "
+            raise NoUsablePool(f"no enabled IPv{version} IP pool to allocate from "
                                f"(pools: {', '.join(p.name for p in self.pools) or 'none'})")
         taken = {a.cidr for a in await self.backend.list_affinities()}
         for pool in enabled:

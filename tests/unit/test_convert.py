@@ -402,7 +402,19 @@ def test_ip_pool_defaults_and_fields():
     assert from_k8s(to_k8s(q)) == q
 
 
+def test_ipv6_pool_defaults_to_122_blocks_as_calico():
+    p = from_k8s(_own("IPPool", "v6", {"cidr": "fd00:10:65::/112", "natOutgoing": True}))
+    assert p == model.IPPool(name="v6", cidr="fd00:10:65::/112", block_size=122, mode="bgp", nat_outgoing=True)
+    assert from_k8s(to_k8s(p)) == p
+    vx = from_k8s(_own("IPPool", "v6x", {"cidr": "fd00:10:66::/64", "mode": "vxlan", "blockSize": 120}))
+    assert (vx.block_size, vx.mode) == (120, "vxlan")
+
+
 @pytest.mark.parametrize("spec,path,msg", [
+    ({"cidr": "fd00:10:65::/112", "mode": "ipip"}, "spec.mode", "ipip carries IPv4 only"),
+    ({"cidr": "fd00:10:65::/112", "blockSize": 129}, "spec.blockSize", "out of range"),
+    ({"cidr": "fd00:10:65::/112", "blockSize": 100}, "spec.blockSize", "shorter than the pool"),
+    ({"cidr": "fd00:10:65::1/112"}, "spec.cidr", "host bits"),
     ({"cidr": "10.65.0.0/16", "mode": "gre"}, "spec.mode", "'gre' is not one of"),
     ({"cidr": "10.65.0.1/16"}, "spec.cidr", "host bits"),
     ({"cidr": "banana"}, "spec.cidr", "not a valid CIDR"),

@@ -27,13 +27,17 @@ def ip_pool_from_k8s(ctx: Ctx, obj: dict) -> IPPool:
     except ValueError:
         raise ctx.fail("spec.cidr", f"{cidr} has host bits set") from None
     bs = spec.get("blockSize")
-    block_size = (model.DEFAULT_BLOCK_SIZE if net.version == 4 else 122) if bs is None else \
-        ctx.integer(bs, "spec.blockSize", 0, net.max_prefixlen)
+    # Calico's defaults: /26 blocks of 64 addresses for IPv4, /122 (64 addresses) for IPv6
+    block_size = (model.DEFAULT_BLOCK_SIZE if net.version == 4 else model.DEFAULT_BLOCK_SIZE_V6) if bs is None \
+        else ctx.integer(bs, "spec.blockSize", 0, net.max_prefixlen)
     if block_size < net.prefixlen:
         raise ctx.fail("spec.blockSize", f"{block_size} is shorter than the pool prefix /{net.prefixlen}")
     mode = spec.get("mode") or "bgp"
     if mode not in POOL_MODES:
         raise ctx.fail("spec.mode", f"{mode!r} is not one of {', '.join(POOL_MODES)}")
+    if mode == "ipip" and net.version == 6:
+        # The kernel's ipip carries IPv4 in IPv4 (Calico has no IPv6 IPIP either).
+        raise ctx.fail("spec.mode", "ipip carries IPv4 only; an IPv6 pool takes bgp, direct or vxlan")
     cross = ctx.boolean(spec.get("crossSubnet"), "spec.crossSubnet")
     if cross and mode not in ("vxlan", "ipip"):
         raise ctx.fail("spec.crossSubnet", f"only applies to mode vxlan or ipip, not {mode}")
