@@ -31,19 +31,26 @@ VENV_BIN = os.path.dirname(sys.executable) if os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "tortie-agent")) else os.path.join(ROOT, ".venv", "bin")
 AGENT_HTTP_PORT = 9099
 
-# One long-lived server per pod: TCP on the given ports, UDP echo on the same numbers.
+# One long-lived server per pod: TCP on the given ports, UDP echo on the same numbers, on
+# both families (one IPv6 socket with V6ONLY off also takes IPv4; IPv4 alone without IPv6).
 SERVER = r"""
 import socket, sys, threading
+def sock(kind):
+    try:
+        s = socket.socket(socket.AF_INET6, kind); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return s, "::"
+    except OSError:
+        return socket.socket(socket.AF_INET, kind), "0.0.0.0"
 def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(256)
+    s, any_ = sock(socket.SOCK_STREAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((any_, port)); s.listen(256)
     while True:
         c, _ = s.accept()
         try: c.sendall(b"ok\n")
         except OSError: pass
         c.close()
 def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+    s, any_ = sock(socket.SOCK_DGRAM); s.bind((any_, port))
     while True:
         data, addr = s.recvfrom(2048); s.sendto(b"ok:" + data, addr)
 for p in sys.argv[1:]:
@@ -68,6 +75,11 @@ class LabPod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def ip6(self) -> str:
+        """The pod's IPv6 address from its CNI result ("" when it has none)."""
+        return next((i["address"].split("/")[0] for i in self.result.get("ips", []) if ":" in i["address"]), "")
 
 
 class LabCluster:

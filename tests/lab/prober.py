@@ -51,16 +51,18 @@ import json, socket, sys, threading
 SCTP = getattr(socket, "IPPROTO_SCTP", 132)
 
 def serve_sctp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, SCTP)
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, SCTP)  # V6ONLY off: IPv4 too
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(256)
+    s.bind(("::", port)); s.listen(256)
     while True:
         c, _ = s.accept(); c.close()
 
 def probe(req, out, i):
     proto = req["proto"]
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
-    s = socket.socket(socket.AF_INET, kind, SCTP if proto == "sctp" else 0)
+    family = socket.AF_INET6 if ":" in req["ip"] else socket.AF_INET
+    s = socket.socket(family, kind, SCTP if proto == "sctp" else 0)
     s.settimeout(req["timeout"])
     try:
         if req.get("src"):
