@@ -335,7 +335,7 @@ class Census:
     policy_rules: int  # rules in cali-pi-*/cali-po-* chains
     chains: int  # cali chains in the filter table
     policy_chains: int
-    sets: Mapping[str, int]  # cali40 ipset -> members
+    sets: Mapping[str, int]  # cali40 (IPv6: cali60) ipset -> members
     text: str  # the cali chains as iptables-save prints them, counters stripped
 
     @property
@@ -343,9 +343,11 @@ class Census:
         return sum(self.sets.values())
 
 
-def census(node_ns: str) -> Census:
+def census(node_ns: str, family: int = 4) -> Census:
+    """What the agent programmed for IP `family`: its filter table chains and its sets."""
     out = ""
-    for cmd in ("iptables-save", "iptables-legacy-save"):
+    tool = "iptables" if family == 4 else "ip6tables"
+    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
         out = sh(cmd, "-t", "filter", ns=node_ns, check=False).stdout
         if ":cali-FORWARD" in out:
             break
@@ -356,7 +358,7 @@ def census(node_ns: str) -> Census:
     sets: dict[str, int] = {}
     for ln in sh("ipset", "save", ns=node_ns, check=False).stdout.splitlines():
         parts = ln.split()
-        if len(parts) >= 2 and parts[1].startswith("cali40"):
+        if len(parts) >= 2 and parts[1].startswith(f"cali{family}0"):
             if parts[0] == "create":
                 sets.setdefault(parts[1], 0)
             elif parts[0] == "add":
