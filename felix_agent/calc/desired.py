@@ -13,13 +13,19 @@ from dataclasses import dataclass, field
 Chains = dict[str, dict[str, tuple[str, ...]]]
 
 
+HOOK_POSITIONS = ("top", "bottom")
+
+
 @dataclass(frozen=True)
 class Hook:
-    """A jump from a built-in chain to one of ours, kept at the top of the built-in chain."""
+    """A jump from a built-in chain to one of ours, kept at the top of the built-in chain
+    or, for position "bottom", as its last rule (after other writers' rules: kube-proxy's
+    REJECT for a Service without endpoints must see a packet our policy allowed)."""
 
     table: str  # "filter" | "nat" | "raw" | "mangle"
     builtin: str  # "INPUT", "FORWARD", ...
     target: str  # "cali-INPUT"
+    position: str = "top"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl
                                                                               cali-po-<id>
                                                                               cali-co-<id> (Baseline)
                                  -> cali-to-wl-dispatch   -> cali-tw-<iface> -> cali-ci-<id>, cali-pi-<id>, ...
+                    (workload traffic both allowed: marked FORWARD_MARK, returned)
+                 ... other writers' rules (kube-proxy's KUBE-SERVICES REJECT) ...
+                 last rule: -> cali-FORWARD-accept: ACCEPT if marked
          OUTPUT  -> cali-OUTPUT  (empty: the node may always reach its own pods)
 nat:     see calc/nat.py
 raw:     PREROUTING -> cali-PREROUTING: the loopback guard (calc/raw.py), IPv4 and IPv6
@@ -45,13 +48,17 @@ from felix_agent.calc.dispatch import dispatch_chains, sources_set
 from felix_agent.calc.endpoints import EndpointPolicies, endpoint_chains
 from felix_agent.calc.ipsets import NodeSet, SetSpec, desired_ipset, node_members
 from felix_agent.calc.names import (
+    CLEAR_FORWARD_MARK,
     FILTER_FORWARD,
+    FILTER_FORWARD_ACCEPT,
     FILTER_INPUT,
     FILTER_OUTPUT,
     FROM_WL_DISPATCH,
+    IF_FORWARDED,
     NAT_OUTPUT,
     NAT_POSTROUTING,
     NAT_PREROUTING,
+    SET_FORWARD_MARK,
     TO_WL_DISPATCH,
     WL_IFACE_WILDCARD,
     WL_TO_HOST,
@@ -72,6 +79,7 @@ WL_IFACE_RE = re.compile(r"^cali[A-Za-z0-9_.-]{1,11}$")
 FILTER_HOOKS = (
     Hook("filter", "INPUT", FILTER_INPUT),
     Hook("filter", "FORWARD", FILTER_FORWARD),
+    Hook("filter", "FORWARD", FILTER_FORWARD_ACCEPT, position="bottom"),
     Hook("filter", "OUTPUT", FILTER_OUTPUT),
 )
 HOOKS = (
@@ -119,11 +127,15 @@ def static_filter_chains(config: CalcConfig, family: int = 4) -> dict[str, tuple
         FILTER_FORWARD: (
             f"{CT_ESTABLISHED} -j ACCEPT",  # replies, and the rest of allowed connections
             f"{CT_INVALID} -j DROP",
+            CLEAR_FORWARD_MARK,  # only this chain's verdict may make the last rule accept
             f"-i {wl} -j {FROM_WL_DISPATCH}",  # egress of the sender (drops or returns)
             f"-o {wl} -j {TO_WL_DISPATCH}",  # ingress of the receiver (drops or returns)
-            f"-i {wl} -j ACCEPT",  # both that apply passed
-            f"-o {wl} -j ACCEPT",
+            # Both that apply passed: not ACCEPT here, which would skip every rule after our
+            # hook (kube-proxy REJECTs a new connection to a Service without endpoints).
+            f"-i {wl} {SET_FORWARD_MARK}",
+            f"-o {wl} {SET_FORWARD_MARK}",
         ),
+        FILTER_FORWARD_ACCEPT: (f"{IF_FORWARDED} -j ACCEPT",),
         # Only workload traffic is our business on INPUT; the host's own firewall stays theirs.
         FILTER_INPUT: (
             f"-i {wl} {CT_ESTABLISHED} -j ACCEPT",

@@ -30,10 +30,19 @@ CLEAR_TIER_MARKS = f"-j MARK --set-xmark 0x0/{ACCEPT_MARK | PASS_MARK:#x}"
 IF_PASSED = f"-m mark --mark {PASS_MARK:#x}/{PASS_MARK:#x}"
 IF_NOT_PASSED = f"-m mark --mark 0x0/{PASS_MARK:#x}"
 RETURN_IF_PASSED = IF_PASSED + " -j RETURN"
+# cali-FORWARD sets this bit on workload traffic its checks allowed and returns, so the
+# rest of FORWARD (kube-proxy's REJECT of a Service without endpoints, the host's own
+# rules) still sees the packet; our last rule in FORWARD accepts what carries it (Felix
+# does the same with its accept bit).  Clear of the tiers' bits and kube-proxy's.
+FORWARD_MARK = 0x40000
+SET_FORWARD_MARK = f"-j MARK --set-xmark {FORWARD_MARK:#x}/{FORWARD_MARK:#x}"
+CLEAR_FORWARD_MARK = f"-j MARK --set-xmark 0x0/{FORWARD_MARK:#x}"
+IF_FORWARDED = f"-m mark --mark {FORWARD_MARK:#x}/{FORWARD_MARK:#x}"
 
 # --- filter table ------------------------------------------------------------------------
 FILTER_INPUT = "cali-INPUT"
 FILTER_FORWARD = "cali-FORWARD"
+FILTER_FORWARD_ACCEPT = "cali-FORWARD-accept"  # the bottom hook of FORWARD
 FILTER_OUTPUT = "cali-OUTPUT"
 WL_TO_HOST = "cali-wl-to-host"
 FROM_WL_DISPATCH = "cali-from-wl-dispatch"

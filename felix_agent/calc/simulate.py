@@ -17,7 +17,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from felix_agent.calc.desired import IpSet
+from felix_agent.calc.desired import Hook, IpSet
 
 MAX_DEPTH = 20
 
@@ -164,4 +164,19 @@ def run(chains: Mapping[str, tuple[str, ...]], name: str, pkt: Packet, ipsets: M
         run(chains, what, pkt, ipsets, out, stack)
         if out.verdict is not None or kind == "-g":
             return out
+    return out
+
+
+def run_builtin(chains: Mapping[str, tuple[str, ...]], hooks: tuple[Hook, ...], table: str, builtin: str,
+                pkt: Packet, ipsets: Mapping[str, IpSet]) -> Run:
+    """Run `pkt` through our hooks in built-in chain `builtin` of `table` as the kernel
+    meets them: the top hooks, then (after other writers' rules, not ours to know) the
+    bottom ones.  A verdict of None leaves the packet to the built-in chain's policy."""
+    out = Run()
+    for position in ("top", "bottom"):
+        for h in hooks:
+            if (h.table, h.builtin, h.position) == (table, builtin, position):
+                run(chains, h.target, pkt, ipsets, out)
+                if out.verdict is not None:
+                    return out
     return out

@@ -23,9 +23,9 @@ from podnet.naming import host_iface_name
 
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.filter import CalcConfig, dataplane_state
-from felix_agent.calc.names import ACCEPT_MARK, FILTER_FORWARD, PASS_MARK, from_wl_chain, to_wl_chain
+from felix_agent.calc.names import ACCEPT_MARK, PASS_MARK, from_wl_chain, to_wl_chain
 from felix_agent.calc.policy import policy_chains
-from felix_agent.calc.simulate import Hit, Packet, run
+from felix_agent.calc.simulate import Hit, Packet, run, run_builtin
 from felix_agent.calc.tier_policy import tier_policy_chains
 from felix_agent.model import Endpoint
 
@@ -225,7 +225,11 @@ class Tracer:
         allowed = True
         for node in nodes:
             state = self._state(node)
-            if run(_filter(state, family), FILTER_FORWARD, packet(node), state.ipsets).verdict == "DROP":
+            # The whole of FORWARD as we program it: cali-FORWARD marks what it allows, and
+            # our last rule accepts it (calc/filter.py).
+            hooks = state.hooks if family == 4 else state.hooks6
+            if run_builtin(_filter(state, family), hooks, "filter", "FORWARD", packet(node),
+                           state.ipsets).verdict != "ACCEPT":
                 allowed = False
         directions = []
         if isinstance(src, Endpoint):

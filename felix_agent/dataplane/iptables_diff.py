@@ -4,7 +4,8 @@
 Order inside the batch: declare new chains; fix the hooks in built-in chains; edit the
 chains we keep; fill the new chains; flush, then delete, the chains we no longer want
 (after everything that referenced them is gone).  We never touch a chain outside cali-*
-except our own hook rules at the top of the built-in chains.
+except our own hook rules at the top (and, for "bottom" hooks, the end) of the built-in
+chains.
 """
 from __future__ import annotations
 
@@ -67,19 +68,30 @@ def diff_chain(chain: str, actual: list[str | None], desired: list[tuple[str, st
     return edits
 
 
-def diff_hooks(builtin: str, actual: list[SavedRule], desired: list[Hook]) -> list[Edit]:
-    """Keep our hooks as the first rules of `builtin`, in the desired order.
+def hook_layout(desired: list[Hook]) -> tuple[list[Hook], list[Hook]]:
+    """The top hooks and the bottom hooks of one built-in chain, each in desired order."""
+    return [h for h in desired if h.position == "top"], [h for h in desired if h.position == "bottom"]
 
-    If they already are, nothing; otherwise remove every rule of ours in the chain and
-    insert the hooks at 1..n (hooks are few; moving them all is simpler and still atomic).
+
+def diff_hooks(builtin: str, actual: list[SavedRule], desired: list[Hook]) -> list[Edit]:
+    """Keep our top hooks as the first rules of `builtin` and our bottom hooks as its
+    last, each group in the desired order.
+
+    If they already are, nothing; otherwise remove every rule of ours in the chain, insert
+    the top hooks at 1..n and append the bottom ones (hooks are few; moving them all is
+    simpler and still atomic).
     """
-    want = [hook_id(h) for h in desired]
+    top, bottom = hook_layout(desired)
     ours = [(i + 1, r) for i, r in enumerate(actual) if is_our_hook_rule(r)]
-    if [pos for pos, _ in ours] == list(range(1, len(want) + 1)) and [r.rule_id for _, r in ours] == want:
+    n, m, total = len(top), len(bottom), len(actual)
+    want_pos = list(range(1, n + 1)) + list(range(total - m + 1, total + 1))
+    if [pos for pos, _ in ours] == want_pos and [r.rule_id for _, r in ours] == [hook_id(h) for h in top + bottom]:
         return []
     edits = [Edit("D", builtin, pos) for pos, _ in reversed(ours)]
-    for k, h in enumerate(desired):
-        edits.append(Edit("I", builtin, k + 1, want[k], f"-j {h.target}"))
+    for k, h in enumerate(top):
+        edits.append(Edit("I", builtin, k + 1, hook_id(h), f"-j {h.target}"))
+    for h in bottom:
+        edits.append(Edit("A", builtin, 0, hook_id(h), f"-j {h.target}"))
     return edits
 
 
@@ -187,8 +199,8 @@ def advance(saved: SavedTable, chains: dict[str, list[tuple[str, str]]], hooks: 
     """`saved` as it is after the batch plan() made from it (with these `changes`) was
     restored successfully.  Updated in place (only what the batch touched) and returned.
 
-    Our chains then hold exactly the desired ids, the rewritten built-in chains our hooks
-    on top followed by their other rules; stale chains are gone or (kept for a foreign
+    Our chains then hold exactly the desired ids, the rewritten built-in chains our top
+    hooks, their other rules, then our bottom hooks; stale chains are gone or (kept for a foreign
     reference) empty.  Rule bodies are stored as we wrote them, not as `-save` would
     print them: planning needs only the ids and, in built-in chains, the jump targets.
     """
@@ -197,8 +209,9 @@ def advance(saved: SavedTable, chains: dict[str, list[tuple[str, str]]], hooks: 
         saved.rules[name] = [SavedRule(name, tagged(rid, body), rid) for rid, body in chains[name]]
     for b in changes.hooks_rewritten:
         others = [r for r in saved.rules.get(b, []) if not is_our_hook_rule(r)]
-        ours = [SavedRule(b, tagged(hook_id(h), f"-j {h.target}"), hook_id(h)) for h in hooks if h.builtin == b]
-        saved.rules[b] = ours + others
+        top, bottom = ([SavedRule(b, tagged(hook_id(h), f"-j {h.target}"), hook_id(h)) for h in group]
+                       for group in hook_layout([h for h in hooks if h.builtin == b]))
+        saved.rules[b] = top + others + bottom
     # Stale chains were flushed, then deleted or (a foreign rule jumps there) kept empty;
     # a stale chain that was empty already is in neither list and stays as it was.
     for c in changes.chains_deleted:

@@ -16,7 +16,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from felix_agent.calc.desired import Hook
+from felix_agent.calc.desired import HOOK_POSITIONS, Hook
 
 CHAIN_PREFIX = "cali-"
 MAX_CHAIN_LEN = 28  # xtables: 29 bytes including the NUL
@@ -45,7 +45,9 @@ def rule_id(chain: str, body: str, occurrence: int = 0) -> str:
 
 
 def hook_id(hook: Hook) -> str:
-    return rule_id(hook.builtin, f"hook -> {hook.target}")
+    # A top hook's id is the one it always had, so an upgrade rewrites no top hook.
+    where = "hook" if hook.position == "top" else f"hook ({hook.position})"
+    return rule_id(hook.builtin, f"{where} -> {hook.target}")
 
 
 def chain_rule_ids(chain: str, bodies: tuple[str, ...] | list[str]) -> list[str]:
@@ -226,6 +228,8 @@ def check_chains(table: str, chains: dict[str, tuple[str, ...]], hooks: list[Hoo
                              f"({', '.join(BUILTINS[table])})")
         if h.target not in chains:
             raise ValueError(f"hook {h}: target chain {h.target!r} is not among the desired chains")
+        if h.position not in HOOK_POSITIONS:
+            raise ValueError(f"hook {h}: position must be one of {', '.join(HOOK_POSITIONS)}")
         if (h.builtin, h.target) in seen:
             raise ValueError(f"hook {h} is listed twice")
         seen.add((h.builtin, h.target))

@@ -126,8 +126,9 @@ def test_chains_and_sets_load_and_read_back_verbatim(make_lab, st, backend):
         got = saved_rules(lab.exec(ns, f"{tool}-save", "-t", table).stdout)
         for name, bodies in (st.chains6 if v6 else st.chains)[table].items():
             assert got.get(name, []) == list(bodies), f"{tool} {table} {name}"
-        for h in (h for h in (st.hooks6 if v6 else st.hooks) if h.table == table):
-            assert got[h.builtin] == [f"-j {h.target}"]
+        hooks = [h for h in (st.hooks6 if v6 else st.hooks) if h.table == table]
+        for builtin in {h.builtin for h in hooks}:
+            assert got[builtin] == [f"-j {h.target}" for h in hooks if h.builtin == builtin]
 
 
 def test_the_rich_state_covers_every_shape(st):

@@ -97,12 +97,14 @@ GROUPS: dict[str, tuple[str, str]] = {
 }
 SUITES: dict[str, list[tuple[str, str]]] = {
     # CI: four NetworkPolicy specs, pod to pod across nodes, a ClusterIP Service through
-    # kube-proxy and a hostPort through portmap, in one run (about 3 minutes)
+    # kube-proxy (and kube-proxy's REJECT of one without endpoints: our FORWARD order) and a
+    # hostPort through portmap, in one run (about 4 minutes)
     "smoke": [("(NetworkPolicy.*(should support a 'default-deny-ingress' policy|"
                "should enforce policy to allow traffic from pods within server namespace based on PodSelector|"
                "should enforce policy based on Ports|should deny ingress access to updated pod)"
                "|Granular Checks: Pods should function for intra-pod communication: http"
                "|Granular Checks: Services should function for pod-Service: http"
+               "|Services should be rejected when no endpoints exist"
                "|" + GROUPS["hostport"][0] + ")", "SCTP")],
     **{name: [g] for name, g in GROUPS.items()},
     "network": list(GROUPS.values()),

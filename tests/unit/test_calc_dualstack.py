@@ -6,7 +6,7 @@ own family, anti-spoofing and the ICMPv6 a pod needs, the tiers, and trace over 
 import pytest
 
 from felix_agent.calc.names import family_set_name
-from felix_agent.calc.simulate import Packet, run
+from felix_agent.calc.simulate import Packet, run, run_builtin
 from felix_agent.calc.trace import TraceError, trace
 from felix_agent.model import (
     ClusterNetworkPolicy, NamedPort, NamespacedPods, NetworkPolicy, Node, PolicyPort, TierPeer, TierPort, TierRule,
@@ -27,11 +27,12 @@ def world(*records):
 
 
 def forward(st, src: str, dst: str, dport: int = 80, in_iface: str = CLI, out_iface: str = WEB, proto: str = "tcp"):
-    """"DROP", or "ACCEPT" when the filter table of the packet's family lets it through."""
-    chains = (st.chains6 if ":" in src else st.chains)["filter"]
-    verdict = run(chains, "cali-FORWARD", Packet(src, dst, proto, dport, in_iface=in_iface, out_iface=out_iface),
-                  st.ipsets).verdict
-    return "DROP" if verdict == "DROP" else "ACCEPT"
+    """What built-in FORWARD does with the packet as we program it, in the filter table of
+    its family: "DROP", "ACCEPT" (workload traffic our chains allowed), or "not ours"."""
+    chains, hooks = (st.chains6, st.hooks6) if ":" in src else (st.chains, st.hooks)
+    verdict = run_builtin(chains["filter"], hooks, "filter", "FORWARD",
+                          Packet(src, dst, proto, dport, in_iface=in_iface, out_iface=out_iface), st.ipsets).verdict
+    return "DROP" if verdict == "DROP" else "ACCEPT" if verdict == "ACCEPT" else "not ours"
 
 
 def test_same_chain_names_and_endpoint_chains_in_both_families_sets_are_twins():

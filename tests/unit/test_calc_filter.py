@@ -24,12 +24,19 @@ def test_hooks_and_static_chains():
         Hook("filter", "INPUT", "cali-INPUT"), Hook("filter", "FORWARD", "cali-FORWARD"),
         Hook("filter", "OUTPUT", "cali-OUTPUT"), Hook("nat", "PREROUTING", "cali-PREROUTING"),
         Hook("nat", "OUTPUT", "cali-OUTPUT"), Hook("nat", "POSTROUTING", "cali-POSTROUTING"),
-        Hook("raw", "PREROUTING", "cali-PREROUTING")}
+        Hook("raw", "PREROUTING", "cali-PREROUTING"),
+        Hook("filter", "FORWARD", "cali-FORWARD-accept", position="bottom")}
     f = st.chains["filter"]
     assert f["cali-FORWARD"][:2] == ("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                                      "-m conntrack --ctstate INVALID -j DROP")
     assert "-i cali+ -j cali-from-wl-dispatch" in f["cali-FORWARD"]
     assert "-o cali+ -j cali-to-wl-dispatch" in f["cali-FORWARD"]
+    # Allowed workload traffic is marked and returned, never accepted in cali-FORWARD (the
+    # rest of FORWARD, kube-proxy's REJECT, must see it); the bottom hook accepts it.
+    assert not [r for r in f["cali-FORWARD"][2:] if r.endswith("-j ACCEPT")]
+    assert f["cali-FORWARD"][-2:] == ("-i cali+ -j MARK --set-xmark 0x40000/0x40000",
+                                      "-o cali+ -j MARK --set-xmark 0x40000/0x40000")
+    assert f["cali-FORWARD-accept"] == ("-m mark --mark 0x40000/0x40000 -j ACCEPT",)
     assert f["cali-INPUT"][-1] == "-i cali+ -g cali-wl-to-host"
     assert f["cali-wl-to-host"] == ("-j cali-from-wl-dispatch", "-j ACCEPT")
     assert f["cali-OUTPUT"] == ()  # the node reaches its own pods unhindered

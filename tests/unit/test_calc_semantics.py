@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from felix_agent.calc.simulate import Packet
 from felix_agent.calc.simulate import run as simulate_run
+from felix_agent.calc.simulate import run_builtin
 from felix_agent.model import (
     IPBlock,
     LabelSelector,
@@ -31,6 +32,14 @@ from tests.unit.test_calc_fixtures import cluster_of, iface_of, pod, state
 def run(chains, name: str, pkt: Packet, ipsets) -> str | None:
     """'ACCEPT' / 'DROP', or None when the chain returns."""
     return simulate_run(chains, name, pkt, ipsets).verdict
+
+
+def forward(s, pkt: Packet) -> str | None:
+    """The verdict of built-in FORWARD as programmed (our top hook, then our last rule) in
+    the table of the packet's family (ip6tables for IPv6): 'ACCEPT' / 'DROP', or None when
+    neither decided (the chain's policy does)."""
+    chains, hooks = (s.chains6, s.hooks6) if ":" in pkt.src else (s.chains, s.hooks)
+    return run_builtin(chains["filter"], hooks, "filter", "FORWARD", pkt, s.ipsets).verdict
 
 
 # --- reference semantics (from the API docs, not from the calc) --------------------------
@@ -138,7 +147,7 @@ def test_dual_stack_verdicts_match_the_reference_in_each_family(pods, policies, 
     matches nothing of the other; selectors and ports mean the same in both)."""
     for family in (4, 6):
         info, c = make_world(pods, {"x": ns_x, "y": ns_y}, *policies, family=family, dual=True)
-        for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("udp", 53), ("tcp", 81)), family):
+        for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("udp", 53), ("tcp", 81))):
             want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
                     (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
             assert got == ("ACCEPT" if want else "DROP"), (family, a, b, proto, dport)
@@ -160,11 +169,9 @@ def make_world(pods, namespaces: dict, *records, family: int = 4, dual: bool = F
     return info, c
 
 
-def forward_verdicts(c, info: list[dict], ports, family: int = 4):
-    """(a, b, proto, dport, verdict of n1's cali-FORWARD) for every pair with a pod on n1,
-    in the filter table of IP `family`."""
+def forward_verdicts(c, info: list[dict], ports):
+    """(a, b, proto, dport, verdict of n1's FORWARD) for every pair with a pod on n1."""
     s = state(c)
-    chains = (s.chains if family == 4 else s.chains6)["filter"]
     for a in info:
         for b in info:
             if a is b or (a["node"] != "n1" and b["node"] != "n1"):
@@ -173,7 +180,7 @@ def forward_verdicts(c, info: list[dict], ports, family: int = 4):
                 pkt = Packet(a["ip"], b["ip"], proto, dport,
                              in_iface=a["iface"] if a["node"] == "n1" else "eth0",
                              out_iface=b["iface"] if b["node"] == "n1" else "eth0")
-                yield a, b, proto, dport, run(chains, "cali-FORWARD", pkt, s.ipsets)
+                yield a, b, proto, dport, forward(s, pkt)
 
 
 def test_spoofed_and_unknown_sources_are_dropped_and_host_paths():
@@ -182,7 +189,7 @@ def test_spoofed_and_unknown_sources_are_dropped_and_host_paths():
     for action in ("ACCEPT", "DROP"):
         s = state(c, wl_to_host_action=action)
         f = s.chains["filter"]
-        fwd = lambda **kw: run(f, "cali-FORWARD", Packet(proto="tcp", dport=80, **kw), s.ipsets)
+        fwd = lambda **kw: forward(s, Packet(proto="tcp", dport=80, **kw))
         assert fwd(src="10.0.0.6", dst="10.0.0.5", in_iface=cli, out_iface=web) == "ACCEPT"
         assert fwd(src="10.0.0.5", dst="10.0.0.5", in_iface=cli, out_iface=web) == "DROP"  # spoof
         assert fwd(src="10.0.0.9", dst="10.0.0.5", in_iface="cali0000000dead", out_iface=web) == "DROP"

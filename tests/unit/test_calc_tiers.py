@@ -35,9 +35,9 @@ from tests.unit.test_calc_semantics import (
     SEL,
     Packet,
     allowed,
+    forward,
     forward_verdicts,
     make_world,
-    run,
 )
 
 # --- reference semantics (from the API's documentation, not from the calc) -----------------
@@ -154,7 +154,7 @@ def verdict(*records, src="10.0.0.2", dst="10.0.0.3", proto="tcp", dport=80) -> 
                    *records)
     s = state(c)
     pkt = Packet(src, dst, proto, dport, in_iface=iface_of("y", "c"), out_iface=iface_of("x", "s"))
-    return run(s.chains["filter"], "cali-FORWARD", pkt, s.ipsets) or "NONE"
+    return forward(s, pkt) or "NONE"
 
 
 NP_DENY_ALL = NetworkPolicy("x", "deny", LabelSelector())

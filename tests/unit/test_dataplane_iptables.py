@@ -284,8 +284,8 @@ def desired_states():
         for c in chosen:
             rules = draw(st.lists(st.sampled_from(bodies + [f"-j {t}" for t in chosen if t != c]), max_size=5))
             chains[c] = tuple(rules)
-        hooks = [Hook("filter", b, t) for b, t in zip(("INPUT", "FORWARD"), chosen)
-                 if draw(st.booleans())]
+        hooks = [Hook("filter", b, t, position=draw(st.sampled_from(("top", "bottom"))))
+                 for b, t in zip(("INPUT", "FORWARD", "INPUT"), chosen) if draw(st.booleans())]
         return chains, hooks
     return one()
 
@@ -335,6 +335,29 @@ def test_advance_rewritten_hooks_keep_foreign_rules_below():
     assert view.rules["INPUT"][1].body == "-s 10.0.0.1/32 -j KUBE-SERVICES"
     assert [r.target for r in view.rules["FORWARD"]] == ["cali-FWD"]
     assert plan("filter", view, chains, hooks)[0] == []
+
+
+def test_bottom_hooks_stay_below_other_writers_rules():
+    """A bottom hook is appended after the foreign rules of its built-in chain; when
+    another writer appends after it, the next plan moves it back to the end, and the top
+    hook keeps the id it had before hooks had positions (an upgrade rewrites nothing)."""
+    top, bottom = HOOK, Hook("filter", "INPUT", "cali-END", position="bottom")
+    chains = validate("filter", {"cali-INPUT": ("-p icmp",), "cali-END": ("-j ACCEPT",)}, [top, bottom])
+    k = FakeKernel()
+    k.chains["INPUT"] = ["? -s 10.0.0.1/32 -j KUBE-SERVICES"]
+    k.restore(plan("filter", parse_save(k.save(), "filter"), chains, [top, bottom])[0])
+    ids = [r.rule_id for r in parse_save(k.save(), "filter").rules["INPUT"]]
+    assert ids == [hook_id(top), None, hook_id(bottom)]
+    assert hook_id(top) == rule_id("INPUT", "hook -> cali-INPUT") != hook_id(bottom)
+    assert plan("filter", parse_save(k.save(), "filter"), chains, [top, bottom])[0] == []
+    k.chains["INPUT"].append("? -j LOG")  # someone appends after our last rule
+    lines, ch = plan("filter", parse_save(k.save(), "filter"), chains, [top, bottom])
+    assert ch.hooks_rewritten == ["INPUT"]
+    k.restore(lines)
+    assert [r.rule_id for r in parse_save(k.save(), "filter").rules["INPUT"]] == [hook_id(top), None, None,
+                                                                                  hook_id(bottom)]
+    with pytest.raises(ValueError, match="position"):
+        validate("filter", {"cali-END": ("-j ACCEPT",)}, [Hook("filter", "INPUT", "cali-END", position="middle")])
 
 
 def test_check_chains_reuses_unchanged_chains_and_stays_strict():
