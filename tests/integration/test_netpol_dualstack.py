@@ -2,8 +2,9 @@
 test_netpol_truth_table.py, each matrix probed over IPv4 and over IPv6 (real iptables and
 ip6tables, ipsets of both families, real packets), compared exactly with the reference
 evaluator run on the pods' addresses of that family, and `tortiectl trace` agreeing on
-every cell of both.  The cases' ipBlocks are IPv4, so their IPv6 matrices show the rule
-acting in its own family only; the cases below add IPv6 and mixed blocks.  Then: a
+every cell of both; likewise the cluster policy cases of test_cnp_truth_table.py.  The
+cases' ipBlocks and networks are IPv4, so their IPv6 matrices show the rule acting in its
+own family only; the cases below add IPv6 and mixed ones.  Then: a
 spoofed IPv6 source is dropped at the sender, and ICMPv6 neighbour discovery keeps working
 for a pod behind deny-all.
 
@@ -22,10 +23,13 @@ from tests.integration.test_netpol_truth_table import (
     Case,
     World,
     build_world,
+    check_spoofing,
     host,
     ml,
     pol,
 )
+from tests.integration.test_cnp_truth_table import CASES as CNP_CASES
+from tests.integration.test_cnp_truth_table import cnp, eg, in_ns, pods
 from tests.lab import sh
 from tests.lab.cluster import LabCluster, wait_for
 from tests.lab.prober import OK, TIMEOUT, Probe, flush_conntrack
@@ -91,7 +95,18 @@ CASES6 = [
         pol("p", "x", egress=[{"to": [{"ipBlock": {"cidr": POOL}}, {"ipBlock": {"cidr": POOL6}}],
                                "ports": [{"port": "web"}]}], types=["Egress"])]),
 ]
-ALL = CASES + CASES6
+CNP_CASES6 = [
+    Case("cnp-egress-deny-ipv6-networks-only", lambda ip: [
+        cnp("deny-to-hosts6", "Admin", 10, pods(ml(pod="a")),
+            egress=[eg("Deny", {"networks": [host6(ip["y/c@6"]), host6(ip["z/b@6"])]})])]),
+    Case("cnp-egress-accept-both-families-over-networkpolicy-deny", lambda ip: [
+        pol("deny-egress", "x", types=["Egress"]),
+        cnp("accept-to-z-a", "Admin", 10, in_ns("x"),
+            egress=[eg("Accept", {"networks": [host(ip["z/a"]), host6(ip["z/a@6"])]})])]),
+    Case("baseline-egress-deny-all-ipv6", lambda ip: [
+        cnp("no-v6-out", "Baseline", 10, in_ns("y"), egress=[eg("Deny", {"networks": ["::/0"]})])]),
+]
+ALL = CASES + CASES6 + CNP_CASES + CNP_CASES6
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.name for c in ALL])
@@ -101,52 +116,11 @@ def test_truth_table_both_families(world: World, case: Case):
     world.run_case(case)
 
 
-def _save6(node_ns: str) -> str:
-    for cmd in ("ip6tables-save", "ip6tables-legacy-save"):
-        out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
-        if ":cali-from-wl-dispatch" in out:
-            return out
-    raise AssertionError(f"no cali-from-wl-dispatch chain in the ip6tables of {node_ns}")
-
-
-def _dispatch_drops6(node_ns: str) -> int:
-    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
-                       r"-m set ! --match-set cali60wl-src src,src -j DROP$", _save6(node_ns), re.M)
-    assert len(found) == 1, "cali-from-wl-dispatch (ip6tables) has no anti-spoofing DROP rule"
-    return int(found[0])
-
-
 def test_spoofed_ipv6_source_is_dropped_at_the_sender(world: World):
     """x/a (node1) sends to y/c (node2) from IPv6 addresses it does not own (a free pool
     address, its neighbour x/b's): ip6tables' anti-spoofing DROP on node1 counts them and
     node2 never sees them; the same probes from its own IPv6 address pass."""
-    src, dst = world.pods["x/a"], world.pods["y/c"]
-    node1, node2 = (world.cluster.lab.node(n).ns for n in ("node1", "node2"))
-    spoofs = ["fd65::ffff:fff0", world.pods["x/b"].ip6]
-    counters = [["-t", "raw", "-I", "PREROUTING", "-s", host6(a), "-d", host6(dst.ip6)] for a in spoofs]
-    added: list[list[str]] = []
-    try:
-        for a in spoofs:
-            sh("ip", "-6", "addr", "add", host6(a), "dev", "eth0", "nodad", ns=src.ns)
-        for rule in counters:
-            sh("ip6tables", *rule, ns=node2)  # counting rules only (no target), node2 only
-            added.append(rule)
-        before = _dispatch_drops6(node1)
-        flush_conntrack(world.node_namespaces)
-        probes = [Probe(dst.ip6, port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
-        probes.append(Probe(dst.ip6, 80, "tcp", 3.0, src=src.ip6))  # its own address
-        assert world.probers["x/a"].run(probes) == [TIMEOUT] * 4 + [OK]
-        dropped = _dispatch_drops6(node1) - before
-        assert dropped >= 4, f"the IPv6 anti-spoofing DROP counted {dropped} packets, expected the 4 spoofed ones"
-        raw = sh("ip6tables-save", "-c", "-t", "raw", ns=node2).stdout
-        seen = [int(n) for n in re.findall(r"^\[(\d+):\d+\] -A PREROUTING -s \S+ -d \S+$", raw, re.M)]
-        assert len(seen) == 2 and seen == [0, 0], f"spoofed IPv6 packets reached node2: {raw}"
-        print(f"IPv6 anti-spoofing: {dropped} spoofed packets dropped on node1, 0 reached node2")
-    finally:
-        for rule in added:
-            sh("ip6tables", *["-D" if r == "-I" else r for r in rule], ns=node2, check=False)
-        for a in spoofs:
-            sh("ip", "-6", "addr", "del", host6(a), "dev", "eth0", ns=src.ns, check=False)
+    check_spoofing(world, 6, "fd65::ffff:fff0")
 
 
 def _neighbours(ns: str, dev: str) -> str:

@@ -631,21 +631,25 @@ def test_node_reaches_its_own_pods_under_default_deny(world: World):
         world.reset(policies)
 
 
-def _agent_save(node_ns: str) -> str:
-    """iptables-save -c of the filter table in whichever backend holds the agent's chains."""
-    for cmd in ("iptables-save", "iptables-legacy-save"):
+def _agent_save(node_ns: str, family: int = 4) -> str:
+    """<ip[6]tables>-save -c of the filter table of IP `family` in whichever backend holds
+    the agent's chains."""
+    tool = "iptables" if family == 4 else "ip6tables"
+    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
         out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
         if ":cali-from-wl-dispatch" in out:
             return out
-    raise AssertionError(f"no cali-from-wl-dispatch chain in {node_ns}")
+    raise AssertionError(f"no cali-from-wl-dispatch chain in the {tool} of {node_ns}")
 
 
-def _dispatch_drops(node_ns: str) -> int:
+def _dispatch_drops(node_ns: str, family: int = 4) -> int:
     """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
-    source address and input interface that are not a pair of cali40wl-src)."""
+    source address and input interface that are not a pair of cali40wl-src; IPv6:
+    cali60wl-src)."""
     found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
-                       r"-m set ! --match-set cali40wl-src src,src -j DROP$", _agent_save(node_ns), re.M)
-    assert len(found) == 1, "cali-from-wl-dispatch has no anti-spoofing DROP rule"
+                       rf"-m set ! --match-set cali{family}0wl-src src,src -j DROP$", _agent_save(node_ns, family),
+                       re.M)
+    assert len(found) == 1, f"cali-from-wl-dispatch (IPv{family}) has no anti-spoofing DROP rule"
     return int(found[0])
 
 
@@ -654,30 +658,37 @@ def test_spoofed_source_is_dropped_at_the_sender(world: World):
     free pool address and its neighbour x/b's: the anti-spoofing DROP of
     cali-from-wl-dispatch on node1 counts the packets and node2 never sees them; the same probe from its own address
     passes.  No policy is involved: this holds for every pod."""
+    check_spoofing(world, 4, "10.65.250.250")
+
+
+def check_spoofing(world: World, family: int, free_address: str) -> None:
+    """The spoofing test above over IP `family` (`free_address`: one of no pod's)."""
     src, dst = world.pods["x/a"], world.pods["y/c"]
+    addr = (lambda p: p.ip) if family == 4 else (lambda p: p.ip6)
+    bits, tool, ip = (32, "iptables", ["ip"]) if family == 4 else (128, "ip6tables", ["ip", "-6"])
     node1, node2 = (world.cluster.lab.node(n).ns for n in ("node1", "node2"))
-    spoofs = ["10.65.250.250", world.pods["x/b"].ip]
-    counters = [["-t", "raw", "-I", "PREROUTING", "-s", host(a), "-d", host(dst.ip)] for a in spoofs]
+    spoofs = [free_address, addr(world.pods["x/b"])]
+    counters = [["-t", "raw", "-I", "PREROUTING", "-s", f"{a}/{bits}", "-d", f"{addr(dst)}/{bits}"] for a in spoofs]
     added: list[list[str]] = []
     try:
         for a in spoofs:
-            sh("ip", "addr", "add", host(a), "dev", "eth0", ns=src.ns)
+            sh(*ip, "addr", "add", f"{a}/{bits}", "dev", "eth0", *(["nodad"] if family == 6 else []), ns=src.ns)
         for rule in counters:
-            sh("iptables", *rule, ns=node2)  # counting rules only (no target), node2 only
+            sh(tool, *rule, ns=node2)  # counting rules only (no target), node2 only
             added.append(rule)
-        before = _dispatch_drops(node1)
+        before = _dispatch_drops(node1, family)
         flush_conntrack(world.node_namespaces)
-        probes = [Probe(dst.ip, port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
-        probes.append(Probe(dst.ip, 80, "tcp", 3.0))  # its own address
+        probes = [Probe(addr(dst), port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
+        probes.append(Probe(addr(dst), 80, "tcp", 3.0, src=addr(src)))  # its own address
         assert world.probers["x/a"].run(probes) == [TIMEOUT] * 4 + [OK]
-        dropped = _dispatch_drops(node1) - before
+        dropped = _dispatch_drops(node1, family) - before
         assert dropped >= 4, f"the anti-spoofing DROP counted {dropped} packets, expected the 4 spoofed ones"
-        raw = sh("iptables-save", "-c", "-t", "raw", ns=node2).stdout
+        raw = sh(f"{tool}-save", "-c", "-t", "raw", ns=node2).stdout
         seen = [int(n) for n in re.findall(r"^\[(\d+):\d+\] -A PREROUTING -s \S+ -d \S+$", raw, re.M)]
         assert len(seen) == 2 and seen == [0, 0], f"spoofed packets reached node2: {raw}"
-        print(f"anti-spoofing: {dropped} spoofed packets dropped on node1, 0 reached node2")
+        print(f"IPv{family} anti-spoofing: {dropped} spoofed packets dropped on node1, 0 reached node2")
     finally:
         for rule in added:
-            sh("iptables", *["-D" if r == "-I" else r for r in rule], ns=node2, check=False)
+            sh(tool, *["-D" if r == "-I" else r for r in rule], ns=node2, check=False)
         for a in spoofs:
-            sh("ip", "addr", "del", host(a), "dev", "eth0", ns=src.ns, check=False)
+            sh(*ip, "addr", "del", f"{a}/{bits}", "dev", "eth0", ns=src.ns, check=False)

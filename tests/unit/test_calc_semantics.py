@@ -104,13 +104,20 @@ PEER = st.one_of(
                      PolicyPeer(ip_block=IPBlock("0.0.0.0/0", ("10.0.0.2/32",))),
                      PolicyPeer(ip_block=IPBlock("10.0.0.0/30"))]),
 )
-RULE = st.builds(lambda peers, ports: PolicyRule(tuple(peers), tuple(ports)),
-                 st.lists(PEER, max_size=2), st.lists(PORT, max_size=2))
-POLICY = st.builds(
-    lambda i, ns, s, ing, eg, types: NetworkPolicy(ns, f"p{i}", s, tuple(ing), tuple(eg), types),
-    st.integers(0, 1000), st.sampled_from(["x", "y"]), SEL, st.lists(RULE, max_size=2),
-    st.lists(RULE, max_size=2),
-    st.sampled_from([("Ingress",), ("Egress",), ("Ingress", "Egress")]))
+
+
+def policies_of(peer) -> st.SearchStrategy:
+    """NetworkPolicies in x or y whose rules take their peers from `peer`."""
+    rule = st.builds(lambda peers, ports: PolicyRule(tuple(peers), tuple(ports)),
+                     st.lists(peer, max_size=2), st.lists(PORT, max_size=2))
+    return st.builds(
+        lambda i, ns, s, ing, eg, types: NetworkPolicy(ns, f"p{i}", s, tuple(ing), tuple(eg), types),
+        st.integers(0, 1000), st.sampled_from(["x", "y"]), SEL, st.lists(rule, max_size=2),
+        st.lists(rule, max_size=2),
+        st.sampled_from([("Ingress",), ("Egress",), ("Ingress", "Egress")]))
+
+
+POLICY = policies_of(PEER)
 POD = st.tuples(st.sampled_from(["x", "y"]), LBL, st.sampled_from(["n1", "n2"]), NAMED)
 
 
@@ -129,13 +136,7 @@ def test_forward_verdicts_match_the_reference(pods, policies, ns_x, ns_y):
 PEER6 = st.one_of(PEER, st.sampled_from([PolicyPeer(ip_block=IPBlock("fd00::/16", ("fd00:0:0:1::/64",))),
                                           PolicyPeer(ip_block=IPBlock("::/0", ("fd00::2/128",))),
                                           PolicyPeer(ip_block=IPBlock("fd00::/126"))]))
-RULE6 = st.builds(lambda peers, ports: PolicyRule(tuple(peers), tuple(ports)),
-                  st.lists(PEER6, max_size=2), st.lists(PORT, max_size=2))
-POLICY6 = st.builds(
-    lambda i, ns, s, ing, eg, types: NetworkPolicy(ns, f"p{i}", s, tuple(ing), tuple(eg), types),
-    st.integers(0, 1000), st.sampled_from(["x", "y"]), SEL, st.lists(RULE6, max_size=2),
-    st.lists(RULE6, max_size=2),
-    st.sampled_from([("Ingress",), ("Egress",), ("Ingress", "Egress")]))
+POLICY6 = policies_of(PEER6)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
