@@ -179,6 +179,9 @@ class Node:
     vxlan_tunnel_addr: str = ""
     vxlan_tunnel_mac: str = ""
     ipip_tunnel_addr: str = ""
+    # vxlan-v6.calico's VTEP (IPv6 pools in vxlan mode), as Calico keeps a second one
+    vxlan_tunnel_addr6: str = ""
+    vxlan_tunnel_mac6: str = ""
     labels: Labels = ()
     route_reflector_cluster_id: str = ""  # non-empty: this node is a route reflector
     # ip is the Node's status InternalIP (kubernetes mode, no annotation): the API gives no
@@ -193,6 +196,21 @@ class Node:
     def address(self) -> str:
         """The IPv4 address without prefix."""
         return self.ip.split("/")[0] if self.ip else ""
+
+    @cached_property
+    def address6(self) -> str:
+        """The IPv6 address without prefix."""
+        return self.ip6.split("/")[0] if self.ip6 else ""
+
+    def address_of(self, version: int) -> str:
+        """The node's address of IP version `version` ("" when it has none)."""
+        return self.address if version == 4 else self.address6
+
+    def vtep_of(self, version: int) -> tuple[str, str]:
+        """(VTEP address, VTEP MAC) of the vxlan device of IP version `version`."""
+        if version == 4:
+            return self.vxlan_tunnel_addr.split("/")[0], self.vxlan_tunnel_mac
+        return self.vxlan_tunnel_addr6.split("/")[0], self.vxlan_tunnel_mac6
 
 
 RoutingMode = Literal["bgp", "direct", "vxlan", "ipip"]

@@ -196,8 +196,9 @@ class AgentLoop:
                 next_resync = time.monotonic() + min(2.0, self.cfg.resync_interval)
                 continue
             self.health.programmed = self.status.in_sync
-            fwd = getattr(self.dataplane, "problems", {}).get("forwarding")
-            self.health.faults = {"forwarding": fwd} if fwd else {}
+            problems = getattr(self.dataplane, "problems", {})
+            # either family's forwarding off keeps the node from serving pods: /readyz says so
+            self.health.faults = {k: problems[k] for k in ("forwarding", "forwarding6") if problems.get(k)}
             if plan.errors:
                 log.warning("calc skipped bad input", extra=kv(errors="; ".join(plan.errors[:5])))
             if self.registrar is not None and self.status.in_sync:

@@ -50,6 +50,21 @@ def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
     return uplink, node_ip
 
 
+def detect_ip6(cfg: config.AgentConfig, uplink: str) -> str:
+    """This node's IPv6 address with prefix: from config, else the uplink's first global
+    IPv6 address ("" when it has none: the node then routes IPv4 only)."""
+    if cfg.node_ip6:
+        return cfg.node_ip6
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=uplink)
+        for a in ipr.get_addr(family=10, index=idx[0]) if idx else ():
+            if a["scope"] == 0:  # global, not the link-local
+                return f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+    return ""
+
+
 def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], set[str]]:
     """Endpoints this node served before a restart, from the persisted IPAM allocations,
     so their chains stay programmed before the first CNI call arrives; and the names of
@@ -59,30 +74,33 @@ def restore_local_endpoints(ipam, node: str) -> tuple[list[WorkloadEndpoint], se
 
     from podnet.naming import host_iface_for
 
-    weps = []
+    weps: dict[tuple[str, str], WorkloadEndpoint] = {}  # a dual-stack attachment has two allocations
     with IPRoute() as ipr:
         present = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for a in ipam.allocations():
             iface = host_iface_for(a.namespace, a.pod, a.container_id, a.ifname)
             if iface not in present:
                 continue  # the pod is gone; CNI GC frees its address
-            weps.append(WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
-                                         container_id=a.container_id, iface=iface, ips=(a.ip,)))
-    return weps, {name for name in present if name and name.startswith("cali")}
+            had = weps.get(a.attachment)
+            weps[a.attachment] = WorkloadEndpoint(namespace=a.namespace, pod=a.pod or a.container_id, node=node,
+                                                  container_id=a.container_id, iface=iface,
+                                                  ips=(had.ips if had else ()) + (a.ip,))
+    return list(weps.values()), {name for name in present if name and name.startswith("cali")}
 
 
-async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
+async def run(cfg: config.AgentConfig, uplink: str, node_ip: str, node_ip6: str = "") -> None:
     from felix_agent.dataplane.barrier import Dataplane
     from felix_agent.ipam import IPAM, EtcdBackend, PodCIDRBackend
     from felix_agent.agent.intents import IntentLog
     from felix_agent.agent.cni_service import CNIService
     from felix_agent.agent.localapi import LocalAPI
 
-    log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip))
+    log.info("starting", extra=kv(node=cfg.name, datastore=cfg.datastore, uplink=uplink, node_ip=node_ip,
+                                  node_ip6=node_ip6 or "-"))
     dataplane = Dataplane(cfg.name, uplink, iptables_backend=cfg.iptables_backend,
                           wl_to_host_action=cfg.wl_to_host_action, run_dir=cfg.run_dir, bird=cfg.bird,
                           bird_bin=cfg.bird_bin, birdc_bin=cfg.birdc_bin,
-                          derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip,
+                          derive_vteps=cfg.datastore == "kubernetes", node_ip=node_ip, node_ip6=node_ip6,
                           ensure_forwarding=cfg.ensure_forwarding, bgp_password_file=cfg.bgp_password_file)
     store = writer = None
     if cfg.datastore == "etcd":
@@ -122,7 +140,7 @@ async def run(cfg: config.AgentConfig, uplink: str, node_ip: str) -> None:
         agent.endpoints.adopt(wep)
     agent.endpoints.set_startup_ifaces(ifaces)
     if store is not None and cfg.register_node:
-        agent.register_node(node_ip, cfg.as_number)
+        agent.register_node(node_ip, cfg.as_number, node_ip6)
     server = health.serve(agent.health, cfg.http_host, cfg.http_port, status=agent.view.as_dict) \
         if cfg.http_port else None
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="plumbing")
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(cfg.log_level)
     try:
         uplink, node_ip = detect_uplink(cfg)
-        asyncio.run(run(cfg, uplink, node_ip))
+        asyncio.run(run(cfg, uplink, node_ip, detect_ip6(cfg, uplink)))
     except config.ConfigError as e:
         print(f"tortie-agent: configuration error: {e}", file=sys.stderr)
         sys.exit(2)

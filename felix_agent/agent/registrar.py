@@ -15,17 +15,23 @@ log = logging.getLogger("tortie.main")
 
 
 class NodeRegistrar:
-    def __init__(self, writer: Publisher, name: str, node_ip: str, as_number: int):
+    def __init__(self, writer: Publisher, name: str, node_ip: str, as_number: int, node_ip6: str = ""):
         self.writer, self.name, self.node_ip, self.as_number = writer, name, node_ip, as_number
+        self.node_ip6 = node_ip6
 
     def wanted(self, current: Node | None, plan) -> Node:
         n = current or Node(name=self.name)
         changes = {"ip": self.node_ip}
+        if self.node_ip6:
+            changes["ip6"] = self.node_ip6
         if self.as_number:
             changes["as_number"] = self.as_number
         if plan is not None and plan.vxlan is not None:
             changes["vxlan_tunnel_addr"] = plan.vxlan.addr
             changes["vxlan_tunnel_mac"] = plan.vxlan.mac
+        if plan is not None and getattr(plan, "vxlan6", None) is not None:
+            changes["vxlan_tunnel_addr6"] = plan.vxlan6.addr
+            changes["vxlan_tunnel_mac6"] = plan.vxlan6.mac
         if plan is not None and getattr(plan, "ipip_addr", None):
             changes["ipip_tunnel_addr"] = plan.ipip_addr
         return dataclasses.replace(n, **changes)

@@ -52,9 +52,9 @@ class Agent:
         self.loop.ipam = IPAMSync(self.node, ipam, self.state.cluster, pod_cidr_backend)
         self.view.ipam = ipam
 
-    def register_node(self, node_ip: str, as_number: int) -> None:
+    def register_node(self, node_ip: str, as_number: int, node_ip6: str = "") -> None:
         """Publish this node's Node record after each pass (etcd mode)."""
-        self.loop.registrar = NodeRegistrar(self.writer, self.node, node_ip, as_number)
+        self.loop.registrar = NodeRegistrar(self.writer, self.node, node_ip, as_number, node_ip6)
 
     def shutdown(self) -> None:
         self.loop.shutdown()

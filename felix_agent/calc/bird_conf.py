@@ -29,6 +29,15 @@ Sessions: full mesh when no node has route_reflector_cluster_id (Mesh_<ip>); oth
 reflectors peer with everyone (rr client for non-reflectors of the same AS) and the
 others peer only with reflectors (Node_<ip>).  BGPPeer records add Peer_<name>
 sessions, for every node (node "") or one node.
+IPv6 (pools of IPv6 CIDRs in bgp mode): separate IPv6 sessions between the nodes' IPv6
+addresses (Node.ip6), each with an ipv6 channel, alongside the IPv4 ones, and their own
+static, kernel and filters (suffix 6).  Chosen over an ipv6 channel on the IPv4 sessions:
+there BGP would carry an IPv4-mapped next hop (::ffff:a.b.c.d) that the kernel cannot use
+unless every session is given an IPv6 next-hop address by hand; an IPv6 session's next hop
+is simply the peer's IPv6 address on the shared link, the same next-hop rules (on my IPv6
+subnet, else refused) hold, and it is what Calico runs (its bird6 peers over node IPv6
+addresses).  The router id stays the node's IPv4 address (a 32-bit id derived from the
+node name when it has none).
 Passwords (TCP MD5): a session with a password file (BGPPeer passwordFile, or the agent's
 mesh password file for node-to-node sessions) gets `include "<secrets_dir>/<protocol>.conf";`
 in its protocol block; the agent writes `password "...";` into that file (mode 0600) from the
@@ -41,12 +50,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, grouped, ipv4_address, pool_for, records,
-                                     same_subnet)
+from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, grouped, ip_address, pool_for, records,
+                                     same_subnet, version_of)
 from felix_agent.model import DEFAULT_AS, BGPPeer, Node
+
+import hashlib
 
 STATIC_PROTOCOL = "tortie_blocks"
 NEXTHOP_PROTOCOL = "tortie_nexthops"
+SUFFIX = {4: "", 6: "6"}  # the IPv6 protocols, filters and template are named <ipv4 name>6
 
 
 @dataclass(frozen=True)
@@ -84,12 +96,13 @@ def _cluster_id(node: Node) -> str:
 
 
 def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me: str, *, default_as: int = DEFAULT_AS,
-             mesh_password_file: str = "") -> list[Session]:
-    """The BGP sessions node `me` opens, sorted by name (see the module doc)."""
-    nodes = [n for n in records(nodes) if n.address]
+             mesh_password_file: str = "", version: int = 4) -> list[Session]:
+    """The BGP sessions of IP version `version` node `me` opens, between the nodes'
+    addresses of that version, sorted by name (see the module doc)."""
+    nodes = [n for n in records(nodes) if n.address_of(version)]
     mine = next((n for n in nodes if n.name == me), None)
     if mine is None:
-        raise ValueError(f"node {me!r} is unknown or has no IPv4 address; cannot render BGP")
+        raise ValueError(f"node {me!r} is unknown or has no IPv{version} address; cannot render BGP")
     my_as = mine.as_number or default_as
     reflectors = {n.name for n in nodes if n.route_reflector_cluster_id}
     if me in reflectors:
@@ -98,7 +111,7 @@ def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me:
     for n in nodes:
         if n.name == me:
             continue
-        ip = ipv4_address(n.address, f"node {n.name}")
+        ip = ip_address(n.address_of(version), f"node {n.name}", version)
         peer_as = n.as_number or default_as
         if not reflectors:
             name = protocol_name("Mesh", ip)
@@ -108,17 +121,19 @@ def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me:
             continue  # two non-reflectors never peer directly
         rr_client = me in reflectors and n.name not in reflectors and peer_as == my_as
         out[ip] = Session(name, ip, peer_as, rr_client=rr_client,
-                          multihop=peer_as != my_as and not same_subnet(mine, n),
+                          multihop=peer_as != my_as and not same_subnet(mine, n, version),
                           password_file=mesh_password_file)
     for p in sorted(records(peers), key=lambda p: p.name):
         if p.node not in ("", me):
             continue
-        ip = ipv4_address(p.peer_ip, f"BGPPeer {p.name}")
-        if ip == mine.address or ip in out:
+        if (":" in p.peer_ip) != (version == 6):
+            continue  # a peer of the other family: a session of the other version
+        ip = ip_address(p.peer_ip, f"BGPPeer {p.name}", version)
+        if ip == mine.address_of(version) or ip in out:
             continue  # already a node session (or myself): one session per neighbour
         if not 0 < p.as_number < 2**32:
             raise ValueError(f"BGPPeer {p.name}: AS number {p.as_number} is out of range")
-        near = ipaddress.ip_address(ip) in ipaddress.ip_interface(mine.ip).network
+        near = ipaddress.ip_address(ip) in ipaddress.ip_interface(mine.ip if version == 4 else mine.ip6).network
         out[ip] = Session(protocol_name("Peer", p.name), ip, p.as_number,
                           multihop=p.as_number != my_as and not near, password_file=p.password_file)
     return sorted(out.values(), key=lambda s: s.name)
@@ -139,11 +154,12 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
                 uplink: str = "eth0", default_as: int = DEFAULT_AS,
                 local_route: str = "blackhole", mesh_password_file: str = "",
                 secrets_dir: str = "", sess: list[Session] | None = None,
-                by_node: ByNode | None = None) -> str:
+                by_node: ByNode | None = None, sess6: list[Session] | None = None) -> str:
     """The bird2 configuration text for node `me` (see the module doc).  Raises
     ValueError for input that cannot make a valid config (unknown node, non-IPv4
     address, bad cluster id, out-of-range port).  `sess` and `by_node`: sessions() and
-    blocks_by_node() of the same input, when the caller has them already."""
+    blocks_by_node() of the same input, when the caller has them already; `sess6` the
+    IPv6 sessions (computed when None and IPv6 bgp pools exist and I have an IPv6 address)."""
     if local_route not in ("blackhole", "unreachable"):
         raise ValueError(f"local_route must be blackhole or unreachable, not {local_route!r}")
     if not 0 < listen_port < 65536:
@@ -151,40 +167,75 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", uplink):
         raise ValueError(f"uplink {uplink!r} is not an interface name")
     nodes = records(nodes)
+    pools = records(pools)
     if sess is None:
         sess = sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file)
-    if any(s.password_file for s in sess) and not secrets_dir.startswith("/"):
-        raise ValueError(f"secrets_dir {secrets_dir!r} must be an absolute path when sessions have passwords")
     mine = next(n for n in nodes if n.name == me)
-    my_ip = mine.address
+    if sess6 is None:
+        sess6 = (sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file,
+                          version=6) if wants_ipv6(pools, mine) else [])
+    if any(s.password_file for s in sess + sess6) and not secrets_dir.startswith("/"):
+        raise ValueError(f"secrets_dir {secrets_dir!r} must be an absolute path when sessions have passwords")
+    by_node = grouped(nodes, blocks, by_node)
+
+    L: list[str] = []
+    w = L.append
+    w(f"# BIRD config of tortie node {me}, rendered by felix_agent.calc.bird_conf: edits are overwritten.")
+    w(f"router id {router_id(mine)};")
+    w("timeformat protocol iso long;  # fixed-width 'since' column for the protocols parser")
+    w("graceful restart wait 30;  # the longest a restart (bird -R) defers exports for a silent peer")
+    w("")
+    w("protocol device { scan time 10; }")
+    _family(w, 4, nodes, pools, by_node, mine, sess, uplink, default_as, local_route, listen_port, secrets_dir)
+    if sess6 or wants_ipv6(pools, mine):
+        w("")
+        w("# ---- IPv6: sessions between the nodes' IPv6 addresses (see the module doc) ----")
+        _family(w, 6, nodes, pools, by_node, mine, sess6, uplink, default_as, local_route, listen_port,
+                secrets_dir)
+    return "\n".join(L) + "\n"
+
+
+def wants_ipv6(pools: Pools, mine: Node) -> bool:
+    """IPv6 sessions are rendered when I have an IPv6 address and an enabled IPv6 pool
+    is in bgp mode."""
+    return bool(mine.address6) and any(not p.disabled and p.mode == "bgp" and version_of(p.cidr) == 6
+                                       for p in records(pools))
+
+
+def router_id(node: Node) -> str:
+    """The node's IPv4 address; without one, a 32-bit id hashed from its name (BIRD
+    wants an IPv4-shaped id even on an IPv6-only node)."""
+    if node.address:
+        return node.address
+    return str(ipaddress.IPv4Address(int.from_bytes(hashlib.sha256(node.name.encode()).digest()[:4], "big")))
+
+
+def _family(w, version: int, nodes: list[Node], pools: list, by_node: ByNode, mine: Node, sess: list[Session],
+            uplink: str, default_as: int, local_route: str, listen_port: int, secrets_dir: str) -> None:
+    """The protocols, filters, template and sessions of one IP version."""
+    x = SUFFIX[version]
+    ch = f"ipv{version}"
+    me = mine.name
+    my_ip = mine.address_of(version)
     my_as = mine.as_number or default_as
-    my_net = str(ipaddress.ip_interface(mine.ip).network)
-    enabled = [p for p in records(pools) if not p.disabled and ipaddress.ip_network(p.cidr, strict=False).version == 4]
+    my_net = str(ipaddress.ip_interface(mine.ip if version == 4 else mine.ip6).network) if my_ip else ""
+    enabled = [p for p in pools if not p.disabled and version_of(p.cidr) == version]
     by_mode: dict[str, list[str]] = {m: sorted(str(ipaddress.ip_network(p.cidr, strict=False))
                                                for p in enabled if p.mode == m)
                                      for m in ("bgp", "direct", "vxlan", "ipip")}
     ipip_cross = sorted(p.cidr for p in enabled if p.mode == "ipip" and p.cross_subnet)
     ipip_always = sorted(p.cidr for p in enabled if p.mode == "ipip" and not p.cross_subnet)
     all_pools = sorted(str(ipaddress.ip_network(p.cidr, strict=False)) for p in enabled)
-    my_blocks = [c for c in grouped(nodes, blocks, by_node).get(me, ())
-                 if ipaddress.ip_network(c).version == 4 and pool_for(c, pools) is not None]
+    my_blocks = [c for c in by_node.get(me, ()) if version_of(c) == version and pool_for(c, pools) is not None]
     reflector = bool(mine.route_reflector_cluster_id)
 
-    L: list[str] = []
-    w = L.append
-    w(f"# BIRD config of tortie node {me}, rendered by felix_agent.calc.bird_conf: edits are overwritten.")
-    w(f"router id {my_ip};")
-    w("timeformat protocol iso long;  # fixed-width 'since' column for the protocols parser")
-    w("graceful restart wait 30;  # the longest a restart (bird -R) defers exports for a silent peer")
-    w("")
-    w("protocol device { scan time 10; }")
     w("")
     w("# The uplink's connected subnet, only so that BGP next hops resolve.")
-    w(f'protocol direct {{ ipv4; interface "{uplink}"; }}')
+    w(f'protocol direct{" tortie_direct6" if x else ""} {{ {ch}; interface "{uplink}"; }}')
     w("")
     w("# Announced blocks; kept out of the kernel (the agent and the pods' /32 routes own it).")
-    w(f"protocol static {STATIC_PROTOCOL} {{")
-    w("  ipv4;")
+    w(f"protocol static {STATIC_PROTOCOL}{x} {{")
+    w(f"  {ch};")
     for c in my_blocks:
         w(f"  route {c} {local_route};")
     w("}")
@@ -198,7 +249,7 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
             w(f'  route {n.address}/32 via "{uplink}";')
         w("}")
     w("")
-    w("filter tortie_kernel_export {")
+    w(f"filter tortie_kernel_export{x} {{")
     w("  if source != RTS_BGP then reject;")
     if ipip_always:
         w(f"  if {_match(ipip_always)} then {{ ifname = \"tunl0\"; onlink = true; accept; }}")
@@ -214,37 +265,39 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w("  reject;  # vxlan/direct pools are the agent's routes; nothing outside the pools")
     w("}")
     w("")
-    w("filter tortie_bgp_import {")
+    w(f"filter tortie_bgp_import{x} {{")
     if my_blocks:
         w(f"  if net ~ [ {', '.join(my_blocks)} ] then reject;  # my own blocks")
     w(f"  if {_match(all_pools)} then accept;")
     w("  reject;")
     w("}")
     w("")
-    w("filter tortie_bgp_export {")
-    w(f'  if proto = "{STATIC_PROTOCOL}" then accept;')
+    w(f"filter tortie_bgp_export{x} {{")
+    w(f'  if proto = "{STATIC_PROTOCOL}{x}" then accept;')
     if reflector:
         w(f"  if source = RTS_BGP && {_match(all_pools)} then accept;  # reflection")
     w("  reject;")
     w("}")
     w("")
-    w("protocol kernel {")
+    w(f"protocol kernel{' tortie_kernel6' if x else ''} {{")
     w("  scan time 10;  # re-adds routes someone deleted")
     w("  graceful restart on;  # after a restart (bird -R) the old routes stay until the peers resent theirs")
-    w("  ipv4 { import none; export filter tortie_kernel_export; };")
+    w(f"  {ch} {{ import none; export filter tortie_kernel_export{x}; }};")
     w("}")
+    if not sess:
+        return
     w("")
-    w("template bgp tortie_peer {")
+    w(f"template bgp tortie_peer{x} {{")
     w(f"  local {my_ip} port {listen_port} as {my_as};")
     w("  connect delay time 1;")
     w("  connect retry time 3;")
     w("  error wait time 1, 10;")
     w("  graceful restart on;  # peers keep my routes while my BIRD restarts")
-    w("  ipv4 { import filter tortie_bgp_import; export filter tortie_bgp_export; };")
+    w(f"  {ch} {{ import filter tortie_bgp_import{x}; export filter tortie_bgp_export{x}; }};")
     w("}")
     for s in sess:
         w("")
-        w(f"protocol bgp {s.name} from tortie_peer {{")
+        w(f"protocol bgp {s.name} from tortie_peer{x} {{")
         w(f"  neighbor {s.peer_ip} port {listen_port} as {s.peer_as};")
         if s.multihop:
             w("  multihop;")
@@ -254,4 +307,3 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
         if s.password_file:
             w(f'  include "{password_include(secrets_dir, s.name)}";  # password from {s.password_file}')
         w("}")
-    return "\n".join(L) + "\n"

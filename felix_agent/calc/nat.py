@@ -5,13 +5,18 @@ pod's address; cali-fip-snat (from cali-POSTROUTING) rewrites the source of a po
 to its own floating IP back to that IP, so the reply hairpins through the same conntrack
 entry.  cali-nat-outgoing masquerades traffic from a natOutgoing pool to anything that is
 neither in a pool nor a node address.
+
+IPv6 (nat6_state): the same cali-nat-outgoing in ip6tables' nat table for natOutgoing
+IPv6 pools.  Its matches are the pool CIDRs and node addresses themselves rather than
+ipsets: a cluster has a handful of IPv6 pools, and so the chain needs no IPv6 sets.
 """
 from __future__ import annotations
 
 import ipaddress
 from typing import Iterable, Sequence
 
-from felix_agent.calc.desired import IpSet
+from felix_agent.calc.desired import Chains as TableChains
+from felix_agent.calc.desired import Hook, IpSet
 from felix_agent.calc.ipsets import net_members
 from felix_agent.calc.names import (
     ALL_HOSTS_SET,
@@ -105,3 +110,26 @@ def nat_chains(local_endpoints: Sequence[Endpoint], pools: Iterable[IPPool], err
     }
     chains.update(floating_ip_chains(local_endpoints, errors))
     return chains
+
+
+NAT6_HOOKS = (Hook("nat", "POSTROUTING", NAT_POSTROUTING),)
+
+
+def nat6_state(pools: Iterable[IPPool], nodes: Iterable[Node]) -> tuple[TableChains, tuple[Hook, ...]]:
+    """ip6tables nat: natOutgoing for IPv6 pools (chains by table, hooks).  Traffic to
+    any IPv6 pool (disabled ones too: their pods still run) or to a node's IPv6 address
+    is returned un-NATed; what is left and comes from a natOutgoing pool is masqueraded."""
+    v6 = sorted((p for p in pools if _version(p.cidr) == 6), key=lambda p: p.name)
+    keep = [rule("-j RETURN", dst=str(ipaddress.ip_network(p.cidr, strict=False))) for p in v6]
+    keep += [rule("-j RETURN", dst=f"{a}/128") for a in sorted({n.address6 for n in nodes if n.address6})]
+    masq = [rule("-j MASQUERADE", src=str(ipaddress.ip_network(p.cidr, strict=False)))
+            for p in v6 if p.nat_outgoing]
+    return ({"nat": {NAT_POSTROUTING: (f"-j {NAT_OUTGOING}",),
+                     NAT_OUTGOING: tuple(keep + masq) if masq else ()}}, NAT6_HOOKS)
+
+
+def _version(cidr: str) -> int:
+    try:
+        return ipaddress.ip_network(cidr, strict=False).version
+    except ValueError:
+        return 0  # pool_sets reports the bad CIDR

@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from felix_agent.calc import routes as route_calc
-from felix_agent.calc.bird_conf import bird_config, password_include, sessions
+from felix_agent.calc.bird_conf import bird_config, password_include, sessions, wants_ipv6
 from felix_agent.calc.cluster import Cluster
 from felix_agent.calc.desired import DesiredState, Route
 from felix_agent.calc.filter import CalcConfig, dataplane_state
 from felix_agent.calc.incremental import IncrementalCalc
+from felix_agent.calc.nat import nat6_state
 from felix_agent.model import DEFAULT_AS
 
 ROUTING_KINDS = ("Node", "IPPool", "BlockAffinity", "BGPPeer")
@@ -33,6 +34,7 @@ class PlanConfig:
     node: str
     uplink: str
     node_ip: str = ""  # the uplink's address/prefix: this node's subnet when the datastore has none
+    node_ip6: str = ""  # the same for IPv6
     # kubernetes datastore: peers cannot publish VTEPs (read-only RBAC), so derive them
     derive_vteps: bool = False
     bird: bool = True  # BIRD may run (config bird_enabled)
@@ -52,6 +54,7 @@ class VxlanWanted:
     mac: str
     fdb: frozenset
     neighbors: frozenset
+    version: int = 4  # 4: vxlan.calico over the IPv4 underlay; 6: vxlan-v6.calico over IPv6
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,13 @@ class PlanWarning:
 class Plan:
     state: DesiredState
     vxlan: VxlanWanted | None = None
+    vxlan6: VxlanWanted | None = None  # vxlan-v6.calico
     bird_conf: str | None = None  # None: no BGP pool, BIRD not wanted
     ipip_addr: str | None = None  # tunl0's address (first address of my first ipip block)
     # BIRD include file -> the node-local password file it is made from (paths only)
     bird_secrets: dict[str, str] = field(default_factory=dict)
     modes: tuple[str, ...] = ()  # the enabled pools' modes
+    families: tuple[int, ...] = ()  # the enabled pools' IP versions
     errors: list[str] = field(default_factory=list)
     warnings: tuple[PlanWarning, ...] = ()
     check: Cluster | None = None  # a model snapshot to cross-check the policy state against
@@ -99,8 +104,10 @@ class Planner:
             self._routing = (cluster, key, routing_plan(cluster, self.config))
         routing = self._routing[2]
         state.routes = routing.state.routes
-        return Plan(state=state, vxlan=routing.vxlan, bird_conf=routing.bird_conf,
+        add_chains6(state, routing.state)
+        return Plan(state=state, vxlan=routing.vxlan, vxlan6=routing.vxlan6, bird_conf=routing.bird_conf,
                     ipip_addr=routing.ipip_addr, bird_secrets=routing.bird_secrets, modes=routing.modes,
+                    families=routing.families,
                     errors=errors + routing.errors, warnings=routing.warnings,
                     check=cluster.snapshot() if full else None)
 
@@ -109,20 +116,33 @@ class Planner:
         self._stale = True
 
 
+def add_chains6(state: DesiredState, routing: DesiredState) -> None:
+    """The routing part's ip6tables chains (IPv6 natOutgoing) joined to the policy part's:
+    chains are added to their table (a chain both name stays the policy part's, so a policy
+    calc that renders the whole IPv6 nat table, floating IPs too, is not cut short), hooks
+    appended once each."""
+    for table, chains in routing.chains6.items():
+        state.chains6 = {**state.chains6, table: {**chains, **state.chains6.get(table, {})}}
+    state.hooks6 = state.hooks6 + tuple(h for h in routing.hooks6 if h not in state.hooks6)
+
+
 def cross_check(plan: Plan, config: CalcConfig) -> list[str]:
     """The full calc on the plan's snapshot.  Where the incremental result differs, the
     full one replaces it in `plan`; returns the differing chains and sets (empty: agreed)."""
     want = dataplane_state(plan.check, config, [])
     plan.check = None
     st = plan.state
-    if (want.chains, want.hooks, want.ipsets, want.chains6) == (st.chains, st.hooks, st.ipsets, st.chains6):
+    # ip6tables: only the tables the policy calc renders (the routing part adds IPv6 nat)
+    mine6 = {t: st.chains6.get(t, {}) for t in want.chains6}
+    if (want.chains, want.hooks, want.ipsets, want.chains6) == (st.chains, st.hooks, st.ipsets, mine6):
         return []
     bad = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
-                 {f"{'ip6tables ' if v6 else ''}{c}" for v6, (w, h) in enumerate(((want.chains, st.chains),
-                                                                                  (want.chains6, st.chains6)))
-                  for t in ("filter", "nat") for c in set(w.get(t, {})) | set(h.get(t, {}))
+                 {f"{'ip6tables ' if v6 else ''}{c}" for v6, (w, h, tables) in enumerate((
+                     (want.chains, st.chains, ("filter", "nat")), (want.chains6, mine6, tuple(want.chains6))))
+                  for t in tables for c in set(w.get(t, {})) | set(h.get(t, {}))
                   if w.get(t, {}).get(c) != h.get(t, {}).get(c)})
-    st.chains, st.hooks, st.ipsets, st.chains6 = want.chains, want.hooks, want.ipsets, want.chains6
+    st.chains, st.hooks, st.ipsets = want.chains, want.hooks, want.ipsets
+    st.chains6 = {**st.chains6, **want.chains6}
     return bad or ["hooks"]
 
 
@@ -131,7 +151,7 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
     peers decide."""
     errors: list[str] = []
     pools, blocks = cluster.pools, cluster.block_affinities
-    nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip)
+    nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip, cfg.node_ip6)
     # once a pass (5,000 nodes' blocks); deriving VTEPs leaves names and pod CIDRs as they are
     by_node = route_calc.blocks_by_node(nodes, blocks)
     if cfg.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
@@ -141,13 +161,20 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
                     | route_calc.local_block_routes(nodes, pools, blocks, cfg.node, by_node=by_node))
     enabled = [p for p in pools.values() if not p.disabled]
     plan = Plan(state=state, errors=errors, modes=tuple(sorted({p.mode for p in enabled})),
+                families=tuple(sorted({route_calc.version_of(p.cidr) for p in enabled})),
                 warnings=off_subnet_warnings(cluster, nodes, cfg.node, by_node))
+    state.chains6, state.hooks6 = nat6_state(pools.values(), nodes.values())
     if "vxlan" in plan.modes:
-        block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan", by_node)
-        if block:
-            addr, mac = route_calc.vtep_for(cfg.node, block)
-            fdb, neigh = route_calc.vxlan_peers(nodes, pools, cfg.node)
-            plan.vxlan = VxlanWanted(addr, mac, fdb, neigh)
+        for version in (4, 6):
+            block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan", by_node, version)
+            if block:
+                addr, mac = route_calc.vtep_for(cfg.node, block)
+                fdb, neigh = route_calc.vxlan_peers(nodes, pools, cfg.node, version)
+                wanted = VxlanWanted(addr, mac, fdb, neigh, version)
+                if version == 4:
+                    plan.vxlan = wanted
+                else:
+                    plan.vxlan6 = wanted
     if "ipip" in plan.modes:
         block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "ipip", by_node)
         if block:
@@ -158,12 +185,15 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
         try:
             sess = sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
                             mesh_password_file=cfg.bgp_password_file)
+            sess6 = (sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
+                              mesh_password_file=cfg.bgp_password_file, version=6)
+                     if wants_ipv6(pools.values(), me) else [])
             plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, cfg.node,
                                          uplink=cfg.uplink, default_as=cfg.default_as,
                                          mesh_password_file=cfg.bgp_password_file,
-                                         secrets_dir=cfg.secrets_dir, sess=sess, by_node=by_node)
+                                         secrets_dir=cfg.secrets_dir, sess=sess, by_node=by_node, sess6=sess6)
             plan.bird_secrets = {password_include(cfg.secrets_dir, s.name): s.password_file
-                                 for s in sess if s.password_file}
+                                 for s in sess + sess6 if s.password_file}
         except ValueError as e:
             errors.append(f"BIRD config: {e}")
     if plan.bird_conf is not None:

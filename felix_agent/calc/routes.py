@@ -16,6 +16,10 @@ Per mode, for a block of a REMOTE node:
           crossSubnet: `<block> via <nodeIP> dev <uplink>` on my subnet, VXLAN across.
   ipip    `<block> via <nodeIP> dev tunl0 onlink`; crossSubnet: plain next hop on my subnet.
   bgp     nothing: BIRD learns and programs these (felix_agent.calc.bird_conf).
+Both families alike: a block's IP version picks the peer's address of that version
+(Node.ip / Node.ip6) as next hop and underlay, its subnet for "near", and the vxlan
+device of that version (vxlan.calico, or vxlan-v6.calico with its own VTEP, carried over
+the IPv6 underlay, as Calico does).  ipip is IPv4-only (no IPv6 pool takes it).
 For MY OWN blocks in non-bgp pools, local_block_routes() gives blackhole routes, so
 traffic to an unused address of my block is dropped here instead of bouncing out of the
 default route (the /32 routes of local pods are more specific and win).
@@ -33,6 +37,8 @@ from felix_agent.calc.desired import FDBEntry, Neighbor, Route
 from felix_agent.model import BlockAffinity, IPPool, Node
 
 VXLAN_DEVICE = "vxlan.calico"
+VXLAN_DEVICE_V6 = "vxlan-v6.calico"
+VXLAN_DEVICES = {4: VXLAN_DEVICE, 6: VXLAN_DEVICE_V6}
 IPIP_DEVICE = "tunl0"
 DEFAULT_UPLINK = "eth0"
 
@@ -52,16 +58,25 @@ def records(x: Iterable[T] | Mapping[object, T]) -> list[T]:
     return list(x)
 
 
-def ipv4_address(addr: str, what: str) -> str:
-    """The plain IPv4 address of `addr` (a prefix is dropped), or ValueError naming
-    `what` - the one validator the BGP config and the tunnel driver share."""
+def ip_address(addr: str, what: str, version: int = 4) -> str:
+    """The plain address of IP version `version` of `addr` (a prefix is dropped), or
+    ValueError naming `what` - the one validator the BGP config and the tunnel driver share."""
     try:
         ip = _ip(addr.split("/")[0])
     except ValueError:
         raise ValueError(f"{what}: {addr!r} is not an IP address") from None
-    if ip.version != 4:
-        raise ValueError(f"{what}: {addr!r} is not IPv4")
+    if ip.version != version:
+        raise ValueError(f"{what}: {addr!r} is not IPv{version}")
     return str(ip)
+
+
+def ipv4_address(addr: str, what: str) -> str:
+    return ip_address(addr, what, 4)
+
+
+def version_of(cidr: str) -> int:
+    """4 or 6: the IP version of a CIDR."""
+    return _net(cidr).version
 
 
 # Node addresses and subnets are asked for every node several times a pass (BGP sessions,
@@ -134,14 +149,16 @@ def _sort_key(cidr: str) -> tuple[int, int, int]:
     return n.version, int(n.network_address), n.prefixlen
 
 
-def same_subnet(a: Node, b: Node) -> bool:
-    """True when b's address lies in a's subnet (a.ip carries the prefix)."""
-    if not a.ip or not b.address:
+def same_subnet(a: Node, b: Node, version: int = 4) -> bool:
+    """True when b's address of IP version `version` lies in a's subnet of that version
+    (a.ip / a.ip6 carries the prefix)."""
+    mine, theirs = (a.ip if version == 4 else a.ip6), b.address_of(version)
+    if not mine or not theirs:
         return False
-    return _ip(b.address) in _subnet(a.ip)
+    return _ip(theirs) in _subnet(mine)
 
 
-def with_own_prefix(nodes: Mapping[str, Node], me: str, node_ip: str) -> Mapping[str, Node]:
+def with_own_prefix(nodes: Mapping[str, Node], me: str, node_ip: str, node_ip6: str = "") -> Mapping[str, Node]:
     """`nodes` with MY node's address carrying the prefix of my uplink (`node_ip`,
     "192.168.100.11/24") when the datastore could not give one: a Kubernetes Node's
     InternalIP has no prefix, and as a /32 every peer would count as "another subnet"
@@ -150,18 +167,32 @@ def with_own_prefix(nodes: Mapping[str, Node], me: str, node_ip: str) -> Mapping
     annotation (ip_from_status False) always wins.  Peers are then judged by whether their
     address lies in this subnet (same_subnet), so their own prefix is never needed."""
     mine = nodes.get(me)
-    if mine is None or not mine.ip_from_status or not node_ip:
+    if mine is None:
         return nodes
-    try:
-        net = ipaddress.ip_interface(node_ip).network
-        addr = ipaddress.ip_address(mine.address)
-    except ValueError:
-        return nodes
-    if addr.version != net.version or addr not in net:
+    fixed = mine
+    if mine.ip_from_status and node_ip:
+        fixed = _prefixed(fixed, "ip", node_ip)
+    if node_ip6 and fixed.ip6.endswith("/128"):
+        # IPv6: a /128 is what the Node's status (or a bare annotation) gives
+        fixed = _prefixed(fixed, "ip6", node_ip6)
+    if fixed is mine:
         return nodes
     out = dict(nodes)
-    out[me] = dataclasses.replace(mine, ip=f"{addr}/{net.prefixlen}")
+    out[me] = fixed
     return out
+
+
+def _prefixed(node: Node, field: str, uplink_ip: str) -> Node:
+    """`node` with its address in `field` given the prefix of `uplink_ip`, when it lies in
+    that network; else `node` unchanged."""
+    try:
+        net = ipaddress.ip_interface(uplink_ip).network
+        addr = ipaddress.ip_address(getattr(node, field).split("/")[0])
+    except ValueError:
+        return node
+    if addr.version != net.version or addr not in net:
+        return node
+    return dataclasses.replace(node, **{field: f"{addr}/{net.prefixlen}"})
 
 
 def _by_name(nodes: list[Node]) -> dict[str, Node]:
@@ -183,30 +214,33 @@ def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink
         if name == me:
             continue
         peer = by_name[name]
-        if not peer.address:
-            continue
-        near = same_subnet(mine, peer)
+        near = {4: same_subnet(mine, peer, 4), 6: same_subnet(mine, peer, 6)}
         for cidr in cidrs:
+            version = version_of(cidr)
+            if not peer.address_of(version):
+                continue
             pool = pool_for(cidr, pools)
             if pool is None:
                 continue
-            r = _route_for(cidr, pool, peer, near, uplink)
+            r = _route_for(cidr, pool, peer, near[version], uplink, version)
             if r is not None:
                 routes.add(r)
     return frozenset(routes)
 
 
-def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str) -> Route | None:
-    plain = Route(dst=cidr, dev=uplink, gateway=peer.address)
+def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str, version: int = 4) -> Route | None:
+    gw = peer.address_of(version)
+    plain = Route(dst=cidr, dev=uplink, gateway=gw)
     if pool.mode == "direct":
-        return Route(dst=cidr, dev=uplink, gateway=peer.address, onlink=True) if near else None
+        return Route(dst=cidr, dev=uplink, gateway=gw, onlink=True) if near else None
     if pool.mode == "vxlan":
         if pool.cross_subnet and near:
             return plain
-        if not peer.vxlan_tunnel_addr or not peer.vxlan_tunnel_mac:
+        vtep, mac = peer.vtep_of(version)
+        if not vtep or not mac:
             return None
-        return Route(dst=cidr, dev=VXLAN_DEVICE, gateway=peer.vxlan_tunnel_addr.split("/")[0], onlink=True)
-    if pool.mode == "ipip":
+        return Route(dst=cidr, dev=VXLAN_DEVICES[version], gateway=vtep, onlink=True)
+    if pool.mode == "ipip" and version == 4:
         if pool.cross_subnet and near:
             return plain
         return Route(dst=cidr, dev=IPIP_DEVICE, gateway=peer.address, onlink=True)
@@ -228,9 +262,10 @@ def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: 
     out = []
     for name, cidrs in grouped(nodes, blocks, by_node).items():
         peer = by_name[name]
-        if name == me or not peer.address or same_subnet(mine, peer):
+        if name == me:
             continue
-        if any((p := pool_for(c, pools)) is not None and p.mode == mode for c in cidrs):
+        if any((p := pool_for(c, pools)) is not None and p.mode == mode
+               and (v := version_of(c)) and peer.address_of(v) and not same_subnet(mine, peer, v) for c in cidrs):
             out.append(name)
     return tuple(sorted(out))
 
@@ -259,20 +294,24 @@ def local_block_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, k
     return frozenset(routes)
 
 
-def vxlan_peers(nodes: Nodes, pools: Pools, me: str) -> tuple[frozenset[FDBEntry], frozenset[Neighbor]]:
+def vxlan_peers(nodes: Nodes, pools: Pools, me: str, version: int = 4
+                ) -> tuple[frozenset[FDBEntry], frozenset[Neighbor]]:
     """Static FDB (VTEP MAC -> node underlay IP) and neighbour (VTEP IP -> VTEP MAC)
-    entries for every remote node that published a VTEP, when any enabled vxlan pool
-    exists.  With crossSubnet the same-subnet entries are harmless and keep a later
-    mode change cheap, so they are not filtered."""
-    if not any(p.mode == "vxlan" and not p.disabled for p in records(pools)):
+    entries of the vxlan device of IP version `version` for every remote node that
+    published a VTEP of that version, when an enabled vxlan pool of that version exists.
+    With crossSubnet the same-subnet entries are harmless and keep a later mode change
+    cheap, so they are not filtered."""
+    if not any(p.mode == "vxlan" and not p.disabled and version_of(p.cidr) == version for p in records(pools)):
         return frozenset(), frozenset()
+    dev = VXLAN_DEVICES[version]
     fdb, neigh = set(), set()
     for n in records(nodes):
-        if n.name == me or not n.address or not n.vxlan_tunnel_addr or not n.vxlan_tunnel_mac:
+        vtep, mac = n.vtep_of(version)
+        if n.name == me or not n.address_of(version) or not vtep or not mac:
             continue
-        mac = n.vxlan_tunnel_mac.lower()
-        fdb.add(FDBEntry(mac=mac, dst=n.address))
-        neigh.add(Neighbor(ip=n.vxlan_tunnel_addr.split("/")[0], mac=mac))
+        mac = mac.lower()
+        fdb.add(FDBEntry(mac=mac, dst=n.address_of(version), dev=dev))
+        neigh.add(Neighbor(ip=vtep, mac=mac, dev=dev))
     return frozenset(fdb), frozenset(neigh)
 
 
@@ -286,10 +325,11 @@ def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks, by_node: ByNo
     pools = records(pools)
     out = []
     for n in nodes:
-        if not (n.vxlan_tunnel_addr and n.vxlan_tunnel_mac):
-            block = _first_block(by_node.get(n.name, ()), pools, "vxlan")
-            if block:
-                n = _with_vtep(n, block)
+        for version in (4, 6):
+            if not all(n.vtep_of(version)):
+                block = _first_block(by_node.get(n.name, ()), pools, "vxlan", version)
+                if block:
+                    n = _with_vtep(n, block)
         out.append(n)
     return out
 
@@ -299,16 +339,20 @@ def _with_vtep(n: Node, block: str) -> Node:
     # Cached: every routing pass derives every node's VTEP again (a node add at 5,000
     # nodes rebuilt 5,000 records and hashed 5,000 names), and both inputs are immutable.
     addr, mac = vtep_for(n.name, block)
+    if version_of(block) == 6:
+        return dataclasses.replace(n, vxlan_tunnel_addr6=addr, vxlan_tunnel_mac6=mac)
     return dataclasses.replace(n, vxlan_tunnel_addr=addr, vxlan_tunnel_mac=mac)
 
 
-def vtep_mac(node_name: str) -> str:
+def vtep_mac(node_name: str, version: int = 4) -> str:
     """A stable MAC for a node's VTEP: hashed from the node name, so a restarted agent
     (or a rebuilt device) keeps the MAC every peer already has in its FDB.  The first
-    octet is made locally administered (bit 1 set) and unicast (bit 0 clear)."""
+    octet is made locally administered (bit 1 set) and unicast (bit 0 clear).  The IPv6
+    VTEP gets a MAC of its own (hashed from the name and "/v6")."""
     if not node_name:
         raise ValueError("vtep_mac needs a node name")
-    b = bytearray(hashlib.sha256(node_name.encode()).digest()[:6])
+    seed = node_name if version == 4 else node_name + "/v6"
+    b = bytearray(hashlib.sha256(seed.encode()).digest()[:6])
     b[0] = (b[0] & 0xFC) | 0x02
     return ":".join(f"{x:02x}" for x in b)
 
@@ -317,19 +361,21 @@ def vtep_for(node_name: str, block_cidr: str) -> tuple[str, str]:
     """(VTEP address, VTEP MAC) for a node whose first vxlan block is `block_cidr`: the
     address is the block's first address, as Calico does, so IPAM must never hand it to
     a pod (see tunnel_block())."""
-    return str(_net(block_cidr).network_address), vtep_mac(node_name)
+    net = _net(block_cidr)
+    return str(net.network_address), vtep_mac(node_name, net.version)
 
 
 def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str,
-                 by_node: ByNode | None = None) -> str | None:
-    """My first block (lowest CIDR) in an enabled pool of `mode` ("vxlan" or "ipip"): its
-    first address becomes the tunnel device's address.  None when I own no such block."""
-    return _first_block(grouped(nodes, blocks, by_node).get(me, ()), records(pools), mode)
+                 by_node: ByNode | None = None, version: int = 4) -> str | None:
+    """My first block (lowest CIDR) of IP version `version` in an enabled pool of `mode`
+    ("vxlan" or "ipip"): its first address becomes the tunnel device's address.  None
+    when I own no such block."""
+    return _first_block(grouped(nodes, blocks, by_node).get(me, ()), records(pools), mode, version)
 
 
-def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str) -> str | None:
+def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str, version: int = 4) -> str | None:
     for cidr in cidrs:
         pool = pool_for(cidr, pools)
-        if pool is not None and pool.mode == mode and _net(cidr).version == 4:
+        if pool is not None and pool.mode == mode and _net(cidr).version == version:
             return cidr
     return None

@@ -4,8 +4,8 @@
 `Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls
 every driver (driver.py's contract) in the order of `Dataplane.drivers`, which keeps every
 reference valid:
-    sysctls -> ipsets (create/update) -> iptables filter, nat, raw -> ip6tables filter, raw
-    -> vxlan -> ipip -> routes -> BIRD, then the second phase in reverse: ipsets (delete)
+    sysctls -> ipsets (create/update) -> iptables filter, nat, raw -> ip6tables filter, nat, raw
+    -> vxlan, vxlan6 -> ipip -> routes -> BIRD, then the second phase in reverse: ipsets (delete)
 A driver is skipped between resyncs when its slice of the plan equals what it last
 applied cleanly (a pod ADD changes only the filter table and its sets, so nat, routes and
 tunnels are not read back); full passes, on the resync timer, run and read everything.
@@ -35,7 +35,7 @@ from felix_agent.model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
 TABLES = ("filter", "nat", "raw")
-TABLES6 = ("filter", "raw")  # ip6tables: policy (the calc's IPv6 half) and the loopback guard
+TABLES6 = ("filter", "nat", "raw")  # ip6tables: policy, natOutgoing for IPv6 pools (calc/nat.py), the loopback guard
 _NOTHING = object()
 
 
@@ -106,7 +106,7 @@ class Dataplane:
                  run_dir: str = "/var/run/tortie", bird: bool = True,
                  bird_bin: str = "bird", birdc_bin: str = "birdc", default_as: int = DEFAULT_AS,
                  derive_vteps: bool = False, bgp_password_file: str = "", node_ip: str = "",
-                 ensure_forwarding: bool = True):
+                 ensure_forwarding: bool = True, node_ip6: str = ""):
         det = detect(netns, configured=iptables_backend)
         self.backend = det.backend
         log.info("iptables backend chosen", extra=kv(backend=det.backend, reason=det.reason))
@@ -130,12 +130,13 @@ class Dataplane:
             *(IptablesDriver(t) for t in self.tables.values()),
             *(IptablesDriver(t) for t in tables6.values()),
             VxlanDriver(netns, uplink),
+            VxlanDriver(netns, uplink, version=6),
             ipip,
             RoutesDriver(netns, ipip),
             self.bird,
         ])
         self.planner = Planner(PlanConfig(
-            node=node_name, uplink=uplink, node_ip=node_ip, derive_vteps=derive_vteps, bird=bird,
+            node=node_name, uplink=uplink, node_ip=node_ip, node_ip6=node_ip6, derive_vteps=derive_vteps, bird=bird,
             default_as=default_as, bgp_password_file=bgp_password_file,
             secrets_dir=self.bird.secrets_dir, wl_to_host_action=wl_to_host_action))
         self.modes: tuple[str, ...] = ()

@@ -72,19 +72,19 @@ class IptablesDriver(SinglePhase):
 
 
 class VxlanDriver(SinglePhase):
-    """vxlan.calico: present while a vxlan pool gives this node a block, removed otherwise
-    (also a device an earlier agent left behind when the mode changed across a restart:
-    the first pass is always due)."""
+    """vxlan.calico (version 4) or vxlan-v6.calico (version 6): present while a vxlan pool
+    of that IP version gives this node a block, removed otherwise (also a device an earlier
+    agent left behind when the mode changed across a restart: the first pass is always due)."""
 
-    name = "vxlan"
-
-    def __init__(self, netns: str | None, uplink: str):
-        self.dev = VxlanDevice(netns)
+    def __init__(self, netns: str | None, uplink: str, version: int = 4):
+        self.dev = VxlanDevice(netns, version=version)
         self.uplink = uplink
+        self.version = version
+        self.name = "vxlan" if version == 4 else "vxlan6"
         self._want: VxlanWanted | None = None
 
     def wanted(self, plan: Plan):
-        return plan.vxlan
+        return plan.vxlan if self.version == 4 else plan.vxlan6
 
     def set_desired(self, wanted) -> None:
         self._want = wanted
@@ -93,9 +93,9 @@ class VxlanDriver(SinglePhase):
 
     def apply(self, full: bool) -> ApplyResult:
         if self._want is None:
-            return ApplyResult({"vxlan": "removed"} if self.dev.remove() else {})
+            return ApplyResult({self.name: "removed"} if self.dev.remove() else {})
         ch = self.dev.apply()
-        return ApplyResult({"vxlan": "; ".join(ch)} if ch else {})
+        return ApplyResult({self.name: "; ".join(ch)} if ch else {})
 
 
 class IpipDriver(SinglePhase):

@@ -5,6 +5,9 @@
   0, so, like Felix, the agent turns it on; with ensure_forwarding off, or when the write
   is refused (read-only /proc/sys in an unprivileged container), it reports why the node
   cannot serve pods instead (a problem: last_error and /readyz).
+- net.ipv6.conf.all.forwarding=1 the same way, while an IPv6 pool exists (the plan's
+  `families`): only then, because turning it on also stops the node accepting router
+  advertisements on every interface, which an IPv4-only node may depend on.
 - route_localnet=0 on every `cali` veth: nodes wired by older tortie versions have 1,
   which lets a pod reach the node's 127.0.0.1 services (calc/raw.py).  The CNI plumbing
   writes 0 now; this resets any veth that still has 1, so an upgraded node is fixed
@@ -26,6 +29,8 @@ from podnet.naming import PREFIX as WL_PREFIX
 
 log = logging.getLogger("tortie.dataplane")
 FORWARD_KEY = "net.ipv4.ip_forward"
+# IP version -> (sysctl name, problem key): the one forwarding switch of each family
+FORWARD_KEYS = {4: (FORWARD_KEY, "forwarding"), 6: ("net.ipv6.conf.all.forwarding", "forwarding6")}
 
 
 class SysctlDriver(SinglePhase):
@@ -36,14 +41,16 @@ class SysctlDriver(SinglePhase):
         self.netns = netns
         self.ensure_forwarding = ensure_forwarding
         self.proc_sys = proc_sys
+        self.families: tuple[int, ...] = (4,)
 
-    def wanted(self, plan) -> bool:
-        # Nothing in the plan moves these: a constant slice makes the driver run on the
-        # first pass and on every full one (something else may turn forwarding off again).
-        return True
+    def wanted(self, plan) -> tuple[int, ...]:
+        # The families to forward: IPv4 always, IPv6 with an IPv6 pool.  Otherwise constant,
+        # so the driver runs on the first pass and on every full one (something else may
+        # turn forwarding off again).
+        return tuple(sorted({4, *plan.families}))
 
     def set_desired(self, wanted) -> None:
-        pass  # what to reach is fixed at construction (ensure_forwarding)
+        self.families = tuple(wanted)
 
     def apply(self, full: bool) -> ApplyResult:
         if self.netns is None:
@@ -53,11 +60,13 @@ class SysctlDriver(SinglePhase):
 
     def _apply(self) -> ApplyResult:
         res = ApplyResult()
-        changed, problem = self._forwarding()
-        if changed:
-            res.changes["forwarding"] = f"{FORWARD_KEY}=1"
-        if problem:
-            res.problems["forwarding"] = problem
+        for version in self.families:
+            key, topic = FORWARD_KEYS[version]
+            changed, problem = self._forwarding(key)
+            if changed:
+                res.changes[topic] = f"{key}=1"
+            if problem:
+                res.problems[topic] = problem
         reset = self._reset_route_localnet()
         if reset:
             log.warning("route_localnet was on for pod interfaces; turned off",
@@ -67,16 +76,17 @@ class SysctlDriver(SinglePhase):
 
     # -- ip_forward --
 
-    def _forwarding(self) -> tuple[bool, str]:
-        """(changed, problem): problem is "" when the node forwards after this call."""
-        path = os.path.join(self.proc_sys, "net/ipv4/ip_forward")
+    def _forwarding(self, key: str) -> tuple[bool, str]:
+        """(changed, problem) for sysctl `key`: problem is "" when the node forwards that
+        family after this call."""
+        path = os.path.join(self.proc_sys, key.replace(".", "/"))
         try:
             if _read(path) == "1":
                 return False, ""
         except OSError as e:
-            return False, f"cannot read {FORWARD_KEY}: {e}"
+            return False, f"cannot read {key}: {e}"
         if not self.ensure_forwarding:
-            return False, (f"{FORWARD_KEY} is 0: traffic from other nodes to this node's pods is dropped "
+            return False, (f"{key} is 0: traffic from other nodes to this node's pods is dropped "
                            "(ensure_forwarding is off: set it to 1 on the node, or turn ensure_forwarding on)")
         try:
             _write(path, "1")
@@ -85,7 +95,7 @@ class SysctlDriver(SinglePhase):
             err = "the value did not stick"
         except OSError as e:
             err = str(e)
-        return False, (f"{FORWARD_KEY} is 0 and cannot be set ({err}): traffic from other nodes to this "
+        return False, (f"{key} is 0 and cannot be set ({err}): traffic from other nodes to this "
                        "node's pods is dropped; run the agent privileged with a writable /proc/sys, "
                        "or set it on the node")
 

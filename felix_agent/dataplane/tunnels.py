@@ -1,4 +1,5 @@
-"""Tunnel devices: vxlan.calico (VXLAN) and tunl0 (IPIP), reconciled over netlink.
+"""Tunnel devices: vxlan.calico and vxlan-v6.calico (VXLAN) and tunl0 (IPIP), reconciled
+over netlink.
 
 VxlanDevice owns the whole vxlan.calico device: its link attributes, its one /32
 address, and every permanent FDB and neighbour entry on it.  apply() reads the kernel
@@ -6,6 +7,10 @@ each time, so anything changed behind our back (an entry deleted, the MTU altere
 device removed or created with the wrong VNI) is put back on the next call.  Attributes
 the kernel cannot change in place (VNI, port, local address, learning, parent link)
 mean delete and recreate.
+
+VxlanDevice(version=6) is vxlan-v6.calico: the same device over the IPv6 underlay (the
+uplink's first global IPv6 address as source, FDB entries to the peers' IPv6 addresses),
+with a /128 VTEP address and IPv6 neighbours, as Calico runs a second device for IPv6.
 
 IpipDevice manages tunl0's address.  tunl0 exists only when the kernel has the ipip
 module; without it apply() raises KernelModuleMissing("kernel module ipip is not
@@ -22,13 +27,20 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from felix_agent.calc.desired import FDBEntry, Neighbor
-from felix_agent.calc.routes import IPIP_DEVICE, VXLAN_DEVICE, ipv4_address
+from felix_agent.calc.routes import IPIP_DEVICE, VXLAN_DEVICES, ip_address, ipv4_address
 
 VXLAN_VNI = 4096
 VXLAN_PORT = 4789
-VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+# Per underlay family: the same VNI and port as Calico (the kernel keeps one UDP socket
+# per family, so both devices share them); outer IPv4 (20) or IPv6 (40) + UDP (8) +
+# VXLAN (8) + inner Ethernet (14).
+VXLAN_OVERHEAD = {4: 50, 6: 70}
 NUD_PERMANENT = ndmsg.states["permanent"]
 AF_INET = 2
+AF_INET6 = 10
+FAMILY = {4: AF_INET, 6: AF_INET6}
+HOST_PREFIX = {4: 32, 6: 128}
+IFA_F_NODAD = 0x02
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -67,9 +79,10 @@ class VxlanSpec:
 class VxlanDevice:
     """Desired state of vxlan.calico in `netns` (None: the current namespace)."""
 
-    def __init__(self, netns: str | None = None, name: str = VXLAN_DEVICE):
+    def __init__(self, netns: str | None = None, name: str = "", version: int = 4):
         self.netns = netns
-        self.name = name
+        self.version = version
+        self.name = name or VXLAN_DEVICES[version]
         self._spec: VxlanSpec | None = None
 
     def set_desired(self, addr: str, mac: str, uplink: str, mtu: int | None = None,
@@ -81,12 +94,13 @@ class VxlanDevice:
             raise ValueError(f"uplink {uplink!r} is not an interface name")
         if mtu is not None and not 68 <= mtu <= 65535:
             raise ValueError(f"mtu {mtu} is out of range 68..65535")
-        fdb_n = frozenset(FDBEntry(mac=_mac(e.mac, "FDB entry"), dst=ipv4_address(e.dst, "FDB entry"), dev=self.name)
+        v = self.version
+        fdb_n = frozenset(FDBEntry(mac=_mac(e.mac, "FDB entry"), dst=ip_address(e.dst, "FDB entry", v), dev=self.name)
                           for e in fdb)
-        nb_n = frozenset(Neighbor(ip=ipv4_address(n.ip, "neighbour"), mac=_mac(n.mac, "neighbour"), dev=self.name)
+        nb_n = frozenset(Neighbor(ip=ip_address(n.ip, "neighbour", v), mac=_mac(n.mac, "neighbour"), dev=self.name)
                          for n in neighbors)
-        self._spec = VxlanSpec(addr=ipv4_address(addr, "VTEP address"), mac=_mac(mac, "VTEP MAC"), uplink=uplink,
-                               mtu=mtu, local=ipv4_address(local, "local address") if local else "",
+        self._spec = VxlanSpec(addr=ip_address(addr, "VTEP address", v), mac=_mac(mac, "VTEP MAC"), uplink=uplink,
+                               mtu=mtu, local=ip_address(local, "local address", v) if local else "",
                                fdb=fdb_n, neighbors=nb_n)
 
     def remove(self) -> bool:
@@ -112,10 +126,10 @@ class VxlanDevice:
                 raise TunnelError(f"uplink {s.uplink!r} does not exist; vxlan.calico not changed")
             up_idx = up[0]
             up_link = ipr.get_links(up_idx)[0]
-            local = s.local or _firstipv4_address(ipr, up_idx)
+            local = s.local or _first_address(ipr, up_idx, self.version)
             if not local:
-                raise TunnelError(f"uplink {s.uplink!r} has no IPv4 address to use as VXLAN source")
-            mtu = s.mtu or up_link.get("mtu") - VXLAN_OVERHEAD
+                raise TunnelError(f"uplink {s.uplink!r} has no IPv{self.version} address to use as VXLAN source")
+            mtu = s.mtu or up_link.get("mtu") - VXLAN_OVERHEAD[self.version]
             idx = self._reconcile_link(ipr, s, up_idx, local, mtu, changes)
             self._reconcile_addr(ipr, idx, s.addr, changes)
             self._reconcile_fdb(ipr, idx, s.fdb, changes)
@@ -131,7 +145,7 @@ class VxlanDevice:
             data = info.get("IFLA_INFO_DATA") if info else None
             fixed = kind == "vxlan" and data is not None and (
                 data.get("IFLA_VXLAN_ID") == VXLAN_VNI and data.get("IFLA_VXLAN_PORT") == VXLAN_PORT
-                and data.get("IFLA_VXLAN_LOCAL") == local and not data.get("IFLA_VXLAN_LEARNING")
+                and data.get("IFLA_" + self._local_attr.upper()) == local and not data.get("IFLA_VXLAN_LEARNING")
                 and data.get("IFLA_VXLAN_LINK") == up_idx)
             if not fixed:
                 ipr.link("del", index=found[0])
@@ -139,7 +153,7 @@ class VxlanDevice:
                 found = []
         if not found:
             ipr.link("add", ifname=self.name, kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_port=VXLAN_PORT,
-                     vxlan_local=local, vxlan_learning=0, vxlan_link=up_idx, address=s.mac, mtu=mtu)
+                     vxlan_learning=0, vxlan_link=up_idx, address=s.mac, mtu=mtu, **{self._local_attr: local})
             changes.append(f"created {self.name} vni {VXLAN_VNI} local {local} mtu {mtu}")
             found = ipr.link_lookup(ifname=self.name)
         idx = found[0]
@@ -155,14 +169,21 @@ class VxlanDevice:
             changes.append("up")
         return idx
 
+    @property
+    def _local_attr(self) -> str:
+        return "vxlan_local" if self.version == 4 else "vxlan_local6"
+
     def _reconcile_addr(self, ipr, idx: int, addr: str, changes: list[str]) -> None:
-        have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=AF_INET)}
-        for a, plen in have - {(addr, 32)}:
-            ipr.addr("del", index=idx, address=a, prefixlen=plen)
-            changes.append(f"address -{a}/{plen}")
-        if (addr, 32) not in have:
-            ipr.addr("add", index=idx, address=addr, prefixlen=32)
-            changes.append(f"address +{addr}/32")
+        plen = HOST_PREFIX[self.version]
+        have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=FAMILY[self.version])
+                if not a.get("IFA_ADDRESS", "").startswith("fe80:")}  # the kernel's link-local stays
+        for a, p in have - {(addr, plen)}:
+            ipr.addr("del", index=idx, address=a, prefixlen=p)
+            changes.append(f"address -{a}/{p}")
+        if (addr, plen) not in have:
+            # IPv6: no duplicate address detection (the VTEP address is the node's own block's)
+            ipr.addr("add", index=idx, address=addr, prefixlen=plen, **({"flags": IFA_F_NODAD} if plen == 128 else {}))
+            changes.append(f"address +{addr}/{plen}")
 
     def _reconcile_fdb(self, ipr, idx: int, want: frozenset[FDBEntry], changes: list[str]) -> None:
         have = set()
@@ -182,7 +203,7 @@ class VxlanDevice:
 
     def _reconcile_neighbors(self, ipr, idx: int, want: frozenset[Neighbor], changes: list[str]) -> None:
         have = {}
-        for m in ipr.neigh("dump", ifindex=idx, family=AF_INET):
+        for m in ipr.neigh("dump", ifindex=idx, family=FAMILY[self.version]):
             if m["ifindex"] == idx and m["state"] & NUD_PERMANENT:
                 have[m.get("NDA_DST")] = m.get("NDA_LLADDR")
         wanted = {n.ip: n.mac for n in want}
@@ -200,9 +221,12 @@ def _ipr(netns: str | None) -> IPRoute:
     return IPRoute(netns=netns, flags=0) if netns else IPRoute()
 
 
-def _firstipv4_address(ipr, idx: int) -> str:
-    addrs = ipr.get_addr(index=idx, family=AF_INET)
-    return addrs[0].get("IFA_ADDRESS") if addrs else ""
+def _first_address(ipr, idx: int, version: int = 4) -> str:
+    """The first address of IP version `version` on link `idx` (IPv6: of global scope)."""
+    for a in ipr.get_addr(index=idx, family=FAMILY[version]):
+        if version == 4 or a["scope"] == 0:
+            return a.get("IFA_ADDRESS")
+    return ""
 
 
 class IpipDevice:

@@ -4,7 +4,8 @@ figures and asserts nothing about speed.
 
   throughput   pod-to-pod TCP (iperf3) across two nodes in bgp, direct and vxlan mode,
                next to a node-to-node baseline over the raw veth underlay measured in the
-               same lab just before, printed as ratios to it.
+               same lab just before, printed as ratios to it; for IPv4 and IPv6 (a
+               dual-stack lab: the IPv6 pod row next to the raw IPv6 veth baseline).
   convergence  a node joins a cluster of N nodes (N = 3 and 10, the joiner included):
                time from starting its agent to every other node having a route to its
                block (the block is claimed in etcd beforehand, so pod creation is not
@@ -38,6 +39,7 @@ from tests.lab import Etcd, Lab, new_prefix, require_tools, sh  # noqa: E402
 from tests.lab.cluster import LabCluster, wait_for  # noqa: E402
 
 POOL = "10.65.0.0/16"
+POOL6 = "fd00:10:65::/112"
 IPERF_PORT = 5201
 
 
@@ -55,26 +57,30 @@ def iperf(lab: Lab, server_ns: str, client_ns: str, server_ip: str, seconds: flo
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def throughput(mode: str, seconds: float, workdir: str, rounds: int = 2) -> tuple[float, float]:
-    """(baseline Gbit/s node1 -> node2 over the underlay, pod -> pod Gbit/s in `mode`):
-    the best of `rounds` runs each, interleaved, so a burst of load from other work on
-    the machine hits both sides alike."""
+def throughput(mode: str, seconds: float, workdir: str, rounds: int = 2) -> dict[int, tuple[float, float]]:
+    """IP version -> (baseline Gbit/s node1 -> node2 over the underlay, pod -> pod Gbit/s
+    in `mode`), in one dual-stack lab: the best of `rounds` runs each, interleaved, so a
+    burst of load from other work on the machine hits both sides alike."""
     with Etcd() as etcd, Lab(prefix=new_prefix("br")) as lab:
-        lab.build(2)
+        lab.build(2, ipv6=True)
         n1, n2 = lab.nodes
         c = LabCluster(lab, etcd, os.path.join(workdir, f"tp-{mode}"))
         c.apply_pool(POOL, mode=mode)
+        c.apply_pool(POOL6, mode=mode, name="pool6")
         c.start_agents()
         a = c.add_pod("default", "client", "node1")
         b = c.add_pod("default", "server", "node2")
-        wait_for(lambda: c.ping(a, b.ip), timeout=30, what=f"{mode}: pod to pod")
-        base = pod = 0.0
-        for _ in range(rounds):
-            base = max(base, iperf(lab, n2.ns, n1.ns, n2.ip, seconds))
-            pod = max(pod, iperf(lab, b.ns, a.ns, b.ip, seconds))
+        out = {}
+        for version, node_ip, pod_ip in ((4, n2.ip, b.ip), (6, n2.ip6, b.ip6)):
+            wait_for(lambda: c.ping(a, pod_ip), timeout=30, what=f"{mode}: pod to pod over IPv{version}")
+            base = pod = 0.0
+            for _ in range(rounds):
+                base = max(base, iperf(lab, n2.ns, n1.ns, node_ip, seconds))
+                pod = max(pod, iperf(lab, b.ns, a.ns, pod_ip, seconds))
+            out[version] = (base, pod)
         for n in lab.nodes:
             c.stop_agent(n)
-        return base, pod
+        return out
 
 
 # -- convergence ---------------------------------------------------------------------------
@@ -153,9 +159,9 @@ def main() -> None:
                   f"{args.seconds:g}s; baseline: node to node over the same veth underlay, same lab, "
                   "interleaved):")
             for mode in ("bgp", "direct", "vxlan"):
-                base, pod = throughput(mode, args.seconds, workdir)
-                print(f"  {mode:7s} pod->pod {pod:6.2f} Gbit/s   baseline {base:6.2f} Gbit/s   "
-                      f"ratio {pod / base:5.2f}")
+                for version, (base, pod) in throughput(mode, args.seconds, workdir).items():
+                    print(f"  {mode:7s} IPv{version} pod->pod {pod:6.2f} Gbit/s   baseline {base:6.2f} Gbit/s   "
+                          f"ratio {pod / base:5.2f}")
         print("route convergence after a node joins (agent start -> a route to its block on the other "
               "nodes; seconds):")
         for n in [int(x) for x in args.sizes.split(",") if x]:

@@ -98,3 +98,36 @@ def test_vxlan_between_two_nodes_without_published_vteps(make_lab, api, tmp_path
     assert c.ping(ips[0][0], ips[1][1]) and c.ping(ips[1][0], ips[0][1])
     rx = int(lab.exec(lab.nodes[1].ns, "cat", "/sys/class/net/vxlan.calico/statistics/rx_packets").stdout)
     assert rx > 0  # the pings really crossed the tunnel
+
+
+def test_dual_stack_podcidrs_give_both_families_and_route_both(make_lab, api, tmp_path):
+    """Kubernetes mode, dual-stack: Node.spec.podCIDRs of both families (as the
+    controller-manager allocates with --cluster-cidr=<v4>,<v6>) and InternalIPs of both;
+    one ADD gives a pod an address from each podCIDR, and pods on two nodes talk over
+    IPv4 and IPv6 through derived VTEPs on vxlan.calico and vxlan-v6.calico."""
+    lab = make_lab(2, ipv6=True)
+    c = LabCluster(lab, None, str(tmp_path))
+    for i, n in enumerate(lab.nodes, 1):
+        api.upsert("nodes", {"metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
+                             "spec": {"podCIDR": f"10.244.{i}.0/24",
+                                      "podCIDRs": [f"10.244.{i}.0/24", f"fd00:244:0:{i}::/64"]},
+                             "status": {"addresses": [{"type": "InternalIP", "address": n.ip},
+                                                      {"type": "InternalIP", "address": n.ip6}]}})
+    confs = [start_agent(lab, n, api, tmp_path, n.name, "--default-pool-mode", "vxlan",
+                         "--default-pool", "10.244.0.0/16,fd00:244::/56") for n in lab.nodes]
+    for n in lab.nodes:
+        wait_ready(c, n)
+    pods = []
+    for i, (n, conf) in enumerate(zip(lab.nodes, confs), 1):
+        pod_ns = lab.add_pod_ns(f"ds{i}")
+        p = c.cni_run(n, "ADD", f"cid-ds{i}", f"/var/run/netns/{pod_ns}", "default", f"ds{i}", conf=conf)
+        assert p.returncode == 0, p.stdout + p.stderr
+        addrs = [a["address"] for a in json.loads(p.stdout)["ips"]]
+        assert addrs[0].startswith(f"10.244.{i}.") and addrs[1].startswith(f"fd00:244:0:{i}::"), addrs
+        pods.append((pod_ns, [a.split("/")[0] for a in addrs]))
+    wait_for(lambda: "fd00:244:0:2::/64 via fd00:244:0:2:: dev vxlan-v6.calico" in lab.exec(
+        lab.nodes[0].ns, "ip", "-6", "route").stdout, what="node1's IPv6 vxlan route via node2's derived VTEP")
+    for (src, _), (_, dst) in ((pods[0], pods[1]), (pods[1], pods[0])):
+        assert c.ping(src, dst[0]) and c.ping(src, dst[1]), (src, dst)
+    rx = int(lab.exec(lab.nodes[1].ns, "cat", "/sys/class/net/vxlan-v6.calico/statistics/rx_packets").stdout)
+    assert rx > 0  # the IPv6 pings really crossed the IPv6 tunnel

@@ -8,8 +8,9 @@ own family only; the cases below add IPv6 and mixed ones.  Then: a
 spoofed IPv6 source is dropped at the sender, and ICMPv6 neighbour discovery keeps working
 for a pod behind deny-all.
 
-Same world as the IPv4 module (namespaces x, y, z; pods a, b on node1, c on node2) with a
-second, IPv6 pool: every pod gets an address of each family in its one CNI ADD.
+Same world as the IPv4 module (namespaces x, y, z; pods a, b on node1, c on node2) on a
+dual-stack underlay with a second, IPv6 pool: every pod gets an address of each family in
+its one CNI ADD, and the agents route IPv6 between the nodes (BIRD's IPv6 sessions).
 """
 from __future__ import annotations
 
@@ -31,46 +32,21 @@ from tests.integration.test_netpol_truth_table import (
 from tests.integration.test_cnp_truth_table import CASES as CNP_CASES
 from tests.integration.test_cnp_truth_table import cnp, eg, in_ns, pods
 from tests.lab import sh
-from tests.lab.cluster import LabCluster, wait_for
+from tests.lab.cluster import wait_for
 from tests.lab.prober import OK, TIMEOUT, Probe, flush_conntrack
 
 pytestmark = pytest.mark.root
 
 POOL6 = "fd65::/48"
-NODE6 = "fd00:100::{}"  # the lab nodes' IPv6 underlay addresses (stand-in routes only)
 
 
 def host6(ip: str) -> str:
     return f"{ip}/128"
 
 
-def route_v6_if_unrouted(c: LabCluster) -> None:
-    """Every node reaches the other nodes' pods over IPv6.  When the agents route IPv6
-    themselves this finds routes and adds nothing; otherwise it gives the lab nodes IPv6
-    underlay addresses and one static /128 route per remote pod: a stand-in for IPv6
-    routing (the routing half of the dual-stack work), so that this module tests policy."""
-    nodes = c.lab.nodes
-    added = False
-    for i, n in enumerate(nodes):
-        for p in c.pods.values():
-            if p.node == n.name or not p.ip6:
-                continue
-            if sh("ip", "-6", "route", "get", p.ip6, ns=n.ns, check=False).returncode == 0:
-                continue
-            if not added:
-                for j, m in enumerate(nodes):
-                    sh("ip", "-6", "addr", "replace", f"{NODE6.format(11 + j)}/64", "dev", "eth0", "nodad", ns=m.ns)
-                added = True
-            via = NODE6.format(11 + nodes.index(c.lab.node(p.node)))
-            sh("ip", "-6", "route", "replace", host6(p.ip6), "via", via, "dev", "eth0", ns=n.ns)
-    if added:
-        print("IPv6 between nodes: static stand-in routes (the agents program none yet)")
-
-
 @pytest.fixture(scope="module")
 def world(lab_prefix, tmp_path_factory):
-    yield from build_world(f"{lab_prefix}-np6", str(tmp_path_factory.mktemp("netpol6")), pool6=POOL6,
-                           prepare=route_v6_if_unrouted)
+    yield from build_world(f"{lab_prefix}-np6", str(tmp_path_factory.mktemp("netpol6")), pool6=POOL6)
 
 
 A = ml(pod="a")

@@ -329,17 +329,16 @@ def world(lab_prefix, tmp_path_factory):
     yield from build_world(f"{lab_prefix}-np", str(tmp_path_factory.mktemp("netpol")))
 
 
-def build_world(prefix: str, workdir: str, pool6: str = "", prepare: Callable[[LabCluster], None] | None = None):
-    """The module's world (a generator for a fixture): IPv4 pods, or dual-stack ones when
-    `pool6` is an IPv6 pool; `prepare(cluster)` runs once every pod exists, before the
-    first full check."""
+def build_world(prefix: str, workdir: str, pool6: str = ""):
+    """The module's world (a generator for a fixture): IPv4 pods, or dual-stack ones on a
+    dual-stack underlay when `pool6` is an IPv6 pool."""
     if not is_root():
         pytest.skip("needs root for network namespaces")
     etcd = Etcd()
     lab = Lab(prefix=prefix)
     try:
         etcd.start()
-        lab.build(2)
+        lab.build(2, ipv6=bool(pool6))
         c = LabCluster(lab, etcd, workdir)
         c.apply_pool(POOL)
         if pool6:
@@ -359,8 +358,6 @@ def build_world(prefix: str, workdir: str, pool6: str = "", prepare: Callable[[L
             w.probers[k] = Prober(lab, pod.ns, k, serve_sctp=80 if w.sctp else None)
         for n in lab.nodes:
             w.node_probers[n.name] = Prober(lab, n.ns, n.name)
-        if prepare is not None:
-            prepare(c)
         # BGP must have converged before cross-node pairs can answer.
         w.check([], deadline=60)
         yield w

@@ -86,6 +86,7 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
     c = make_cluster(2)
     (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML)
     (tmp_path / "admin-policy.yaml").write_text(readme_yaml("admin-policy.yaml"))
+    (tmp_path / "pool-v6.yaml").write_text(readme_yaml("pool-v6.yaml"))
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TORTIE_ETCD_ENDPOINTS=c.etcd.endpoint)
     node1 = c.lab.node("node1")
     state: dict = {}
@@ -145,6 +146,11 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
     def delete_pod(out: str) -> None:
         assert out.strip() == "pod/shop/frontend deleted", out
 
+    def apply_pool6(out: str) -> None:
+        assert out.splitlines() == ["ippool/pool-v6 created"], out
+        pool = yaml.safe_load(run("tortiectl get ippool pool-v6 -o yaml"))
+        assert pool["spec"]["blockSize"] == 122 and pool["spec"]["cidr"] == "fd00:10:65::/112", pool
+
     def delete_file(out: str) -> None:
         assert "networkpolicy/shop/allow-web deleted" in out and "namespace/shop deleted" in out, out
         assert "No networkpolicies found." in run("tortiectl get netpol -A")
@@ -162,6 +168,7 @@ def test_every_readme_tortiectl_example_works(make_cluster, tmp_path):
         ("tortiectl ipam show", True, ipam_show, None),
         ("tortiectl delete pod frontend -n shop", False, delete_pod, None),
         ("tortiectl delete -f cluster.yaml", False, delete_file, "tortiectl apply -f cluster.yaml"),
+        ("tortiectl apply -f pool-v6.yaml", False, apply_pool6, None),
     ]
     # the TLS example needs an etcd with client-cert auth: test_etcd_tls.py runs it
     plain = [cmd for cmd in readme_commands() if "--etcd-ca-file" not in cmd]

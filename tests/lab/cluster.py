@@ -31,31 +31,31 @@ VENV_BIN = os.path.dirname(sys.executable) if os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "tortie-agent")) else os.path.join(ROOT, ".venv", "bin")
 AGENT_HTTP_PORT = 9099
 
-# One long-lived server per pod: TCP on the given ports, UDP echo on the same numbers, on
-# both families (one IPv6 socket with V6ONLY off also takes IPv4; IPv4 alone without IPv6).
+# One long-lived server per pod: TCP on the given ports, UDP echo on the same numbers.
 SERVER = r"""
 import socket, sys, threading
-def sock(kind):
-    try:
-        s = socket.socket(socket.AF_INET6, kind); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        return s, "::"
-    except OSError:
-        return socket.socket(socket.AF_INET, kind), "0.0.0.0"
-def tcp(port):
-    s, any_ = sock(socket.SOCK_STREAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((any_, port)); s.listen(256)
+def bound(kind, port):
+    # Dual-stack: one socket on :: takes IPv4 (as ::ffff:a.b.c.d) and IPv6 clients alike.
+    s = socket.socket(socket.AF_INET6, kind); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port))
+    return s
+def tcp(port, who=False):
+    s = bound(socket.SOCK_STREAM, port); s.listen(256)
     while True:
-        c, _ = s.accept()
-        try: c.sendall(b"ok\n")
+        c, addr = s.accept()
+        peer = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+        try: c.sendall((peer + "\n").encode() if who else b"ok\n")
         except OSError: pass
         c.close()
 def udp(port):
-    s, any_ = sock(socket.SOCK_DGRAM); s.bind((any_, port))
+    s = bound(socket.SOCK_DGRAM, port)
     while True:
         data, addr = s.recvfrom(2048); s.sendto(b"ok:" + data, addr)
 for p in sys.argv[1:]:
     proto, port = p.split(":")
-    threading.Thread(target=tcp if proto == "tcp" else udp, args=(int(port),), daemon=True).start()
+    # "who:<port>": TCP that answers with the client's address as this pod sees it (NAT checks)
+    fn, args = (tcp, (int(port), True)) if proto == "who" else (tcp if proto == "tcp" else udp, (int(port),))
+    threading.Thread(target=fn, args=args, daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 """
@@ -67,19 +67,15 @@ class LabPod:
     name: str
     node: str
     ns: str  # the pod's network namespace
-    ip: str
+    ip: str  # its IPv4 address ("" in an IPv6-only cluster)
     container_id: str
     iface: str = ""
     result: dict = field(default_factory=dict)
+    ip6: str = ""  # its IPv6 address (a dual-stack or IPv6-only cluster)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-    @property
-    def ip6(self) -> str:
-        """The pod's IPv6 address from its CNI result ("" when it has none)."""
-        return next((i["address"].split("/")[0] for i in self.result.get("ips", []) if ":" in i["address"]), "")
 
 
 class LabCluster:
@@ -115,9 +111,12 @@ class LabCluster:
         args = ["delete", kind, name] + (["-n", namespace] if namespace else [])
         self.tortiectl(*args)
 
-    def apply_pool(self, cidr: str, mode: str = "bgp", name: str = "pool", block_size: int = 26,
+    def apply_pool(self, cidr: str, mode: str = "bgp", name: str = "pool", block_size: int | None = None,
                    cross_subnet: bool = False, nat_outgoing: bool = False) -> None:
-        spec = {"cidr": cidr, "blockSize": block_size, "mode": mode, "natOutgoing": nat_outgoing}
+        # blockSize None: 26 for IPv4 as before, the pool's own default (/122) for IPv6
+        spec = {"cidr": cidr, "mode": mode, "natOutgoing": nat_outgoing}
+        if block_size is not None or ":" not in cidr:
+            spec["blockSize"] = block_size or 26
         if cross_subnet:
             spec["crossSubnet"] = True
         self.apply({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": name}, "spec": spec})
@@ -252,9 +251,10 @@ class LabCluster:
         if p.returncode != 0:
             raise RuntimeError(f"CNI ADD {namespace}/{name} on {node.name} failed: {p.stdout.strip()} {p.stderr.strip()}")
         result = json.loads(p.stdout)
-        ip = next(i["address"].split("/")[0] for i in result["ips"] if ":" not in i["address"])
+        ip = next((i["address"].split("/")[0] for i in result["ips"] if ":" not in i["address"]), "")
+        ip6 = next((i["address"].split("/")[0] for i in result["ips"] if ":" in i["address"]), "")
         iface = next((i["name"] for i in result.get("interfaces", []) if i["name"].startswith("cali")), "")
-        pod = LabPod(namespace, name, node.name, pod_ns, ip, cid, iface, result)
+        pod = LabPod(namespace, name, node.name, pod_ns, ip, cid, iface, result, ip6)
         self.pods[pod.key] = pod
         if serve:
             self.serve(pod, serve)
@@ -279,7 +279,8 @@ class LabCluster:
         ns = src.ns if isinstance(src, LabPod) else src
         code = ("import socket,sys\n"
                 "ip,port,proto,t=sys.argv[1],int(sys.argv[2]),sys.argv[3],float(sys.argv[4])\n"
-                "s=socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto=='tcp' else socket.SOCK_DGRAM)\n"
+                "fam=socket.AF_INET6 if ':' in ip else socket.AF_INET\n"
+                "s=socket.socket(fam, socket.SOCK_STREAM if proto=='tcp' else socket.SOCK_DGRAM)\n"
                 "s.settimeout(t)\n"
                 "try:\n"
                 " s.connect((ip,port))\n"
@@ -289,6 +290,19 @@ class LabCluster:
         p = sh(sys.executable, "-c", code, dst_ip, str(port), proto, str(timeout), ns=ns, check=False,
                timeout=timeout + 15)
         return p.returncode == 0
+
+    def peer_seen(self, src: LabPod | str, dst_ip: str, port: int, timeout: float = 2.0) -> str:
+        """The source address a "who:<port>" server at dst_ip sees for a TCP connection
+        from `src` ("" when the connection fails)."""
+        ns = src.ns if isinstance(src, LabPod) else src
+        code = ("import socket,sys\n"
+                "ip,port,t=sys.argv[1],int(sys.argv[2]),float(sys.argv[3])\n"
+                "s=socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)\n"
+                "s.settimeout(t)\n"
+                "try:\n s.connect((ip,port)); print(s.recv(64).decode().strip())\n"
+                "except Exception:\n sys.exit(1)\n")
+        p = sh(sys.executable, "-c", code, dst_ip, str(port), str(timeout), ns=ns, check=False, timeout=timeout + 15)
+        return p.stdout.strip() if p.returncode == 0 else ""
 
     def ping(self, src: LabPod | str, dst_ip: str) -> bool:
         ns = src.ns if isinstance(src, LabPod) else src

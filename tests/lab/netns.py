@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 SUBNETS = ("192.168.100", "192.168.200")
+SUBNETS6 = ("fd00:100:", "fd00:200:")  # ipv6=True: node i is fd00:100::<10+i>/64, the gateway ::1
 
 
 class LabError(RuntimeError):
@@ -89,6 +90,7 @@ class LabNode:
     gateway: str
     subnet: int  # index into SUBNETS
     uplink: str = "eth0"
+    ip6: str = ""  # "fd00:100::11" in a lab built with ipv6=True
 
     @property
     def cidr(self) -> str:
@@ -103,6 +105,7 @@ class Lab:
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
     two_subnets: bool = False
+    ipv6: bool = False  # nodes get IPv6 addresses on the lab bridges too (a dual-stack underlay)
 
     @property
     def underlay(self) -> str:
@@ -120,8 +123,9 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
-    def build(self, n_nodes: int, two_subnets: bool = False) -> "Lab":
+    def build(self, n_nodes: int, two_subnets: bool = False, ipv6: bool = False) -> "Lab":
         self.two_subnets = two_subnets
+        self.ipv6 = ipv6
         ul = self._ns("ul")
         bridges = ["br0", "br1"] if two_subnets else ["br0"]
         for br in bridges:
@@ -134,12 +138,18 @@ class Lab:
                    "peer", "name", f"rt{i}", "netns", ul)
                 sh("ip", "link", "set", f"rt{i}", "master", br, "up", ns=ul)
                 sh("ip", "addr", "add", f"{SUBNETS[i]}.1/24", "dev", f"eth{i}", ns=rt)
+                if ipv6:
+                    sh("ip", "addr", "add", f"{SUBNETS6[i]}:1/64", "dev", f"eth{i}", "nodad", ns=rt)
                 sh("ip", "link", "set", f"eth{i}", "up", ns=rt)
             sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=rt)
+            if ipv6:
+                sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=rt)
         else:
             # The underlay namespace itself answers as the gateway so every node has a
             # default route (proxy ARP for 169.254.1.1 answers only when one exists).
             sh("ip", "addr", "add", f"{SUBNETS[0]}.1/24", "dev", "br0", ns=ul)
+            if ipv6:
+                sh("ip", "addr", "add", f"{SUBNETS6[0]}:1/64", "dev", "br0", "nodad", ns=ul)
         for i in range(1, n_nodes + 1):
             self.add_node()
         return self
@@ -157,9 +167,15 @@ class Lab:
         sh("ip", "link", "set", "eth0", "up", ns=ns)
         gw = f"{SUBNETS[subnet]}.1"
         sh("ip", "route", "add", "default", "via", gw, ns=ns)
+        ip6 = ""
+        if self.ipv6:
+            # nodad: the address is usable at once (BIRD's IPv6 sessions bind to it)
+            ip6 = f"{SUBNETS6[subnet]}:{10 + i}"
+            sh("ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad", ns=ns)
+            sh("ip", "-6", "route", "add", "default", "via", f"{SUBNETS6[subnet]}:1", ns=ns)
         # A Kubernetes node forwards; these are the node namespace's own sysctls.
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", ns=ns)
-        node = LabNode(name=name, ns=ns, ip=ip, prefixlen=24, gateway=gw, subnet=subnet)
+        node = LabNode(name=name, ns=ns, ip=ip, prefixlen=24, gateway=gw, subnet=subnet, ip6=ip6)
         self.nodes.append(node)
         return node
 

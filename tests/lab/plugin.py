@@ -37,13 +37,13 @@ def lab_prefix():
 def make_lab(lab_prefix):
     labs: list[Lab] = []
 
-    def factory(n_nodes: int = 3, two_subnets: bool = False) -> Lab:
+    def factory(n_nodes: int = 3, two_subnets: bool = False, ipv6: bool = False) -> Lab:
         missing = missing_tools(["ip", "ss", "ping"])
         if missing:
             pytest.fail("lab tools missing: " + ", ".join(missing))
         lab = Lab(prefix=f"{lab_prefix}-{next(_counter)}")
         labs.append(lab)
-        return lab.build(n_nodes, two_subnets=two_subnets)
+        return lab.build(n_nodes, two_subnets=two_subnets, ipv6=ipv6)
 
     yield factory
     for lab in labs:
@@ -59,22 +59,25 @@ def etcd():
 @pytest.fixture
 def make_cluster(make_lab, tmp_path):
     """make_cluster(n_nodes, two_subnets=False, pool="10.65.0.0/16", mode="bgp",
-    cross_subnet=False, start=True, **LabCluster kwargs) -> a LabCluster with real etcd,
+    cross_subnet=False, start=True, pool6="", **LabCluster kwargs) -> a LabCluster with real etcd,
     agents (started unless start=False) and the real CNI plugin; torn down after the test
-    (agents, BIRD, pods, namespaces, etcd and its data)."""
+    (agents, BIRD, pods, namespaces, etcd and its data).  pool6: an IPv6 pool (same mode)
+    next to `pool` (dual-stack) or instead of it (pool=""): the nodes get IPv6 addresses."""
     from tests.lab.cluster import LabCluster
 
     etcds: list[Etcd] = []
 
     def factory(n_nodes: int = 2, two_subnets: bool = False, pool: str = "10.65.0.0/16", mode: str = "bgp",
-                cross_subnet: bool = False, start: bool = True, **kw) -> LabCluster:
+                cross_subnet: bool = False, start: bool = True, pool6: str = "", **kw) -> LabCluster:
         e = Etcd()
         etcds.append(e)
         e.start()
-        lab = make_lab(n_nodes, two_subnets=two_subnets)
+        lab = make_lab(n_nodes, two_subnets=two_subnets, ipv6=bool(pool6))
         c = LabCluster(lab, e, str(tmp_path / f"cluster{len(etcds)}"), **kw)
         if pool:
             c.apply_pool(pool, mode=mode, cross_subnet=cross_subnet)
+        if pool6:
+            c.apply_pool(pool6, mode=mode, cross_subnet=cross_subnet, name="pool6")
         if start:
             c.start_agents()
         return c

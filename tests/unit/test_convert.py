@@ -499,3 +499,13 @@ def test_conversion_does_not_mutate_input():
     for i in d["items"]:
         from_k8s(i, "NetworkPolicy")
     assert d == before
+
+
+def test_node_ipv6_vtep_annotations_round_trip_and_are_checked():
+    n = model.Node("n1", "192.168.100.11/24", ip6="fd00:100::11/64", vxlan_tunnel_addr6="fd00:10:65::40",
+                   vxlan_tunnel_mac6="66:11:22:33:44:57")
+    assert from_k8s(to_k8s(n)) == n
+    bad = to_k8s(n)
+    bad["metadata"]["annotations"]["tortie.io/vxlan-tunnel-addr-v6"] = "10.65.0.1"
+    with pytest.raises(ConvertError, match="is not IPv6"):
+        from_k8s(bad)

@@ -10,6 +10,7 @@ from felix_agent import model
 from felix_agent.model import NamedPort, Namespace, Node, Pod
 from felix_agent.datastore.convert.common import (
     ANN_AS, ANN_IPIP_ADDR, ANN_IPV4, ANN_IPV6, ANN_RR_CLUSTER, ANN_VXLAN_ADDR, ANN_VXLAN_MAC,
+    ANN_VXLAN_ADDR6, ANN_VXLAN_MAC6,
     LAST_APPLIED, MAX_AS, PROTOCOLS, Ctx, MAC_RE, meta_of, k8s_obj,
 )
 
@@ -98,6 +99,14 @@ def node_from_k8s(ctx: Ctx, obj: dict) -> Node:
     vxlan_mac = a(ANN_VXLAN_MAC)
     if vxlan_mac and not MAC_RE.match(vxlan_mac):
         raise ctx.fail(f"metadata.annotations[{ANN_VXLAN_MAC}]", f"{vxlan_mac!r} is not a MAC address")
+    vxlan_addr6 = a(ANN_VXLAN_ADDR6)
+    if vxlan_addr6:
+        vxlan_addr6 = ctx.address(vxlan_addr6, f"metadata.annotations[{ANN_VXLAN_ADDR6}]")
+        if ":" not in vxlan_addr6:
+            raise ctx.fail(f"metadata.annotations[{ANN_VXLAN_ADDR6}]", f"{vxlan_addr6!r} is not IPv6")
+    vxlan_mac6 = a(ANN_VXLAN_MAC6)
+    if vxlan_mac6 and not MAC_RE.match(vxlan_mac6):
+        raise ctx.fail(f"metadata.annotations[{ANN_VXLAN_MAC6}]", f"{vxlan_mac6!r} is not a MAC address")
     ipip_addr = a(ANN_IPIP_ADDR)
     if ipip_addr:
         ipip_addr = ctx.address(ipip_addr, f"metadata.annotations[{ANN_IPIP_ADDR}]")
@@ -107,6 +116,7 @@ def node_from_k8s(ctx: Ctx, obj: dict) -> Node:
     return Node(
         name=name, ip=ip, ip6=ip6, as_number=as_number, pod_cidrs=tuple(pod_cidrs),
         vxlan_tunnel_addr=vxlan_addr, vxlan_tunnel_mac=vxlan_mac.lower(),
+        vxlan_tunnel_addr6=vxlan_addr6, vxlan_tunnel_mac6=vxlan_mac6.lower(),
         ipip_tunnel_addr=ipip_addr, labels=ctx.labels(labels, "metadata.labels"),
         route_reflector_cluster_id=rr, ip_from_status=bool(ip) and not a(ANN_IPV4),
     )
@@ -135,6 +145,7 @@ def node_k8s(r: Node) -> dict:
     ann = {ANN_IPV4: "" if r.ip_from_status else r.ip, ANN_IPV6: r.ip6,
            ANN_AS: str(r.as_number) if r.as_number is not None else "",
            ANN_VXLAN_ADDR: r.vxlan_tunnel_addr, ANN_VXLAN_MAC: r.vxlan_tunnel_mac,
+           ANN_VXLAN_ADDR6: r.vxlan_tunnel_addr6, ANN_VXLAN_MAC6: r.vxlan_tunnel_mac6,
            ANN_IPIP_ADDR: r.ipip_tunnel_addr, ANN_RR_CLUSTER: r.route_reflector_cluster_id}
     spec = {}
     if r.pod_cidrs:

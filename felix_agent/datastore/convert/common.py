@@ -33,6 +33,8 @@ ANN_IPV6 = "tortie.io/ipv6-address"
 ANN_AS = "tortie.io/as-number"
 ANN_VXLAN_ADDR = "tortie.io/vxlan-tunnel-addr"
 ANN_VXLAN_MAC = "tortie.io/vxlan-tunnel-mac"
+ANN_VXLAN_ADDR6 = "tortie.io/vxlan-tunnel-addr-v6"
+ANN_VXLAN_MAC6 = "tortie.io/vxlan-tunnel-mac-v6"
 ANN_IPIP_ADDR = "tortie.io/ipip-tunnel-addr"
 ANN_RR_CLUSTER = "tortie.io/route-reflector-cluster-id"
 # kubectl keeps a full copy of the applied object here; it is large and means nothing to
