@@ -79,10 +79,15 @@ def _dispatch(base: str, endpoints: Sequence[Endpoint], per_endpoint: Callable[[
     return chains
 
 
-def dispatch_chains(local_endpoints: Sequence[Endpoint], family: int = 4) -> Chains:
-    """Both dispatch chains (and their sub-chains) of IP `family` for this node's endpoints,
-    wired or about to be, whose interface names must already be checked (cali + at least
-    one character).  Only the interfaces matter here; addresses are in sources_set()."""
-    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i", (anti_spoof(family),))
+def dispatch_chains(local_endpoints: Sequence[Endpoint], families: Sequence[int] = (4,)) -> dict[int, Chains]:
+    """Both dispatch chains (and their sub-chains) for this node's endpoints, wired or about
+    to be, whose interface names must already be checked (cali + at least one character),
+    for each IP family in `families`.  Only the interfaces matter here; addresses are in
+    sources_set().  The families differ only in the anti-spoofing rule's set, so the chains
+    are built once and shared."""
+    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i", (anti_spoof(families[0]),))
     chains.update(_dispatch(TO_WL_DISPATCH, local_endpoints, _to_rules, "-o"))
-    return chains
+    out = {families[0]: chains}
+    for family in families[1:]:
+        out[family] = {**chains, FROM_WL_DISPATCH: (anti_spoof(family), *chains[FROM_WL_DISPATCH][1:])}
+    return out

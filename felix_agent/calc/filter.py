@@ -256,8 +256,8 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         own = endpoint_chains(ep, policies_of(ep, "ingress", ingress_of), policies_of(ep, "egress", egress_of))
         for family in FAMILIES:
             filt[family].update(own)
-    for family in FAMILIES:
-        filt[family].update(dispatch_chains(local, family))
+    for family, chains in dispatch_chains(local, FAMILIES).items():
+        filt[family].update(chains)
 
     ipsets = {spec.name: node_members(spec, cluster.nodes.values()) if isinstance(spec, NodeSet) else ipset_for(spec)
               for spec in sets}
