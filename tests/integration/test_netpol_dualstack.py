@@ -6,7 +6,8 @@ every cell of both; likewise the cluster policy cases of test_cnp_truth_table.py
 cases' ipBlocks and networks are IPv4, so their IPv6 matrices show the rule acting in its
 own family only; the cases below add IPv6 and mixed ones.  Then: a
 spoofed IPv6 source is dropped at the sender, and ICMPv6 neighbour discovery keeps working
-for a pod behind deny-all.
+for a pod behind deny-all.  Last, the cases that name no pod's IPv4 address again in an
+IPv6-only cluster (no IPv4 pool).
 
 Same world as the IPv4 module (namespaces x, y, z; pods a, b on node1, c on node2) on a
 dual-stack underlay with a second, IPv6 pool: every pod gets an address of each family in
@@ -130,3 +131,28 @@ def test_neighbour_discovery_works_behind_deny_all(world: World):
         assert world.probers["x/a"].run([Probe(b.ip6, 80, "tcp", 1.0)]) == [TIMEOUT]  # egress still denied
     finally:
         world.reset(policies)
+
+
+@pytest.fixture(scope="module")
+def world6(lab_prefix, tmp_path_factory):
+    """The same world IPv6-only: no IPv4 pool, the pods have IPv6 addresses alone."""
+    yield from build_world(f"{lab_prefix}-np6o", str(tmp_path_factory.mktemp("netpol6only")), pool6=POOL6,
+                           ipv4=False)
+
+
+def _ipv6_only(case: Case) -> bool:
+    """Whether the case's policies can be written without IPv4 addresses of pods (its
+    IPv4 blocks of constant CIDRs stay: they match nothing here)."""
+    try:
+        case.policies({f"{ns}/{p}@6": "fd65::1" for ns in "xyz" for p in "abc"})
+    except KeyError:
+        return False
+    return not case.needs_sctp
+
+
+IPV6_ONLY = [c for c in ALL if _ipv6_only(c)]
+
+
+@pytest.mark.parametrize("case", IPV6_ONLY, ids=[c.name for c in IPV6_ONLY])
+def test_truth_table_ipv6_only(world6: World, case: Case):
+    world6.run_case(case)

@@ -329,9 +329,9 @@ def world(lab_prefix, tmp_path_factory):
     yield from build_world(f"{lab_prefix}-np", str(tmp_path_factory.mktemp("netpol")))
 
 
-def build_world(prefix: str, workdir: str, pool6: str = ""):
+def build_world(prefix: str, workdir: str, pool6: str = "", ipv4: bool = True):
     """The module's world (a generator for a fixture): IPv4 pods, or dual-stack ones on a
-    dual-stack underlay when `pool6` is an IPv6 pool."""
+    dual-stack underlay when `pool6` is an IPv6 pool (IPv6-only ones without `ipv4`)."""
     if not is_root():
         pytest.skip("needs root for network namespaces")
     etcd = Etcd()
@@ -340,11 +340,13 @@ def build_world(prefix: str, workdir: str, pool6: str = ""):
         etcd.start()
         lab.build(2, ipv6=bool(pool6))
         c = LabCluster(lab, etcd, workdir)
-        c.apply_pool(POOL)
+        if ipv4:
+            c.apply_pool(POOL)
         if pool6:
             c.apply_pool(pool6, name="pool6", block_size=122)
         c.start_agents()
-        w = World(c, sctp=sctp_available(lab, lab.nodes[0].ns), families=(4, 6) if pool6 else (4,))
+        families = ((4,) if ipv4 else ()) + ((6,) if pool6 else ())
+        w = World(c, sctp=sctp_available(lab, lab.nodes[0].ns), families=families)
         for ns in NAMESPACES:
             w.ns_labels[ns] = w.base_ns_labels(ns)
         keys = [f"{ns}/{p}" for ns in NAMESPACES for p in POD_NAMES]
