@@ -2,10 +2,11 @@
 
 cali-from-wl-dispatch first drops a packet whose (source address, input interface) pair
 is not in the ipset cali40wl-src (ip6tables: cali60wl-src, the IPv6 addresses): a workload
-may only send as itself, and an interface nobody wired has no pair at all.  Then it sends the packet to cali-fw-<iface> by input
-interface.  cali-to-wl-dispatch sends to cali-tw-<iface> by output interface.  Unknown
-cali interfaces are dropped by both.  Both use goto (-g), so the endpoint chain's RETURN
-goes straight back to the chain that called the dispatch.
+may only send as itself, and an interface nobody wired has no pair at all.  Then it sends
+the packet to cali-fw-<iface> by input interface.  cali-to-wl-dispatch sends to
+cali-tw-<iface> by output interface.  Unknown cali interfaces are dropped by both.  Both
+use goto (-g), so the endpoint chain's RETURN goes straight back to the chain that called
+the dispatch.
 
 Why the addresses live in an ipset and not in the dispatch rules: then no rule of the
 filter table depends on a pod's address, so the chains of a pod scheduled to this node
