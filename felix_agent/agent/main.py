@@ -24,13 +24,14 @@ log = logging.getLogger("tortie.main")
 
 def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
     """(uplink interface, node IPv4 with prefix): from config, else the default route's
-    interface and its first IPv4 address."""
+    interface (IPv4's, else IPv6's) and its first IPv4 address.  An IPv6-only node (no
+    IPv4 on the uplink, an IPv6 one there or in node_ip6) gets "" as its IPv4 address."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         uplink = cfg.uplink
-        if not uplink:
-            for r in ipr.get_default_routes(family=2):
+        for family in (2, 10):
+            for r in ipr.get_default_routes(family=family) if not uplink else ():
                 oif = r.get("RTA_OIF")
                 if oif:
                     uplink = ipr.get_links(oif)[0].get("IFLA_IFNAME")
@@ -45,8 +46,9 @@ def detect_uplink(cfg: config.AgentConfig) -> tuple[str, str]:
             for a in ipr.get_addr(family=2, index=idx[0]):
                 node_ip = f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
                 break
-        if not node_ip:
-            raise config.ConfigError(f"node_ip: {uplink} has no IPv4 address; set --node-ip")
+    if not node_ip and not detect_ip6(cfg, uplink):
+        raise config.ConfigError(f"node_ip: {uplink} has no IPv4 or global IPv6 address; set --node-ip "
+                                 "or --node-ip6")
     return uplink, node_ip
 
 

@@ -45,6 +45,7 @@ password file.  The rendered text, the plan, logs and status therefore only ever
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -53,8 +54,6 @@ from dataclasses import dataclass
 from felix_agent.calc.routes import (Blocks, ByNode, Nodes, Pools, grouped, ip_address, pool_for, records,
                                      same_subnet, version_of)
 from felix_agent.model import DEFAULT_AS, BGPPeer, Node
-
-import hashlib
 
 STATIC_PROTOCOL = "tortie_blocks"
 NEXTHOP_PROTOCOL = "tortie_nexthops"
@@ -168,9 +167,14 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
         raise ValueError(f"uplink {uplink!r} is not an interface name")
     nodes = records(nodes)
     pools = records(pools)
+    mine = next((n for n in nodes if n.name == me), None)
     if sess is None:
-        sess = sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file)
-    mine = next(n for n in nodes if n.name == me)
+        # an IPv6-only node (no IPv4 address, an IPv6 one) has IPv6 sessions only
+        ipv6_only = mine is not None and not mine.address and mine.address6
+        sess = [] if ipv6_only else sessions(nodes, peers, me, default_as=default_as,
+                                             mesh_password_file=mesh_password_file)
+    if mine is None:
+        raise ValueError(f"node {me!r} is unknown; cannot render BGP")
     if sess6 is None:
         sess6 = (sessions(nodes, peers, me, default_as=default_as, mesh_password_file=mesh_password_file,
                           version=6) if wants_ipv6(pools, mine) else [])
@@ -186,7 +190,8 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w("graceful restart wait 30;  # the longest a restart (bird -R) defers exports for a silent peer")
     w("")
     w("protocol device { scan time 10; }")
-    _family(w, 4, nodes, pools, by_node, mine, sess, uplink, default_as, local_route, listen_port, secrets_dir)
+    if mine.address:
+        _family(w, 4, nodes, pools, by_node, mine, sess, uplink, default_as, local_route, listen_port, secrets_dir)
     if sess6 or wants_ipv6(pools, mine):
         w("")
         w("# ---- IPv6: sessions between the nodes' IPv6 addresses (see the module doc) ----")

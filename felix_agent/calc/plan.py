@@ -181,10 +181,11 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
             # Like the VTEP: the block's first address, which IPAM never gives a pod.
             plan.ipip_addr = route_calc.vtep_for(cfg.node, block)[0]
     me = nodes.get(cfg.node)
-    if cfg.bird and me is not None and me.address and plan.wants_bird:
+    if cfg.bird and me is not None and (me.address or me.address6) and plan.wants_bird:
         try:
+            # an IPv6-only node has IPv6 sessions only
             sess = sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
-                            mesh_password_file=cfg.bgp_password_file)
+                            mesh_password_file=cfg.bgp_password_file) if me.address else []
             sess6 = (sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
                               mesh_password_file=cfg.bgp_password_file, version=6)
                      if wants_ipv6(pools.values(), me) else [])

@@ -116,9 +116,11 @@ def test_dual_stack_three_nodes_every_pod_pair_over_both_families(make_cluster, 
     check_del_releases_both(c, pods)
 
 
-@pytest.mark.parametrize("mode", ["bgp", "vxlan"])
-def test_ipv6_only_cluster(make_cluster, mode):
-    c = make_cluster(3, mode=mode, pool="", pool6=POOL6)
+@pytest.mark.parametrize("mode,ipv4_nodes", [("bgp", True), ("vxlan", True), ("bgp", False), ("direct", False)])
+def test_ipv6_only_cluster(make_cluster, mode, ipv4_nodes):
+    """No IPv4 pool; with ipv4_nodes False the nodes have no IPv4 address either (BIRD's
+    router id is then hashed from the node name, and it runs IPv6 sessions only)."""
+    c = make_cluster(3, mode=mode, pool="", pool6=POOL6, ipv4_nodes=ipv4_nodes)
     pods = check_cluster(c, mode, (6,))
     for p in pods:
         assert not p.ip
@@ -148,3 +150,38 @@ def test_nat_outgoing_ipv6_masquerades_to_the_outside_only(make_cluster):
     assert c.peer_seen(a, b.ip6, PORT) == a.ip6  # between pools: no NAT
     saved = sh("ip6tables-save", "-t", "nat", ns=node1.ns).stdout
     assert "-A cali-nat-outgoing -s fd00:10:65::/112" in saved and "MASQUERADE" in saved, saved
+
+
+def test_restarted_agent_keeps_both_addresses_of_its_dual_stack_pods(make_cluster):
+    """After a restart the agent rebuilds its endpoints from the IPAM state: a dual-stack
+    pod's two allocations are one endpoint with both addresses (not two half endpoints),
+    and the pod stays reachable over both families."""
+    c = make_cluster(2, mode="direct", pool6=POOL6)
+    a = c.add_pod("default", "a", "node1", serve=[f"who:{PORT}"])
+    b = c.add_pod("default", "b", "node2", serve=[f"who:{PORT}"])
+    c.stop_agent("node1")
+    c.start_agent("node1")
+    eps = c.status("node1")["endpoints"]
+    assert [(e["pod"], sorted(e["ips"])) for e in eps] == [("a", sorted([a.ip, a.ip6]))], eps
+    for ip, want in ((a.ip, b.ip), (a.ip6, b.ip6)):
+        assert c.peer_seen(b, ip, PORT) == want
+
+
+def test_ipv6_vxlan_cross_subnet_encapsulates_only_across_the_router(make_cluster):
+    """Two IPv6 subnets joined by a router: within one, a plain route to the peer's IPv6
+    address; across it, vxlan-v6.calico over the routed IPv6 underlay."""
+    c = make_cluster(3, two_subnets=True, mode="vxlan", cross_subnet=True, pool="", pool6=POOL6)
+    nodes = {n.name: n for n in c.lab.nodes}
+    assert (nodes["node1"].subnet, nodes["node2"].subnet, nodes["node3"].subnet) == (0, 1, 0)
+    pods = {n: c.add_pod("default", f"x{n[4:]}", n, serve=[f"who:{PORT}"]) for n in nodes}
+    blocks = {n: block(p.ip6, BLOCK6) for n, p in pods.items()}
+    vtep2 = vtep_for("node2", blocks["node2"])[0]
+    wait_route(route6, c, "node1", blocks["node3"], f"via {nodes['node3'].ip6} dev eth0 proto 80")
+    assert "onlink" not in route6(c, "node1", blocks["node3"])
+    wait_route(route6, c, "node1", blocks["node2"], f"via {vtep2} dev vxlan-v6.calico proto 80 onlink")
+    for src in pods.values():
+        for dst in pods.values():
+            if dst is not src:
+                assert c.peer_seen(src, dst.ip6, PORT) == src.ip6, f"{src.key} -> {dst.key}"
+    rx = int(sh("cat", "/sys/class/net/vxlan-v6.calico/statistics/rx_packets", ns=nodes["node2"].ns).stdout)
+    assert rx > 0  # node1 and node3 reached node2 through the tunnel

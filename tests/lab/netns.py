@@ -106,6 +106,7 @@ class Lab:
     procs: list[subprocess.Popen] = field(default_factory=list)
     two_subnets: bool = False
     ipv6: bool = False  # nodes get IPv6 addresses on the lab bridges too (a dual-stack underlay)
+    ipv4: bool = True  # False (with ipv6): IPv6-only nodes, no IPv4 address or route at all
 
     @property
     def underlay(self) -> str:
@@ -123,9 +124,11 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
-    def build(self, n_nodes: int, two_subnets: bool = False, ipv6: bool = False) -> "Lab":
+    def build(self, n_nodes: int, two_subnets: bool = False, ipv6: bool = False, ipv4: bool = True) -> "Lab":
+        if not (ipv4 or ipv6):
+            raise LabError("a lab needs IPv4, IPv6 or both")
         self.two_subnets = two_subnets
-        self.ipv6 = ipv6
+        self.ipv6, self.ipv4 = ipv6, ipv4
         ul = self._ns("ul")
         bridges = ["br0", "br1"] if two_subnets else ["br0"]
         for br in bridges:
@@ -163,10 +166,14 @@ class Lab:
         br = f"br{subnet}"
         sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"n{i}", "netns", self.underlay)
         sh("ip", "link", "set", f"n{i}", "master", br, "up", ns=self.underlay)
-        sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
-        sh("ip", "link", "set", "eth0", "up", ns=ns)
         gw = f"{SUBNETS[subnet]}.1"
-        sh("ip", "route", "add", "default", "via", gw, ns=ns)
+        if self.ipv4:
+            sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
+        else:
+            ip = gw = ""
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        if self.ipv4:
+            sh("ip", "route", "add", "default", "via", gw, ns=ns)
         ip6 = ""
         if self.ipv6:
             # nodad: the address is usable at once (BIRD's IPv6 sessions bind to it)

@@ -37,13 +37,13 @@ def lab_prefix():
 def make_lab(lab_prefix):
     labs: list[Lab] = []
 
-    def factory(n_nodes: int = 3, two_subnets: bool = False, ipv6: bool = False) -> Lab:
+    def factory(n_nodes: int = 3, two_subnets: bool = False, ipv6: bool = False, ipv4: bool = True) -> Lab:
         missing = missing_tools(["ip", "ss", "ping"])
         if missing:
             pytest.fail("lab tools missing: " + ", ".join(missing))
         lab = Lab(prefix=f"{lab_prefix}-{next(_counter)}")
         labs.append(lab)
-        return lab.build(n_nodes, two_subnets=two_subnets, ipv6=ipv6)
+        return lab.build(n_nodes, two_subnets=two_subnets, ipv6=ipv6, ipv4=ipv4)
 
     yield factory
     for lab in labs:
@@ -62,17 +62,19 @@ def make_cluster(make_lab, tmp_path):
     cross_subnet=False, start=True, pool6="", **LabCluster kwargs) -> a LabCluster with real etcd,
     agents (started unless start=False) and the real CNI plugin; torn down after the test
     (agents, BIRD, pods, namespaces, etcd and its data).  pool6: an IPv6 pool (same mode)
-    next to `pool` (dual-stack) or instead of it (pool=""): the nodes get IPv6 addresses."""
+    next to `pool` (dual-stack) or instead of it (pool=""): the nodes get IPv6 addresses;
+    ipv4_nodes=False: and no IPv4 ones (an IPv6-only underlay)."""
     from tests.lab.cluster import LabCluster
 
     etcds: list[Etcd] = []
 
     def factory(n_nodes: int = 2, two_subnets: bool = False, pool: str = "10.65.0.0/16", mode: str = "bgp",
-                cross_subnet: bool = False, start: bool = True, pool6: str = "", **kw) -> LabCluster:
+                cross_subnet: bool = False, start: bool = True, pool6: str = "", ipv4_nodes: bool = True,
+                **kw) -> LabCluster:
         e = Etcd()
         etcds.append(e)
         e.start()
-        lab = make_lab(n_nodes, two_subnets=two_subnets, ipv6=bool(pool6))
+        lab = make_lab(n_nodes, two_subnets=two_subnets, ipv6=bool(pool6), ipv4=ipv4_nodes)
         c = LabCluster(lab, e, str(tmp_path / f"cluster{len(etcds)}"), **kw)
         if pool:
             c.apply_pool(pool, mode=mode, cross_subnet=cross_subnet)

@@ -29,6 +29,10 @@ def test_json_file_and_booleans(tmp_path):
     ([], {}, "colour: blue\n", "colour"),
     ([], {}, "- a list\n", "mapping"),
     (["--node-ip", "300.1.1.1/24"], {}, None, "node_ip"),
+    (["--node-ip6", "192.168.1.1/24"], {}, None, "node_ip6"),
+    (["--default-pool", "10.65.0.0/16,10.66.0.0/16"], {}, None, "default_pool: two IPv4 CIDRs"),
+    (["--default-pool", "fd00::/64,banana"], {}, None, "default_pool: 'banana' is not a CIDR"),
+    (["--default-pool", "fd00::/64", "--default-pool-mode", "ipip"], {}, None, "ipip carries IPv4 only"),
     (["--etcd-endpoints", "nohostport"], {}, None, "etcd_endpoints"),
     (["--resync-interval", "0"], {}, None, "resync_interval"),
     (["--etcd-endpoints", "https://10.0.0.1:2379"], {}, None, "etcd_ca_file"),
@@ -51,6 +55,14 @@ def test_bad_config_names_the_key(tmp_path, argv, env, filetext, named):
     with pytest.raises(config.ConfigError) as e:
         config.load(argv, environ=env)
     assert named in str(e.value)
+
+
+def test_dual_stack_default_pool():
+    c = config.load(["--default-pool", "fd00:10:65::/112, 10.65.0.0/16", "--node-ip6", "fd00:100::11/64"],
+                    environ={})
+    assert c.default_pools == [("default-pool", "10.65.0.0/16"), ("default-pool-v6", "fd00:10:65::/112")]
+    assert config.load(["--default-pool", "10.65.0.0/16"], environ={}).default_pools == [
+        ("default-pool", "10.65.0.0/16")]
 
 
 def test_etcd_endpoint_forms():

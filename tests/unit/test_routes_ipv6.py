@@ -141,3 +141,28 @@ def test_sysctls_forward_ipv6_only_with_an_ipv6_pool(tmp_path):
     off = SysctlDriver(ensure_forwarding=False, proc_sys=str(tmp_path))
     off.set_desired((4, 6))
     assert "net.ipv6.conf.all.forwarding is 0" in off.apply(full=True).problems["forwarding6"]
+
+
+def test_bgp_peers_join_the_sessions_of_their_family():
+    from felix_agent.model import BGPPeer
+    peers = [BGPPeer("tor4", "192.168.100.1", 65000), BGPPeer("tor6", "fd00:100::1", 65000)]
+    s4 = sessions(NODES, peers, "node1")
+    s6 = sessions(NODES, peers, "node1", version=6)
+    assert [s.name for s in s4 if s.name.startswith("Peer")] == ["Peer_tor4"]
+    assert [(s.name, s.peer_ip) for s in s6 if s.name.startswith("Peer")] == [("Peer_tor6", "fd00:100::1")]
+    with pytest.raises(ValueError, match="no IPv6 address"):
+        sessions([Node("node1", "192.168.100.11/24")], [], "node1", version=6)
+
+
+@pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 is not installed")
+def test_ipv6_only_node_renders_ipv6_only_with_a_hashed_router_id(tmp_path):
+    nodes = [Node(f"node{i}", ip6=f"fd00:100::1{i}/64") for i in (1, 2)]
+    text = bird_config(nodes, [], pools("bgp")[1:], B6[:2], "node1")
+    rid = text.split("router id ")[1].split(";")[0]
+    assert rid.count(".") == 3 and rid == bird_config(nodes, [], pools("bgp")[1:], B6[:2], "node1").split(
+        "router id ")[1].split(";")[0]  # stable across renders
+    assert "ipv4" not in text and "protocol bgp Mesh_fd00_100__12 from tortie_peer6" in text
+    path = tmp_path / "bird.conf"
+    path.write_text(text)
+    p = subprocess.run(["bird", "-p", "-c", str(path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
