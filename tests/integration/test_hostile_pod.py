@@ -28,6 +28,7 @@ import pytest
 
 from tests.lab import Etcd, Lab, sh
 from tests.lab.cluster import LabCluster, LabPod, wait_for
+from tests.lab.prober import anti_spoof_drops
 from tests.lab.tools import is_root
 
 pytestmark = pytest.mark.root
@@ -324,15 +325,6 @@ def test_spoofed_ipv4_source_is_dropped(world: World):
     assert own["answers"], "the far pod did not answer the attacker's own address (harness)"
 
 
-def anti_spoof_drops6(node_ns: str) -> int:
-    """Packets counted by ip6tables' anti-spoofing DROP (cali-from-wl-dispatch, cali60wl-src)."""
-    text = sh("ip6tables-save", "-c", "-t", "filter", ns=node_ns).stdout
-    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
-                       r"-m set ! --match-set cali60wl-src src,src -j DROP$", text, re.M)
-    assert len(found) == 1, f"no IPv6 anti-spoofing rule in {node_ns}:\n{text}"
-    return int(found[0])
-
-
 def test_spoofed_ipv6_source_is_dropped(world: World):
     """Hand-made IPv6 SYNs to the victim (same node) from addresses the attacker does not
     own, the victim's own and a free pool address: ip6tables' anti-spoofing DROP counts
@@ -340,13 +332,13 @@ def test_spoofed_ipv6_source_is_dropped(world: World):
     are answered (RST: nothing listens on the port)."""
     ns = world.node1.ns
     for spoof in (world.b.ip6, "fd65::ffff:fff0"):
-        before = anti_spoof_drops6(ns)
+        before = anti_spoof_drops(ns, 6)
         got = world.raw_syn(world.a, world.b.ip6, fam=6, src=spoof, timeout=0.5)
-        dropped = anti_spoof_drops6(ns) - before
+        dropped = anti_spoof_drops(ns, 6) - before
         assert got["answers"] == [] and dropped >= got["sent"], (spoof, got, dropped)
-    before = anti_spoof_drops6(ns)
+    before = anti_spoof_drops(ns, 6)
     own = world.raw_syn(world.a, world.b.ip6, fam=6, src=world.a.ip6)
-    assert own["answers"] and anti_spoof_drops6(ns) == before, "the attacker's own IPv6 source must pass"
+    assert own["answers"] and anti_spoof_drops(ns, 6) == before, "the attacker's own IPv6 source must pass"
 
 
 def test_arp_lies_do_not_divert_other_pods_traffic(world: World):

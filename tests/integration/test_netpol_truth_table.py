@@ -49,6 +49,7 @@ from tests.lab.prober import (
     TIMEOUT,
     Probe,
     Prober,
+    anti_spoof_drops,
     flush_conntrack,
     matrix_diff,
     probe_matrix,
@@ -630,28 +631,6 @@ def test_node_reaches_its_own_pods_under_default_deny(world: World):
         world.reset(policies)
 
 
-def _agent_save(node_ns: str, family: int = 4) -> str:
-    """<ip[6]tables>-save -c of the filter table of IP `family` in whichever backend holds
-    the agent's chains."""
-    tool = "iptables" if family == 4 else "ip6tables"
-    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
-        out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
-        if ":cali-from-wl-dispatch" in out:
-            return out
-    raise AssertionError(f"no cali-from-wl-dispatch chain in the {tool} of {node_ns}")
-
-
-def _dispatch_drops(node_ns: str, family: int = 4) -> int:
-    """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
-    source address and input interface that are not a pair of cali40wl-src; IPv6:
-    cali60wl-src)."""
-    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
-                       rf"-m set ! --match-set cali{family}0wl-src src,src -j DROP$", _agent_save(node_ns, family),
-                       re.M)
-    assert len(found) == 1, f"cali-from-wl-dispatch (IPv{family}) has no anti-spoofing DROP rule"
-    return int(found[0])
-
-
 def test_spoofed_source_is_dropped_at_the_sender(world: World):
     """Anti-spoofing: x/a (node1) sends to y/c (node2) from an address it does not own, a
     free pool address and its neighbour x/b's: the anti-spoofing DROP of
@@ -675,12 +654,12 @@ def check_spoofing(world: World, family: int, free_address: str) -> None:
         for rule in counters:
             sh(tool, *rule, ns=node2)  # counting rules only (no target), node2 only
             added.append(rule)
-        before = _dispatch_drops(node1, family)
+        before = anti_spoof_drops(node1, family)
         flush_conntrack(world.node_namespaces)
         probes = [Probe(addr(dst), port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
         probes.append(Probe(addr(dst), 80, "tcp", 3.0, src=addr(src)))  # its own address
         assert world.probers["x/a"].run(probes) == [TIMEOUT] * 4 + [OK]
-        dropped = _dispatch_drops(node1, family) - before
+        dropped = anti_spoof_drops(node1, family) - before
         assert dropped >= 4, f"the anti-spoofing DROP counted {dropped} packets, expected the 4 spoofed ones"
         raw = sh(f"{tool}-save", "-c", "-t", "raw", ns=node2).stdout
         seen = [int(n) for n in re.findall(r"^\[(\d+):\d+\] -A PREROUTING -s \S+ -d \S+$", raw, re.M)]

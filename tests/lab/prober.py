@@ -23,8 +23,8 @@ sent (time.monotonic(), a system-wide clock the caller shares).
     p.until(Probe("10.65.0.6", 80, "tcp", 0.3), OK)         # -> (sent_at, probes)
 
 The module also holds the helpers the policy scale test and benchmark share: synthetic
-endpoints (records without a real pod) and a census of the cali chains and ipsets a node
-has programmed.
+endpoints (records without a real pod), a census of the cali chains and ipsets a node
+has programmed, and the anti-spoofing DROP's packet counter (either family).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import re
 import select
 import subprocess
 import sys
@@ -368,3 +369,25 @@ def census(node_ns: str, family: int = 4) -> Census:
                   chains=len(chains),
                   policy_chains=sum(1 for c in chains if c.startswith((":cali-pi-", ":cali-po-"))),
                   sets=sets, text="\n".join(sorted(lines)))
+
+
+def filter_save(node_ns: str, family: int = 4) -> str:
+    """<ip[6]tables>-save -c of the filter table of IP `family` in whichever backend holds
+    the agent's chains."""
+    tool = "iptables" if family == 4 else "ip6tables"
+    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
+        out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
+        if ":cali-from-wl-dispatch" in out:
+            return out
+    raise AssertionError(f"no cali-from-wl-dispatch chain in the {tool} of {node_ns}")
+
+
+def anti_spoof_drops(node_ns: str, family: int = 4) -> int:
+    """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
+    source address and input interface that are not a pair of cali40wl-src; IPv6:
+    cali60wl-src)."""
+    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
+                       rf"-m set ! --match-set cali{family}0wl-src src,src -j DROP$", filter_save(node_ns, family),
+                       re.M)
+    assert len(found) == 1, f"cali-from-wl-dispatch (IPv{family}) has no anti-spoofing DROP rule"
+    return int(found[0])
