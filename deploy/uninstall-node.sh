@@ -1,6 +1,6 @@
 #!/bin/sh
 # Removes tortie from one node: the conflist, the binary, the agent's state, every cali-
-# chain (and every rule elsewhere that jumps to one), every cali40 ipset, the routes
+# chain (and every rule elsewhere that jumps to one), every cali40 and cali60 ipset, the routes
 # carrying tortie's protocol number (80) and the VXLAN device.  Nothing else: other
 # chains, ipsets, routes and CNI configs stay.  Run by manifests/uninstall.yaml's
 # DaemonSet (or by hand as root on a node) after `kubectl delete -f manifests/tortie.yaml`.
@@ -36,8 +36,9 @@ for bv in legacy nft legacy:6 nft:6; do
     } | "$ipt-$b-restore" --noflush -w 5 || { echo "uninstall: $ipt-$b $t cleanup failed" >&2; failed=1; }
   done
 done
-# Our ipsets, after the rules that used them are gone (tortie's names all start cali40).
-for s in $(ipset list -n 2>/dev/null | grep '^cali40'); do
+# Our ipsets, after the rules that used them are gone (tortie's names all start cali40, and
+# their IPv6 twins cali60).
+for s in $(ipset list -n 2>/dev/null | grep -E '^cali[46]0'); do
   ipset destroy "$s" || { echo "uninstall: could not destroy ipset $s" >&2; failed=1; }
 done
 ip -4 route flush proto 80 2>/dev/null || true

@@ -34,6 +34,7 @@ def resolve(cluster: Cluster, text: str, role: str) -> Party:
         return ep
     if not _is_ip(text):
         raise CliError(f"{role} {text!r} is neither <namespace>/<pod> nor an IP address")
+    text = str(ipaddress.ip_address(text))  # an IPv6 address in its one canonical spelling
     owners = [ep for ep in eps.values() if text in ep.ips]
     return owners[0] if len(owners) == 1 else text
 
@@ -54,7 +55,8 @@ def parse_port(text: str) -> tuple[int, str]:
 
 
 def render(t: Trace) -> str:
-    lines = [f"{t.src} -> {t.dst} {t.port}/{t.protocol}: {'ALLOWED' if t.allowed else 'DENIED'}",
+    over = " over IPv6" if t.family == 6 else ""  # IPv4 unsaid: the usual case, the output as before
+    lines = [f"{t.src} -> {t.dst} {t.port}/{t.protocol}{over}: {'ALLOWED' if t.allowed else 'DENIED'}",
              f"  {t.reason}"]
     for d in t.directions:
         lines.append(f"  {d.direction} of {d.pod} (node {d.node}): {'allow' if d.allowed else 'deny'}"
@@ -70,7 +72,7 @@ async def cmd_trace(store: EtcdStore, args) -> int:
     cluster = await load_cluster(store)
     src, dst = resolve(cluster, args.src, "source"), resolve(cluster, args.dst, "destination")
     try:
-        t = trace(cluster, src, dst, port, proto)
+        t = trace(cluster, src, dst, port, proto, args.family)
     except TraceError as e:
         raise CliError(str(e)) from None
     print(json.dumps(t.as_dict(), indent=2) if args.output == "json" else render(t))
@@ -83,4 +85,6 @@ def add_commands(sub) -> None:
     t.add_argument("dst", help="<namespace>/<pod>, or an IP address")
     t.add_argument("port", help="<port>/<protocol>, e.g. 80/tcp")
     t.add_argument("-o", "--output", choices=("json",), help="json for scripts")
+    t.add_argument("--family", type=int, choices=(4, 6),
+                   help="IP family between two pods (default: an address's, else 4)")
     t.set_defaults(func=cmd_trace)

@@ -1,11 +1,12 @@
 """The dispatch chains: from a cali interface to that endpoint's own chains.
 
 cali-from-wl-dispatch first drops a packet whose (source address, input interface) pair
-is not in the ipset cali40wl-src: a workload may only send as itself, and an interface
-nobody wired has no pair at all.  Then it sends the packet to cali-fw-<iface> by input
-interface.  cali-to-wl-dispatch sends to cali-tw-<iface> by output interface.  Unknown
-cali interfaces are dropped by both.  Both use goto (-g), so the endpoint chain's RETURN
-goes straight back to the chain that called the dispatch.
+is not in the ipset cali40wl-src (ip6tables: cali60wl-src, the IPv6 addresses): a workload
+may only send as itself, and an interface nobody wired has no pair at all.  Then it sends
+the packet to cali-fw-<iface> by input interface.  cali-to-wl-dispatch sends to
+cali-tw-<iface> by output interface.  Unknown cali interfaces are dropped by both.  Both
+use goto (-g), so the endpoint chain's RETURN goes straight back to the chain that called
+the dispatch.
 
 Why the addresses live in an ipset and not in the dispatch rules: then no rule of the
 filter table depends on a pod's address, so the chains of a pod scheduled to this node
@@ -26,26 +27,31 @@ from felix_agent.calc.names import (
     WL_IFACE_PREFIX,
     WL_SOURCES_SET,
     dispatch_subchain,
+    family_set_name,
     from_wl_chain,
+    ipset_family,
     to_wl_chain,
 )
 from felix_agent.calc.rule_text import rule
-from felix_agent.calc.selectors import ipv4_addresses
+from felix_agent.calc.selectors import addresses
 from felix_agent.model import Endpoint
 
 SPLIT_ABOVE = 64  # endpoints; below this one flat chain is as fast and easier to read
 
 Chains = dict[str, tuple[str, ...]]
 
-# src,src: the address from the packet's source, the interface from its input interface.
-ANTI_SPOOF = f"-m set ! --match-set {WL_SOURCES_SET} src,src -j DROP"
+
+def anti_spoof(family: int) -> str:
+    # src,src: the address from the packet's source, the interface from its input interface.
+    return f"-m set ! --match-set {family_set_name(WL_SOURCES_SET, family)} src,src -j DROP"
 
 
-def sources_set(wired: Sequence[Endpoint]) -> IpSet:
-    """hash:net,iface of "<IPv4 address>,<iface>" for every address of every wired local
-    endpoint: what cali-from-wl-dispatch lets through."""
-    return IpSet(WL_SOURCES_SET, frozenset(f"{ip},{ep.iface}" for ep in wired for ip in ipv4_addresses(ep.ips)),
-                 type="hash:net,iface")
+def sources_set(wired: Sequence[Endpoint], family: int = 4) -> IpSet:
+    """hash:net,iface of "<address>,<iface>" for every address of IP `family` of every
+    wired local endpoint: what cali-from-wl-dispatch lets through."""
+    return IpSet(family_set_name(WL_SOURCES_SET, family),
+                 frozenset(f"{ip},{ep.iface}" for ep in wired for ip in addresses(ep.ips, family)),
+                 type="hash:net,iface", family=ipset_family(family))
 
 
 def _from_rules(ep: Endpoint) -> list[str]:
@@ -74,10 +80,15 @@ def _dispatch(base: str, endpoints: Sequence[Endpoint], per_endpoint: Callable[[
     return chains
 
 
-def dispatch_chains(local_endpoints: Sequence[Endpoint]) -> Chains:
-    """Both dispatch chains (and their sub-chains) for this node's endpoints, wired or
-    about to be, whose interface names must already be checked (cali + at least one
-    character).  Only the interfaces matter here; addresses are in sources_set()."""
-    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i", (ANTI_SPOOF,))
+def dispatch_chains(local_endpoints: Sequence[Endpoint], families: Sequence[int] = (4,)) -> dict[int, Chains]:
+    """Both dispatch chains (and their sub-chains) for this node's endpoints, wired or about
+    to be, whose interface names must already be checked (cali + at least one character),
+    for each IP family in `families`.  Only the interfaces matter here; addresses are in
+    sources_set().  The families differ only in the anti-spoofing rule's set, so the chains
+    are built once and shared."""
+    chains = _dispatch(FROM_WL_DISPATCH, local_endpoints, _from_rules, "-i", (anti_spoof(families[0]),))
     chains.update(_dispatch(TO_WL_DISPATCH, local_endpoints, _to_rules, "-o"))
-    return chains
+    out = {families[0]: chains}
+    for family in families[1:]:
+        out[family] = {**chains, FROM_WL_DISPATCH: (anti_spoof(family), *chains[FROM_WL_DISPATCH][1:])}
+    return out

@@ -15,6 +15,16 @@ filter:  INPUT   -> cali-INPUT   -> (from cali+) cali-wl-to-host -> cali-from-wl
 nat:     see calc/nat.py
 raw:     PREROUTING -> cali-PREROUTING: the loopback guard (calc/raw.py), IPv4 and IPv6
 Only this node's endpoints get endpoint chains; the ipsets hold pods of every node.
+
+The filter table exists twice, from the one model: iptables (IPv4, sets cali40...) and
+ip6tables (IPv6, sets cali60...), with the same chain names and layout.  The endpoint
+chains are the same text in both; the policy chains differ only in the sets they name and
+in ipBlocks, each kept in its own family (calc/policy.py).  IPv6 adds to cali-INPUT the
+ICMPv6 a pod needs from its router before any policy (as Calico does): neighbour
+solicitation and advertisement (the pod resolving its gateway, and answering the node's
+questions), router solicitation and multicast listener messages.  These are link-local
+(they never reach FORWARD), and conntrack gives ND no state (it would match INVALID), so
+they come first.
 Policy chains (NetworkPolicy and cluster policy) exist once per policy that selects at
 least one local endpoint; calc/endpoints.py orders the tiers.
 
@@ -52,7 +62,6 @@ from felix_agent.calc.names import (
     SET_FORWARD_MARK,
     TO_WL_DISPATCH,
     WL_IFACE_WILDCARD,
-    WL_SOURCES_SET,
     WL_TO_HOST,
     from_wl_chain,
     to_wl_chain,
@@ -61,7 +70,8 @@ from felix_agent.calc.nat import nat_chains, pool_sets
 from felix_agent.calc.policy import PolicyChains, policy_chains
 from felix_agent.calc.raw import HOOKS as RAW_HOOKS
 from felix_agent.calc.raw import raw_chains
-from felix_agent.calc.selectors import PeerSelector, SelectorIndex
+from felix_agent.calc.rule_text import rule
+from felix_agent.calc.selectors import FAMILIES, PeerSelector, SelectorIndex
 from felix_agent.calc.tier_policy import subject_selector, tier_policy_chains
 from felix_agent.model import ClusterPolicy, Endpoint, NetworkPolicy
 
@@ -69,19 +79,28 @@ WL_TO_HOST_ACTIONS = ("ACCEPT", "DROP")
 # cali + 1..11 characters: the kernel's 15-character limit; Calico's are cali + 11 hex.
 WL_IFACE_RE = re.compile(r"^cali[A-Za-z0-9_.-]{1,11}$")
 
-HOOKS = (
+FILTER_HOOKS = (
     Hook("filter", "INPUT", FILTER_INPUT),
     Hook("filter", "FORWARD", FILTER_FORWARD),
     Hook("filter", "FORWARD", FILTER_FORWARD_ACCEPT, position="bottom"),
     Hook("filter", "OUTPUT", FILTER_OUTPUT),
+)
+HOOKS = (
+    *FILTER_HOOKS,
     Hook("nat", "PREROUTING", NAT_PREROUTING),
     Hook("nat", "OUTPUT", NAT_OUTPUT),
     Hook("nat", "POSTROUTING", NAT_POSTROUTING),
     *RAW_HOOKS,
 )
 
+HOOKS6 = (*FILTER_HOOKS, *RAW_HOOKS)  # ip6tables: filter and raw
+
 CT_ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED"
 CT_INVALID = "-m conntrack --ctstate INVALID"
+# ICMPv6 a pod may always send to its node (Felix's list): multicast listener query,
+# report and done (130-132), router solicitation (133), neighbour solicitation and
+# advertisement (135, 136).  Never router advertisements or redirects: a pod is no router.
+ICMPV6_FROM_WL = (130, 131, 132, 133, 135, 136)
 
 
 @dataclass(frozen=True)
@@ -100,8 +119,14 @@ class CalcConfig:
                              f"not {self.wl_to_host_action!r}")
 
 
-def static_filter_chains(config: CalcConfig) -> dict[str, tuple[str, ...]]:
+def icmpv6_allowed(in_iface: str) -> tuple[str, ...]:
+    return tuple(rule("-j ACCEPT", in_iface=in_iface, proto="ipv6-icmp", matches=(f"-m icmp6 --icmpv6-type {t}",))
+                 for t in ICMPV6_FROM_WL)
+
+
+def static_filter_chains(config: CalcConfig, family: int = 4) -> dict[str, tuple[str, ...]]:
     wl = WL_IFACE_WILDCARD
+    icmpv6 = icmpv6_allowed(wl) if family == 6 else ()
     return {
         FILTER_FORWARD: (
             f"{CT_ESTABLISHED} -j ACCEPT",  # replies, and the rest of allowed connections
@@ -118,6 +143,7 @@ def static_filter_chains(config: CalcConfig) -> dict[str, tuple[str, ...]]:
         # Only workload traffic is our business on INPUT; the host's own firewall stays theirs.
         FILTER_INPUT: (
             f"-i {wl} {CT_ESTABLISHED} -j ACCEPT",
+            *icmpv6,
             f"-i {wl} {CT_INVALID} -j DROP",
             f"-i {wl} -g {WL_TO_HOST}",
         ),
@@ -188,7 +214,7 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     local = wired + scheduled_endpoints(endpoints, config.node_name, {ep.iface for ep in wired})
     here = SelectorIndex(local, cluster.namespaces)
 
-    filt = static_filter_chains(config)
+    filt = {family: static_filter_chains(config, family) for family in FAMILIES}
     sets: dict[SetSpec, None] = {}
     ingress_of: dict[str, list[str]] = {}
     egress_of: dict[str, list[str]] = {}
@@ -197,22 +223,27 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     flow_rules: dict[str, FlowRule] = {}
     np_names: dict[str, str] = {}  # NetworkPolicy id -> name, for the flow logs' default deny
 
-    def use(rendered: PolicyChains, policy: NetworkPolicy | ClusterPolicy) -> None:
-        if flow is not None:
-            if isinstance(policy, NetworkPolicy):
-                np_names[policy.id] = policy_name(policy)
-            logged = logged_policy(policy, flow)
-            rendered = logged.chains
-            flow_rules.update(logged.rules)
-        errs.extend(rendered.errors)
-        filt.update(rendered.chains)
-        sets.update(dict.fromkeys(rendered.sets))
+    def use(render: Callable[[int], PolicyChains], policy: NetworkPolicy | ClusterPolicy) -> None:
+        seen: tuple[str, ...] = ()
+        for family in FAMILIES:
+            rendered = render(family)
+            if flow is not None and family == 4:  # flow logs read IPv4 packets only (for now)
+                if isinstance(policy, NetworkPolicy):
+                    np_names[policy.id] = policy_name(policy)
+                logged = logged_policy(policy, flow)
+                rendered = logged.chains
+                flow_rules.update(logged.rules)
+            # The same input problems show in both families: report each once.
+            errs.extend(e for e in rendered.errors if e not in seen)
+            seen = rendered.errors
+            filt[family].update(rendered.chains)
+            sets.update(dict.fromkeys(rendered.sets))
 
     for policy in policies:
         selected = here.select(PeerSelector.of_policy(policy))
         if not selected:
             continue
-        use(policy_chains(policy), policy)
+        use(lambda family: policy_chains(policy, family), policy)
         for ptype, by_ep in (("Ingress", ingress_of), ("Egress", egress_of)):
             if ptype in policy.policy_types:
                 for ep in selected:
@@ -223,7 +254,7 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         selected = here.select(subject_selector(cp))
         if not selected:
             continue
-        use(tier_policy_chains(cp), cp)
+        use(lambda family: tier_policy_chains(cp, family), cp)
         for direction in ("ingress", "egress"):
             if getattr(cp, direction):
                 by_ep = tiers.setdefault((cp.tier, direction), {})
@@ -235,20 +266,26 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
                                 network=tuple(network.get(ep.key, ())),
                                 baseline=tuple(tiers.get(("Baseline", direction), {}).get(ep.key, ())))
     for ep in local:
-        chains = endpoint_chains(ep, policies_of(ep, "ingress", ingress_of), policies_of(ep, "egress", egress_of))
+        # The same text in both families (no addresses, no sets).
+        own = endpoint_chains(ep, policies_of(ep, "ingress", ingress_of), policies_of(ep, "egress", egress_of))
+        filt[6].update(own)
         if flow is not None:
+            own = dict(own)
             for chain, direction, network in ((to_wl_chain(ep.iface), "ingress", ingress_of),
                                               (from_wl_chain(ep.iface), "egress", egress_of)):
-                chains[chain], rules = logged_endpoint_chain(
-                    chains[chain], direction, [np_names[i] for i in network.get(ep.key, ())], flow)
+                own[chain], rules = logged_endpoint_chain(
+                    own[chain], direction, [np_names[i] for i in network.get(ep.key, ())], flow)
                 flow_rules.update(rules)
-        filt.update(chains)
-    filt.update(dispatch_chains(local))
+        filt[4].update(own)
+    for family, chains in dispatch_chains(local, FAMILIES).items():
+        filt[family].update(chains)
 
     ipsets = {spec.name: node_members(spec, cluster.nodes.values()) if isinstance(spec, NodeSet) else ipset_for(spec)
               for spec in sets}
     ipsets.update(pool_ipsets())
-    ipsets[WL_SOURCES_SET] = sources_set(wired)
+    for family in FAMILIES:
+        src = sources_set(wired, family)
+        ipsets[src.name] = src
     nat = nat_chains(wired, cluster.pools.values(), errs)
-    return DesiredState(chains={"filter": filt, "nat": nat, "raw": raw_chains(4)}, hooks=HOOKS, ipsets=ipsets,
-                        chains6={"raw": raw_chains(6)}, hooks6=RAW_HOOKS, flow_rules=flow_rules)
+    return DesiredState(chains={"filter": filt[4], "nat": nat, "raw": raw_chains(4)}, hooks=HOOKS, ipsets=ipsets,
+                        chains6={"filter": filt[6], "raw": raw_chains(6)}, hooks6=HOOKS6, flow_rules=flow_rules)

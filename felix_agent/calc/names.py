@@ -1,7 +1,9 @@
 """Names and marks of the iptables/ipset layout (Calico's on-host conventions).
 
 Every chain the calc produces starts with "cali-" and fits iptables' 28-character limit;
-every ipset starts with "cali40" (4 = IPv4, 0 = layout version) and fits ipset's 31.
+every ipset starts with "cali40" (4 = IPv4, 0 = layout version) or, for its IPv6 twin
+(family inet6, same meaning, IPv6 members), "cali60", and fits ipset's 31.  The chains keep
+the same names in iptables and ip6tables.
 """
 from __future__ import annotations
 
@@ -67,6 +69,20 @@ ALL_POOLS_SET = "cali40all-ipam-pools"
 MASQ_POOLS_SET = "cali40masq-ipam-pools"
 ALL_HOSTS_SET = "cali40all-hosts-net"
 WL_SOURCES_SET = "cali40wl-src"  # hash:net,iface, "<ip>,<cali iface>" of wired local pods
+SET_PREFIX_V4, SET_PREFIX_V6 = "cali40", "cali60"
+
+
+def family_set_name(name: str, family: int) -> str:
+    """A set's name for IP `family`: "cali40s:x" stays for 4 and becomes "cali60s:x" for 6."""
+    if family == 4:
+        return name
+    assert family == 6 and name.startswith(SET_PREFIX_V4), (name, family)
+    return SET_PREFIX_V6 + name[len(SET_PREFIX_V4):]
+
+
+def ipset_family(family: int) -> str:
+    """ipset's word for IP `family` (4 or 6)."""
+    return "inet" if family == 4 else "inet6"
 
 
 def to_wl_chain(iface: str) -> str:

@@ -134,12 +134,17 @@ def cross_check(plan: Plan, config: CalcConfig) -> list[str]:
     want = dataplane_state(plan.check, config, [])
     plan.check = None
     st = plan.state
-    if (want.chains, want.hooks, want.ipsets) == (st.chains, st.hooks, st.ipsets):
+    # ip6tables: only the tables the policy calc renders (the routing part adds IPv6 nat)
+    mine6 = {t: st.chains6.get(t, {}) for t in want.chains6}
+    if (want.chains, want.hooks, want.ipsets, want.chains6) == (st.chains, st.hooks, st.ipsets, mine6):
         return []
     bad = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
-                 {c for t in ("filter", "nat") for c in set(want.chains.get(t, {})) | set(st.chains.get(t, {}))
-                  if want.chains.get(t, {}).get(c) != st.chains.get(t, {}).get(c)})
+                 {f"{'ip6tables ' if v6 else ''}{c}" for v6, (w, h, tables) in enumerate((
+                     (want.chains, st.chains, ("filter", "nat")), (want.chains6, mine6, tuple(want.chains6))))
+                  for t in tables for c in set(w.get(t, {})) | set(h.get(t, {}))
+                  if w.get(t, {}).get(c) != h.get(t, {}).get(c)})
     st.chains, st.hooks, st.ipsets = want.chains, want.hooks, want.ipsets
+    st.chains6 = {**st.chains6, **want.chains6}
     return bad or ["hooks"]
 
 

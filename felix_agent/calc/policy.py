@@ -8,6 +8,11 @@ Each allowed (peer x port) combination is one rule that sets the accept mark, fo
 a RETURN once the mark is set; the endpoint chain then stops looking.  Input the API would
 refuse (bad port, bad CIDR, unknown protocol) is skipped with an error text, always by
 dropping the broken part's whole rule or peer, so a skip can only narrow what is allowed.
+
+Each policy renders once per IP family (iptables and ip6tables, same chain names): its
+selector and named-port peers name that family's sets, and an ipBlock peer exists only in
+its own family's chain, so a rule whose only peers are IPv4 blocks matches no IPv6 traffic
+(and the reverse), while the policy still selects its pods in both.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class RuleBuilder:
     who: str
     subject: PeerSelector
     namespace: str = ""
+    family: int = 4  # the chains' IP family: the sets it names, the ipBlocks it keeps
     errors: list[str] = field(default_factory=list)
     sets: dict[SetSpec, None] = field(default_factory=dict)  # ordered set
 
@@ -77,10 +83,10 @@ class RuleBuilder:
 
 
 @lru_cache(maxsize=8192)
-def policy_chains(policy: NetworkPolicy) -> PolicyChains:
-    """The policy's chains (one per policyType) and the sets they name.  Pure and cached
-    by value: an unchanged policy costs a dict lookup."""
-    b = RuleBuilder(f"policy {policy.key}", PeerSelector.of_policy(policy), policy.namespace)
+def policy_chains(policy: NetworkPolicy, family: int = 4) -> PolicyChains:
+    """The policy's chains (one per policyType) for IP `family` and the sets they name.
+    Pure and cached by value: an unchanged policy costs a dict lookup."""
+    b = RuleBuilder(f"policy {policy.key}", PeerSelector.of_policy(policy), policy.namespace, family=family)
     chains: dict[str, tuple[str, ...]] = {}
     rule_of: dict[str, tuple[int, ...]] = {}
     for ptype in policy.policy_types:
@@ -108,7 +114,7 @@ def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str,
     where = f"{direction} rule {index}"
     peers = [p for p in (_peer(b, peer, direction, where) for peer in r.peers) if p is not None]
     if r.peers and not peers and not more_peers:
-        return []  # every peer was IPv6 or broken: this rule allows nothing over IPv4
+        return []  # every peer was of the other family or broken: this rule allows nothing here
     peers += more_peers
     ports = _merge_ports([p for p in (_port(b, port, where) for port in r.ports) if p is not None])
     if r.ports and not ports:
@@ -121,14 +127,14 @@ def rule_lines(b: RuleBuilder, r: PolicyRule, index: int, direction: str,
             if port.named:
                 if direction == "ingress":
                     # The name resolves on the destination: the pods this policy selects.
-                    port_set = NamedPortSet(b.subject, port.named, port.proto.upper())
+                    port_set = NamedPortSet(b.subject, port.named, port.proto.upper(), b.family)
                 elif peer.sel is not None:
                     # The destinations are the peer's pods; the set holds their ip,port
                     # pairs and so also stands in for the peer's own selector set.
-                    port_set = NamedPortSet(peer.sel, port.named, port.proto.upper())
+                    port_set = NamedPortSet(peer.sel, port.named, port.proto.upper(), b.family)
                     peer_matches, peer_sets = (), ()
                 else:
-                    port_set = NamedPortSet(ALL_PODS, port.named, port.proto.upper())
+                    port_set = NamedPortSet(ALL_PODS, port.named, port.proto.upper(), b.family)
                 port_match = f"-m set --match-set {port_set.name} dst,dst"
             for spec in (*peer_sets, port_set):
                 if spec is not None:
@@ -176,8 +182,8 @@ def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> Match
         except ValueError:
             b.error(f"{where}: ipBlock cidr {peer.ip_block.cidr!r} is not a CIDR; peer skipped")
             return None
-        if net.version != 4:
-            return None  # an IPv6 block has no IPv4 meaning
+        if net.version != b.family:
+            return None  # a block of the other family means nothing in this family's chains
         excepts = []
         for e in peer.ip_block.except_:
             try:
@@ -185,12 +191,12 @@ def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> Match
             except ValueError:
                 b.error(f"{where}: ipBlock except {e!r} is not a CIDR; peer skipped")
                 return None
-            if enet.version == 4:
+            if enet.version == b.family:
                 excepts.append(str(enet))
         matches: tuple[str, ...] = ()
         sets: tuple[SetSpec, ...] = ()
         if excepts:
-            spec = NetSet(net_members(excepts))
+            spec = NetSet(net_members(excepts, b.family), b.family)
             matches = (f"-m set ! --match-set {spec.name} {side}",)
             sets = (spec,)
         return MatchPeer(cidr=cidr_match_text(str(net)), matches=matches, sets=sets)
@@ -198,7 +204,7 @@ def _peer(b: RuleBuilder, peer: PolicyPeer, direction: str, where: str) -> Match
     if sel is None:
         b.error(f"{where}: peer has neither ipBlock nor a selector; peer skipped")
         return None
-    spec = SelectorSet(sel)
+    spec = SelectorSet(sel, b.family)
     return MatchPeer(matches=(f"-m set --match-set {spec.name} {side}",), sel=sel, sets=(spec,))
 
 

@@ -62,31 +62,41 @@ def namespace_labels(name: str, namespace: Namespace | None) -> dict[str, str]:
     return labels
 
 
-def _is_ipv4(ip: str) -> bool:
-    # inet_pton takes exactly the dotted quads ipaddress takes (glibc refuses leading zeros
+FAMILIES = (4, 6)  # every filter chain and set exists once per IP family
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def _is_family(ip: str, family: int) -> bool:
+    # inet_pton takes exactly the addresses ipaddress takes (glibc refuses leading zeros
     # too) at a tenth of the cost and with no cache to outgrow: an LRU cache of 65,536
     # thrashed at 100k pods (25k parses for one named-port set).
     try:
-        socket.inet_pton(socket.AF_INET, ip)
+        socket.inet_pton(_AF[family], ip)
     except (OSError, TypeError, ValueError):
-        return False  # not an IPv4 address: nothing can match it
+        return False  # not an address of this family: nothing of the family can match it
     return True
 
 
+def addresses(ips: Iterable[str], family: int) -> list[str]:
+    """The addresses of IP `family` (4 or 6) among `ips`: each family's chains and sets see
+    only their own (an IPv6 address has no IPv4 meaning, and the reverse).  Every pass asks
+    this for every pod's addresses, so it is cheap: no ipaddress objects."""
+    return [ip for ip in ips if _is_family(ip, family)]
+
+
 def ipv4_addresses(ips: Iterable[str]) -> list[str]:
-    """The IPv4 addresses among `ips` (the chains are IPv4; IPv6 has no v4 meaning).
-    Every pass asks this for every pod's addresses, which rarely change: parsing is cached
-    (it was half of a whole pass's calc at 100 pods)."""
-    return [ip for ip in ips if _is_ipv4(ip)]
+    """The IPv4 addresses among `ips`."""
+    return addresses(ips, 4)
 
 
-def port_members(ep: Endpoint, port_name: str, protocol: str) -> list[str]:
-    """An endpoint's members of the named-port set (port_name, protocol): "ip,proto:port".
-    protocol "": the named port of any protocol (a cluster policy's named port names none)."""
+def port_members(ep: Endpoint, port_name: str, protocol: str, family: int = 4) -> list[str]:
+    """An endpoint's members of the named-port set (port_name, protocol) of IP `family`:
+    "ip,proto:port".  protocol "": the named port of any protocol (a cluster policy's named
+    port names none)."""
     ports = [p for p in ep.ports if p.name == port_name and protocol in ("", p.protocol)]
     if not ports:
         return []
-    ips = ipv4_addresses(ep.ips)
+    ips = addresses(ep.ips, family)
     return [f"{ip},{p.protocol.lower()}:{p.port}" for p in ports for ip in ips]
 
 
@@ -103,7 +113,7 @@ class SelectorIndex:
         self._ns_labels = {name: namespace_labels(name, ns_by_name.get(name))
                            for name in set(ns_by_name) | set(self._by_ns)}
         self._cache: dict[PeerSelector, tuple[Endpoint, ...]] = {}
-        self._members: dict[PeerSelector, frozenset[str]] = {}
+        self._members: dict[tuple[PeerSelector, int], frozenset[str]] = {}
 
     def select(self, sel: PeerSelector) -> tuple[Endpoint, ...]:
         hit = self._cache.get(sel)
@@ -124,20 +134,20 @@ class SelectorIndex:
         self._cache[sel] = result
         return result
 
-    def members(self, sel: PeerSelector) -> frozenset[str]:
-        """IPv4 addresses of the selected pods (plain, as ipset lists /32 members)."""
-        hit = self._members.get(sel)
+    def members(self, sel: PeerSelector, family: int = 4) -> frozenset[str]:
+        """Addresses of IP `family` of the selected pods (plain, as ipset lists host members)."""
+        hit = self._members.get((sel, family))
         if hit is None:
-            hit = frozenset(ip for ep in self.select(sel) for ip in ipv4_addresses(ep.ips))
-            self._members[sel] = hit
+            hit = frozenset(ip for ep in self.select(sel) for ip in addresses(ep.ips, family))
+            self._members[(sel, family)] = hit
         return hit
 
-    def named_members(self, sel: PeerSelector, port_name: str, protocol: str) -> frozenset[str]:
+    def named_members(self, sel: PeerSelector, port_name: str, protocol: str, family: int = 4) -> frozenset[str]:
         """"ip,proto:port" of the selected pods that name a port `port_name`."""
-        return frozenset(m for ep in self.select(sel) for m in port_members(ep, port_name, protocol))
+        return frozenset(m for ep in self.select(sel) for m in port_members(ep, port_name, protocol, family))
 
 
 def selector_members(sel: PeerSelector, endpoints: Iterable[Endpoint],
-                     namespaces: Mapping[str, Namespace]) -> frozenset[str]:
-    """One-off form of SelectorIndex(...).members(sel)."""
-    return SelectorIndex(endpoints, namespaces).members(sel)
+                     namespaces: Mapping[str, Namespace], family: int = 4) -> frozenset[str]:
+    """One-off form of SelectorIndex(...).members(sel, family)."""
+    return SelectorIndex(endpoints, namespaces).members(sel, family)

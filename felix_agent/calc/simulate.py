@@ -1,9 +1,11 @@
 """A tiny iptables: runs one packet through the chains the calc produced (pure, no kernel).
 
 It understands exactly the rule grammar the calc emits (calc/rule_text.py forms: -s -d -i
--o -p, -m conntrack/set/tcp/udp/sctp/multiport/mark, -j/-g, MARK --set-xmark) and raises
-ValueError on anything else, so a new rule shape cannot be misread silently.  Every
-simulated packet is the first of a new connection (conntrack state NEW).
+-o -p, -m conntrack/set/tcp/udp/sctp/multiport/mark/icmp6, -j/-g, MARK --set-xmark) and
+raises ValueError on anything else, so a new rule shape cannot be misread silently.  Every
+simulated packet is the first of a new connection (conntrack state NEW).  Addresses may be
+of either family: run the iptables chains with IPv4 packets and the ip6tables chains with
+IPv6 ones (a -s/-d or set of the other family never matches, as in the kernel).
 
 `tortiectl trace` runs packets through it on the very chains and ipsets the agent would
 program (so its answer cannot disagree with the dataplane), and the calc's semantic tests
@@ -24,8 +26,8 @@ MAX_DEPTH = 20
 class Packet:
     src: str
     dst: str
-    proto: str  # "tcp" | "udp" | "sctp"
-    dport: int
+    proto: str  # "tcp" | "udp" | "sctp" | "ipv6-icmp"
+    dport: int  # for ipv6-icmp: the ICMPv6 type
     in_iface: str = ""
     out_iface: str = ""
     mark: int = 0
@@ -119,6 +121,9 @@ def rule_matches(tokens: list[str], pkt: Packet, ipsets: Mapping[str, IpSet]) ->
                 i += 4
             elif mod == "multiport" and tokens[i + 2] == "--dports":
                 ok &= _ports(tokens[i + 3], pkt.dport)
+                i += 4
+            elif mod == "icmp6" and tokens[i + 2] == "--icmpv6-type":
+                ok &= pkt.proto == "ipv6-icmp" and pkt.dport == int(tokens[i + 3])
                 i += 4
             elif mod == "mark" and tokens[i + 2] == "--mark":
                 v, m = _xmark(tokens[i + 3])

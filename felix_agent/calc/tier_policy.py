@@ -50,12 +50,12 @@ def subject_selector(policy: ClusterPolicy) -> PeerSelector:
     return sel if sel is not None else PeerSelector(pods=MATCH_ALL, namespace="")
 
 
-def _node_peers(r: TierRule) -> tuple[MatchPeer, ...]:
-    """`nodes` peers (egress only): their addresses as an ipset of Node records."""
+def _node_peers(r: TierRule, family: int) -> tuple[MatchPeer, ...]:
+    """`nodes` peers (egress only): their addresses of IP `family` as an ipset of Node records."""
     out = []
     for p in r.peers:
         if p.nodes is not None:
-            spec = NodeSet(p.nodes)
+            spec = NodeSet(p.nodes, family)
             out.append(MatchPeer(matches=(f"-m set --match-set {spec.name} dst",), sets=(spec,)))
     return tuple(out)
 
@@ -75,10 +75,10 @@ def _as_policy_rule(r: TierRule) -> PolicyRule:
 
 
 @lru_cache(maxsize=4096)
-def tier_policy_chains(policy: ClusterPolicy) -> PolicyChains:
-    """The policy's chains (one per direction that has rules) and the sets they name.
-    Pure and cached by value."""
-    b = RuleBuilder(f"{policy.kind} {policy.name}", subject_selector(policy))
+def tier_policy_chains(policy: ClusterPolicy, family: int = 4) -> PolicyChains:
+    """The policy's chains (one per direction that has rules) for IP `family` and the sets
+    they name.  Pure and cached by value."""
+    b = RuleBuilder(f"{policy.kind} {policy.name}", subject_selector(policy), family=family)
     chains: dict[str, tuple[str, ...]] = {}
     rule_of: dict[str, tuple[int, ...]] = {}
     for direction in ("ingress", "egress"):
@@ -89,7 +89,7 @@ def tier_policy_chains(policy: ClusterPolicy) -> PolicyChains:
         index: list[int] = []
         for i, r in enumerate(rules):
             target, after = _TARGET[r.action]
-            for line in rule_lines(b, _as_policy_rule(r), i, direction, _node_peers(r)):
+            for line in rule_lines(b, _as_policy_rule(r), i, direction, _node_peers(r, family)):
                 body.append(line + (" " if line else "") + target)
                 index.append(i)
                 if after:

@@ -1,7 +1,9 @@
 """Why a connection is allowed or denied: `tortiectl trace`, pure.
 
 The answer comes from the agent's own calc: the chains and ipsets dataplane_state gives
-the node(s) involved, with a first packet run through them by calc/simulate.py.  So the
+the node(s) involved, with a first packet run through them by calc/simulate.py: the
+iptables chains for an IPv4 connection, the ip6tables ones for IPv6 (the family of an
+address given, or asked for; pods use their address of that family).  So the
 verdict is the dataplane's by construction; the path (tier, policy, rule index) is read
 off the rules the packet hit:
 
@@ -71,6 +73,7 @@ class Trace:
     allowed: bool
     reason: str
     directions: tuple[DirectionTrace, ...] = ()
+    family: int = 4  # the connection's IP family: which chains (iptables, ip6tables) answered
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,24 +91,37 @@ class _Policy:
     rule_of: dict[str, tuple[int, ...]]  # chain -> line -> rule index
 
 
-def _policies(cluster: Cluster) -> dict[str, _Policy]:
-    """Policy chain id -> what a hit in its chains means."""
+def _policies(cluster: Cluster, family: int) -> dict[str, _Policy]:
+    """Policy chain id -> what a hit in its chains of IP `family` means."""
     out: dict[str, _Policy] = {}
     for np in cluster.policies.values():
-        out[np.id] = _Policy("NetworkPolicy", f"NetworkPolicy {np.key}", {}, dict(policy_chains(np).rule_of))
+        out[np.id] = _Policy("NetworkPolicy", f"NetworkPolicy {np.key}", {},
+                             dict(policy_chains(np, family).rule_of))
     for cp in cluster.cluster_policies():
         names = {d: tuple(r.name for r in getattr(cp, d)) for d in ("ingress", "egress")}
-        out[cp.id] = _Policy(cp.tier, f"{cp.kind}/{cp.name}", names, dict(tier_policy_chains(cp).rule_of))
+        out[cp.id] = _Policy(cp.tier, f"{cp.kind}/{cp.name}", names, dict(tier_policy_chains(cp, family).rule_of))
     return out
 
 
-def _ipv4(p: Party) -> str:
+def _address(p: Party, family: int) -> str:
     if isinstance(p, str):
+        if ipaddress.ip_address(p).version != family:
+            raise TraceError(f"{p} is not an IPv{family} address (one connection has one family)")
         return p
     for ip in p.ips:
-        if ipaddress.ip_address(ip).version == 4:
+        if ipaddress.ip_address(ip).version == family:
             return ip
-    raise TraceError(f"pod {p.key} has no IPv4 address (not wired yet?)")
+    raise TraceError(f"pod {p.key} has no IPv{family} address (not wired yet, or not of that family)")
+
+
+def _family(src: Party, dst: Party, family: int | None) -> int:
+    """The connection's IP family: asked for, or an address's, or IPv4."""
+    given = [ipaddress.ip_address(p).version for p in (src, dst) if isinstance(p, str)]
+    if family is None:
+        return given[0] if given else 4
+    if family not in (4, 6):
+        raise TraceError(f"IP family {family} is not 4 or 6")
+    return family
 
 
 def _iface(ep: Endpoint) -> str:
@@ -127,9 +143,13 @@ def _step(hit: Hit, pol: _Policy, direction: str) -> Step | None:
     return None
 
 
+def _filter(state, family: int):
+    return (state.chains if family == 4 else state.chains6)["filter"]
+
+
 def _direction(cluster_policies: dict[str, _Policy], state, ep: Endpoint, direction: str,
-               pkt: Packet) -> DirectionTrace:
-    chains = state.chains["filter"]
+               pkt: Packet, family: int) -> DirectionTrace:
+    chains = _filter(state, family)
     name = (from_wl_chain if direction == "egress" else to_wl_chain)(_iface(ep))
     result = run(chains, name, pkt, state.ipsets)
     steps = []
@@ -168,31 +188,34 @@ class Tracer:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self._states: dict = {}
-        self._policies: dict[str, _Policy] | None = None
+        self._policies: dict[int, dict[str, _Policy]] = {}  # family -> chain id -> policy
 
     def _state(self, node: str):
         if node not in self._states:
             self._states[node] = dataplane_state(self.cluster, CalcConfig(node_name=node))
         return self._states[node]
 
-    def trace(self, src: Party, dst: Party, port: int, protocol: str) -> Trace:
-        """The verdict for a new connection src -> dst:port/protocol, and why."""
+    def trace(self, src: Party, dst: Party, port: int, protocol: str, family: int | None = None) -> Trace:
+        """The verdict for a new connection src -> dst:port/protocol over IP `family` (None:
+        the family of an address given, else IPv4), and why."""
         proto = protocol.lower()
         if proto not in PROTOCOLS:
             raise TraceError(f"protocol {protocol!r} is not one of tcp, udp, sctp")
         if not 1 <= port <= 65535:
             raise TraceError(f"port {port} is not in 1-65535")
-        src_ip, dst_ip = _ipv4(src), _ipv4(dst)
+        family = _family(src, dst, family)
+        src_ip, dst_ip = _address(src, family), _address(dst, family)
         label = lambda p: p.key if isinstance(p, Endpoint) else p  # noqa: E731
         head = (label(src), label(dst), port, proto)
         if isinstance(src, Endpoint) and isinstance(dst, Endpoint) and src.key == dst.key:
-            return Trace(*head, True, "a pod reaching itself never leaves it: no policy applies")
+            return Trace(*head, True, "a pod reaching itself never leaves it: no policy applies", family=family)
         for p in (src, dst):
             if isinstance(p, Endpoint) and not p.node:
                 raise TraceError(f"pod {p.key} is not scheduled to a node")
         nodes = dict.fromkeys(p.node for p in (src, dst) if isinstance(p, Endpoint))
-        if self._policies is None:
-            self._policies = _policies(self.cluster)
+        if family not in self._policies:
+            self._policies[family] = _policies(self.cluster, family)
+        policies = self._policies[family]
 
         def packet(node: str) -> Packet:
             return Packet(src_ip, dst_ip, proto, port,
@@ -204,14 +227,15 @@ class Tracer:
             state = self._state(node)
             # The whole of FORWARD as we program it: cali-FORWARD marks what it allows, and
             # our last rule accepts it (calc/filter.py).
-            if run_builtin(state.chains["filter"], state.hooks, "filter", "FORWARD", packet(node),
+            hooks = state.hooks if family == 4 else state.hooks6
+            if run_builtin(_filter(state, family), hooks, "filter", "FORWARD", packet(node),
                            state.ipsets).verdict != "ACCEPT":
                 allowed = False
         directions = []
         if isinstance(src, Endpoint):
-            directions.append(_direction(self._policies, self._state(src.node), src, "egress", packet(src.node)))
+            directions.append(_direction(policies, self._state(src.node), src, "egress", packet(src.node), family))
         if isinstance(dst, Endpoint):
-            directions.append(_direction(self._policies, self._state(dst.node), dst, "ingress", packet(dst.node)))
+            directions.append(_direction(policies, self._state(dst.node), dst, "ingress", packet(dst.node), family))
         denied = [d for d in directions if not d.allowed]
         if denied:
             reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in denied)
@@ -219,9 +243,9 @@ class Tracer:
             reason = "dropped before any policy: the source is not the pod's wired address or interface"
         else:
             reason = "; ".join(f"{d.direction} of {d.pod}: {d.reason}" for d in directions)
-        return Trace(*head, allowed, reason, tuple(directions))
+        return Trace(*head, allowed, reason, tuple(directions), family)
 
 
-def trace(cluster: Cluster, src: Party, dst: Party, port: int, protocol: str) -> Trace:
+def trace(cluster: Cluster, src: Party, dst: Party, port: int, protocol: str, family: int | None = None) -> Trace:
     """The verdict for a new connection src -> dst:port/protocol, and why."""
-    return Tracer(cluster).trace(src, dst, port, protocol)
+    return Tracer(cluster).trace(src, dst, port, protocol, family)

@@ -4,7 +4,7 @@
 `Dataplane.apply(plan)` runs on the agent's single dataplane worker thread and calls
 every driver (driver.py's contract) in the order of `Dataplane.drivers`, which keeps every
 reference valid:
-    sysctls -> ipsets (create/update) -> iptables filter, nat, raw -> ip6tables nat, raw
+    sysctls -> ipsets (create/update) -> iptables filter, nat, raw -> ip6tables filter, nat, raw
     -> vxlan, vxlan6 -> ipip -> routes -> BIRD, then the second phase in reverse: ipsets (delete)
 A driver is skipped between resyncs when its slice of the plan equals what it last
 applied cleanly (a pod ADD changes only the filter table and its sets, so nat, routes and
@@ -36,7 +36,7 @@ from felix_agent.model import DEFAULT_AS
 
 log = logging.getLogger("tortie.dataplane")
 TABLES = ("filter", "nat", "raw")
-TABLES6 = ("nat", "raw")  # ip6tables: natOutgoing for IPv6 pools (calc/nat.py), the loopback guard
+TABLES6 = ("filter", "nat", "raw")  # ip6tables: policy, natOutgoing for IPv6 pools (calc/nat.py), the loopback guard
 _NOTHING = object()
 
 
@@ -118,8 +118,8 @@ class Dataplane:
             require_backend(det.backend, 6)
             tables6 = {t: IptablesTable(t, det.backend, netns, ip_version=6) for t in TABLES6}
         except BackendError as e:
-            log.warning("no ip6tables: the IPv6 loopback guard is not programmed (the kernel still "
-                        "drops ::1 from pods)", extra=kv(error=e))
+            log.warning("no ip6tables: IPv6 policy and the IPv6 loopback guard are not programmed",
+                        extra=kv(error=e))
         os.makedirs(run_dir, exist_ok=True)
         self.bird = BirdDriver(BirdDaemon(os.path.join(run_dir, "bird"), netns, bird_bin=bird_bin,
                                           birdc_bin=birdc_bin), netns)

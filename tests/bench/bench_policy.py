@@ -12,6 +12,11 @@ ipsets like any other.  No packet uses the synthetic ones; they carry labels and
 that the background policies select, so every timed apply recomputes and reconciles the
 whole node.
 
+--dual-stack N...: the same at N endpoints with every pod dual-stack (a second, IPv6 pool;
+synthetic endpoints get an address of each family), the timed probes over IPv6, so the
+figure is the ip6tables side's; printed next to the IPv4 rows of the same run, with the
+rule and set counts of both families.
+
 Timed loop, per repetition: the server is isolated (default deny ingress), then
   allow  `tortiectl apply` of a policy letting the client in  -> the first probe that connects
   deny   `tortiectl delete` of it                              -> the first probe that is dropped
@@ -25,12 +30,13 @@ own and its children's: iptables-restore, ipset) from /proc/<pid>/stat, its peak
 (VmHWM), and the agent's own last dataplane pass duration.
 
     .venv/bin/python tests/bench/bench_policy.py [--endpoints 100 1000] [--policies 10 200]
-        [--cluster-policies 20] [--reps 10]
+        [--cluster-policies 20] [--reps 10] [--dual-stack 1000]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -47,7 +53,9 @@ from tests.lab.cluster import LabCluster, wait_for  # noqa: E402
 from tests.lab.prober import OK, TIMEOUT, Probe, Prober, census, synthetic_endpoints, write_records  # noqa: E402
 
 POOL = "10.65.0.0/16"
+POOL6 = "fd65::/48"
 SYNTH_NET = "10.70.0.0"  # synthetic endpoints live outside the pool: no IPAM involved
+SYNTH_NET6 = 0xfd70 << 112  # fd70::/16 likewise for their IPv6 addresses
 NAMESPACES = 10
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -56,12 +64,16 @@ def ns_name(i: int) -> str:
     return f"bench-{i % NAMESPACES}"
 
 
-def synthetic(n: int) -> list:
-    """n endpoints spread over the bench namespaces; labels app (20 values), tier (4)."""
+def synthetic(n: int, dual: bool = False) -> list:
+    """n endpoints spread over the bench namespaces; labels app (20 values), tier (4);
+    dual: an IPv6 address each too."""
     records = []
     for i in range(n):
         recs = synthetic_endpoints(ns_name(i), "ep", 1, "node1",
                                    {"app": f"app-{(i // NAMESPACES) % 20}", "tier": f"t{i % 4}"}, SYNTH_NET, start=i)
+        if dual:
+            ips = (*recs[0].ips, str(ipaddress.ip_address(SYNTH_NET6 + i)))
+            recs = [dataclasses.replace(r, ips=ips) for r in recs]
         # A named port per pod, so named-port ipsets have members to compute.
         records += [dataclasses.replace(recs[0], ports=(NamedPort("http", 8080 + i % 3),)), recs[1]]
     return records
@@ -74,7 +86,8 @@ def background_policy(j: int) -> dict:
                      "policyTypes": ["Ingress", "Egress"],
                      "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": f"team-{j % 3}"}},
                                             "podSelector": {"matchLabels": {"tier": f"t{j % 4}"}}},
-                                           {"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{j % 250}.0.0/16"]}}],
+                                           {"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{j % 250}.0.0/16"]}},
+                                           {"ipBlock": {"cidr": "fd00::/8", "except": [f"fd{j % 250:02x}::/16"]}}],
                                   "ports": [{"port": 8000 + j % 50}, {"port": "http"}]}],
                      "egress": [{"to": [{"podSelector": {"matchLabels": {"tier": f"t{(j + 1) % 4}"}}}],
                                  "ports": [{"protocol": "UDP", "port": 53}, {"port": 9000, "endPort": 9100}]}]}}
@@ -197,18 +210,21 @@ def timed_reps(c: LabCluster, prober: Prober, server_ip: str, reps: int, apply_d
 
 
 def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies: int = 20,
-        probing: Probing = Probing()) -> list[dict]:
+        probing: Probing = Probing(), dual: bool = False) -> list[dict]:
     results = []
+    stack = "dual-stack, probed over IPv6" if dual else "IPv4"
     with tempfile.TemporaryDirectory(prefix="tortie-bench-policy-") as work, Etcd() as etcd, \
             Lab(prefix=new_prefix("bp")) as lab:
         lab.build(1)
         node = lab.nodes[0]
         c = LabCluster(lab, etcd, work)
         c.apply_pool(POOL)
+        if dual:
+            c.apply_pool(POOL6, name="pool6", block_size=122)
         c.apply([{"apiVersion": "v1", "kind": "Namespace",
                   "metadata": {"name": ns_name(i), "labels": {"team": f"team-{i % 3}"}}} for i in range(NAMESPACES)]
                 + [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "probe"}}])
-        synth = synthetic(n_endpoints - 2)
+        synth = synthetic(n_endpoints - 2, dual)
         t = time.monotonic()
         sink = lab.add_pod_ns("sink")
         make_veths(node.ns, sink, [r for r in synth if isinstance(r, WorkloadEndpoint)])
@@ -220,10 +236,12 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
         server = c.add_pod("probe", "server", "node1", labels={"pod": "server"}, serve=["tcp:80"])
         client = c.add_pod("probe", "client", "node1", labels={"pod": "client"})
         prober = Prober(lab, client.ns, "probe/client")
+        target = server.ip6 if dual else server.ip
+        assert target, "the server has no IPv6 address"
         wait_for(lambda: sum(1 for ln in census(node.ns).text.splitlines() if ln.startswith(":cali-tw-"))
                  == n_endpoints, timeout=300, interval=1, what=f"{n_endpoints} endpoint chains")
         t_start = time.monotonic() - t
-        print(f"-- {n_endpoints} endpoints on node1: 2 real pods (probe/client, probe/server), "
+        print(f"-- {n_endpoints} endpoints on node1 ({stack}): 2 real pods (probe/client, probe/server), "
               f"{n_endpoints - 2} synthetic (records + veth pairs, {t_synth:.1f} s to create); "
               f"agent up and all endpoint chains programmed in {t_start:.1f} s", flush=True)
         applied = 0
@@ -235,23 +253,25 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
             applied = max(applied, k)
             c.apply([background_cluster_policy(j) for j in range(cluster_policies)])
             c.apply(probe_policy("server-deny", allow=False))
-            t_deny, _ = prober.until(Probe(server.ip, 80, "tcp", 0.3), TIMEOUT, deadline=120)
+            t_deny, _ = prober.until(Probe(target, 80, "tcp", 0.3), TIMEOUT, deadline=120)
             assert t_deny is not None, "the server never got isolated"
             time.sleep(1.0)  # let the background policies' pass finish before timing
             cpu0, kids0 = cpu_seconds(agent.pid)
             drivers0 = driver_seconds(c)
             t_run = time.monotonic()
-            timed = timed_reps(c, prober, server.ip, reps, lambda r: probe_policy(f"allow-{r}", allow=True),
+            timed = timed_reps(c, prober, target, reps, lambda r: probe_policy(f"allow-{r}", allow=True),
                                lambda r: ["delete", "networkpolicy", f"allow-{r}", "-n", "probe"], probing)
-            cnp = timed_reps(c, prober, server.ip, reps, lambda r: probe_cluster_policy(f"admit-{r}"),
+            cnp = timed_reps(c, prober, target, reps, lambda r: probe_cluster_policy(f"admit-{r}"),
                              lambda r: ["delete", "clusternetworkpolicy", f"admit-{r}"], probing)
             wall = time.monotonic() - t_run
             cpu1, kids1 = cpu_seconds(agent.pid)
             drivers1 = driver_seconds(c)
             c.delete("networkpolicy", "server-deny", "probe")
             s = census(node.ns)
+            s6 = census(node.ns, 6)
             st = c.status("node1")
             res = {"endpoints": n_endpoints, "policies": k, "cluster_policies": cluster_policies, "reps": reps,
+                   "stack": stack, "rules6": s6.rules, "ipsets6": len(s6.sets), "members6": s6.members,
                    **timed, "cnp": cnp,
                    "rules": s.rules, "chains": s.chains, "policy_rules": s.policy_rules,
                    "ipsets": len(s.sets), "members": s.members,
@@ -274,7 +294,8 @@ def run(n_endpoints: int, policy_counts: list[int], reps: int, cluster_policies:
                   f"p50 {cnp['allow_from_write_p50'] * 1000:5.0f} ms) | delete->enforced p50 "
                   f"{cnp['deny_p50'] * 1000:6.0f} ms", flush=True)
             print(f"                 {s.rules} rules in {s.chains} cali chains ({s.policy_rules} in policy chains), "
-                  f"{len(s.sets)} ipsets / {s.members} members; agent CPU {res['agent_cpu']:.1f} s own + "
+                  f"{len(s.sets)} ipsets / {s.members} members; ip6tables {s6.rules} rules, "
+                  f"{len(s6.sets)} cali60 ipsets / {s6.members} members; agent CPU {res['agent_cpu']:.1f} s own + "
                   f"{res['children_cpu']:.1f} s children over {wall:.1f} s ({4 * reps} changes); "
                   f"last pass {res['last_apply'] * 1000:.0f} ms; VmHWM {res['hwm_mb']:.0f} MB", flush=True)
             print(f"                 {res['passes']} dataplane passes; mean ms per pass by driver: "
@@ -290,6 +311,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "10")))
     ap.add_argument("--probe-timeout", type=float, default=Probing.timeout, help="seconds a probe waits")
     ap.add_argument("--probe-interval", type=float, default=Probing.interval, help="seconds between probes")
+    ap.add_argument("--dual-stack", type=int, nargs="*", default=[1000], metavar="ENDPOINTS",
+                    help="endpoint counts of the dual-stack rows (probed over IPv6); none: no such row")
     args = ap.parse_args()
     probing = Probing(args.probe_timeout, args.probe_interval)
     if os.geteuid() != 0:
@@ -300,10 +323,13 @@ def main() -> None:
     all_results = []
     for n in args.endpoints:
         all_results += run(n, sorted(args.policies), args.reps, args.cluster_policies, probing)
+    for n in args.dual_stack:
+        all_results += run(n, sorted(args.policies), args.reps, args.cluster_policies, probing, dual=True)
     print("== summary (target: apply->enforced p50 under 1 s at 1000 endpoints)")
     for r in all_results:
         verdict = "ok" if r["allow_p50"] < 1.0 else "MISSED"
-        print(f"   {r['endpoints']:5d} endpoints {r['policies']:4d} policies {r['cluster_policies']:3d} CNPs: "
+        print(f"   {r['endpoints']:5d} endpoints {r['policies']:4d} policies {r['cluster_policies']:3d} CNPs "
+              f"{r['stack']:>28}: "
               f"p50 {r['allow_p50'] * 1000:5.0f} ms p99 {r['allow_p99'] * 1000:5.0f} ms; "
               f"CNP p50 {r['cnp']['allow_p50'] * 1000:5.0f} ms  [{verdict}]")
 

@@ -28,11 +28,13 @@ import pytest
 
 from tests.lab import Etcd, Lab, sh
 from tests.lab.cluster import LabCluster, LabPod, wait_for
+from tests.lab.prober import anti_spoof_drops
 from tests.lab.tools import is_root
 
 pytestmark = pytest.mark.root
 
 POOL = "10.65.0.0/16"
+POOL6 = "fd65::/48"  # the pods are dual-stack: the IPv6 cases use their own IPv6 addresses
 LOOP_PORT = 7777  # the node's loopback-only "secret" service
 INTERNET_IP = "203.0.113.10"
 INTERNET_PORT = 8443
@@ -219,6 +221,7 @@ def world(lab_prefix, tmp_path_factory):
         work = str(tmp_path_factory.mktemp("hostile"))
         c = LabCluster(lab, etcd, work, resync_interval=RESYNC)
         c.apply_pool(POOL)
+        c.apply_pool(POOL6, name="pool6", block_size=122)
         c.start_agents()
         a = c.add_pod("default", "attacker", "node1", labels={"app": "attacker"})
         b = c.add_pod("default", "victim", "node1", labels={"app": "victim"}, serve=["tcp:80"])
@@ -291,8 +294,10 @@ def test_raw_syn_to_node_ipv6_loopback_gets_no_answer(world: World):
     assert drops + kernel >= got["sent"], f"::1 frames: guard counted {drops}, the kernel {kernel}"
     assert world.loopback_visitors("node1") == []
     # The harness can see IPv6 answers: the same frames to the gateway's link-local address
-    # (nothing listens there: a RST comes back).
-    assert world.raw_syn(world.a, "fe80::ecee:eeff:feee:eeee", fam=6, src=link_local)["answers"]
+    # (nothing listens there: a RST comes back), from the pod's own IPv6 address (a pod's
+    # link-local source passes only the ICMPv6 it needs: anti-spoofing drops the rest).
+    assert world.raw_syn(world.a, "fe80::ecee:eeff:feee:eeee", fam=6, src=world.a.ip6)["answers"]
+    assert world.raw_syn(world.a, "fe80::ecee:eeff:feee:eeee", fam=6, src=link_local, timeout=0.5)["answers"] == []
     print(f"::1: no answer; the kernel dropped {kernel} (Ip6InHdrErrors), the ip6tables guard {drops}")
 
 
@@ -318,6 +323,22 @@ def test_spoofed_ipv4_source_is_dropped(world: World):
     assert got["answers"] == []
     own = world.raw_syn(world.a, world.c2.ip)  # the same frames from its own address are answered
     assert own["answers"], "the far pod did not answer the attacker's own address (harness)"
+
+
+def test_spoofed_ipv6_source_is_dropped(world: World):
+    """Hand-made IPv6 SYNs to the victim (same node) from addresses the attacker does not
+    own, the victim's own and a free pool address: ip6tables' anti-spoofing DROP counts
+    every frame and nothing answers; the same frames from the attacker's own IPv6 address
+    are answered (RST: nothing listens on the port)."""
+    ns = world.node1.ns
+    for spoof in (world.b.ip6, "fd65::ffff:fff0"):
+        before = anti_spoof_drops(ns, 6)
+        got = world.raw_syn(world.a, world.b.ip6, fam=6, src=spoof, timeout=0.5)
+        dropped = anti_spoof_drops(ns, 6) - before
+        assert got["answers"] == [] and dropped >= got["sent"], (spoof, got, dropped)
+    before = anti_spoof_drops(ns, 6)
+    own = world.raw_syn(world.a, world.b.ip6, fam=6, src=world.a.ip6)
+    assert own["answers"] and anti_spoof_drops(ns, 6) == before, "the attacker's own IPv6 source must pass"
 
 
 def test_arp_lies_do_not_divert_other_pods_traffic(world: World):

@@ -49,6 +49,7 @@ from tests.lab.prober import (
     TIMEOUT,
     Probe,
     Prober,
+    anti_spoof_drops,
     flush_conntrack,
     matrix_diff,
     probe_matrix,
@@ -90,10 +91,20 @@ POLICY_KINDS = ("networkpolicies", "clusternetworkpolicies", "adminnetworkpolici
 
 # --- the world: cluster, pods, probers, labels --------------------------------------------
 
+def port_key(port: tuple[str, int], family: int) -> tuple[str, int]:
+    """A matrix's key: ("tcp", 80) for IPv4, ("tcp6", 80) for the same port over IPv6."""
+    return (port[0] + ("6" if family == 6 else ""), port[1])
+
+
+def key_family(key: tuple[str, int]) -> tuple[tuple[str, int], int]:
+    return ((key[0][:-1], key[1]), 6) if key[0].endswith("6") else (key, 4)
+
+
 @dataclass
 class World:
     cluster: LabCluster
     sctp: bool
+    families: tuple[int, ...] = (4,)  # the pods' IP families; every matrix is probed in each
     pods: dict[str, LabPod] = field(default_factory=dict)
     probers: dict[str, Prober] = field(default_factory=dict)
     node_probers: dict[str, Prober] = field(default_factory=dict)
@@ -110,7 +121,15 @@ class World:
 
     @property
     def ips(self) -> dict[str, str]:
-        return {k: p.ip for k, p in self.pods.items()}
+        """What the cases' policies are written with: "x/a" -> its IPv4 address, and with
+        IPv6, "x/a@6" -> its IPv6 address."""
+        out = self.ips_of(4) if 4 in self.families else {}
+        if 6 in self.families:
+            out.update({f"{k}@6": ip for k, ip in self.ips_of(6).items()})
+        return out
+
+    def ips_of(self, family: int) -> dict[str, str]:
+        return {k: p.ip if family == 4 else p.ip6 for k, p in self.pods.items()}
 
     @property
     def node_namespaces(self) -> list[str]:
@@ -146,19 +165,30 @@ class World:
         if docs:
             self.cluster.apply(docs)
 
-    def ref_pods(self) -> list[RefPod]:
+    def ref_pods(self, family: int = 4) -> list[RefPod]:
         out = []
         for key, pod in self.pods.items():
             ports = tuple((p["name"], p["containerPort"], p["protocol"]) for p in pod_ports(pod.name, self.sctp))
-            out.append(RefPod(pod.namespace, pod.name, pod.ip, dict(self.pod_labels[key]), ports))
+            out.append(RefPod(pod.namespace, pod.name, pod.ip if family == 4 else pod.ip6,
+                              dict(self.pod_labels[key]), ports))
         return out
 
     def expected(self, policies: list[dict]) -> dict:
-        return expected_matrix(policies, self.ref_pods(), self.ports, self.ns_labels)
+        """Per family: the reference's matrix with the pods' addresses of that family (so an
+        ipBlock of the other family matches none of them)."""
+        out = {}
+        for family in self.families:
+            m = expected_matrix(policies, self.ref_pods(family), self.ports, self.ns_labels)
+            out.update({port_key(port, family): cells for port, cells in m.items()})
+        return out
 
     def observe(self, timeout: float) -> dict:
         flush_conntrack(self.node_namespaces)
-        return probe_matrix(self.probers, self.ips, self.ports, timeout)
+        out = {}
+        for family in self.families:
+            m = probe_matrix(self.probers, self.ips_of(family), self.ports, timeout)
+            out.update({port_key(port, family): cells for port, cells in m.items()})
+        return out
 
     def check(self, policies: list[dict], deadline: float = 20.0) -> int:
         passes, _ = wait_matrix(self.observe, self.expected(policies), self.names, deadline=deadline)
@@ -174,24 +204,33 @@ class World:
         tracer = Tracer(asyncio.run(load()))
         eps = tracer.cluster.endpoint_map()
         ep = {k: eps[tuple(k.split("/"))] for k in self.names}
-        traced = {(proto, port): {(s, d): OK if tracer.trace(ep[s], ep[d], port, proto).allowed else TIMEOUT
-                                  for s in self.names for d in self.names}
-                  for proto, port in self.ports}
+        traced = {port_key((proto, port), family): {
+                      (s, d): OK if tracer.trace(ep[s], ep[d], port, proto, family).allowed else TIMEOUT
+                      for s in self.names for d in self.names}
+                  for proto, port in self.ports for family in self.families}
         expected = self.expected(policies)  # what the probes just showed, exactly
         diff = matrix_diff(self.names, expected, traced)
         assert not diff, f"tortiectl trace disagrees with the probes:\n{diff}"
-        denied = [(s, d, proto, port) for (proto, port), cells in expected.items()
-                  for (s, d), ok in cells.items() if not ok]
-        s, d, proto, port = (denied or [("x/a", "y/b", "tcp", 80)])[0]
-        out = json.loads(self.cluster.tortiectl("trace", s, d, f"{port}/{proto}", "-o", "json").stdout)
-        assert out["allowed"] == expected[(proto, port)][(s, d)], out
+        denied = [(s, d, key) for key, cells in expected.items() for (s, d), ok in cells.items() if not ok]
+        denied.sort(key=lambda c: -key_family(c[2])[1])  # an IPv6 cell first when there is one
+        s, d, key = (denied or [("x/a", "y/b", port_key(("tcp", 80), self.families[-1]))])[0]
+        (proto, port), family = key_family(key)
+        out = json.loads(self.cluster.tortiectl("trace", s, d, f"{port}/{proto}", "--family", str(family),
+                                                "-o", "json").stdout)
+        assert out["allowed"] == expected[key][(s, d)] and out["family"] == family, out
 
     # -- waiting for the agents ------------------------------------------------------
 
     def filter_chains(self, node_ns: str) -> set[str]:
-        out = sh("iptables-save", "-t", "filter", ns=node_ns, check=False).stdout
-        out += sh("iptables-legacy-save", "-t", "filter", ns=node_ns, check=False).stdout
-        return set(re.findall(r"^:(cali-\S+)", out, re.M))
+        """The cali chains of the filter table, of every family the pods have: a chain
+        counts once it exists in all of them."""
+        found = []
+        for family in self.families:
+            tool = "iptables" if family == 4 else "ip6tables"
+            out = sh(f"{tool}-save", "-t", "filter", ns=node_ns, check=False).stdout
+            out += sh(f"{tool}-legacy-save", "-t", "filter", ns=node_ns, check=False).stdout
+            found.append(set(re.findall(r"^:(cali-\S+)", out, re.M)))
+        return set.intersection(*found)
 
     def wanted_chains(self, policies: list[dict]) -> dict[str, set[str]]:
         """node ns -> policy chains that must exist there: a policy's chains are programmed
@@ -228,8 +267,14 @@ class World:
 
     def wait_no_policy_chains(self, timeout: float = 20) -> None:
         for node_ns in self.node_namespaces:
-            wait_for(lambda: not any(c.startswith(POLICY_CHAIN_PREFIXES) for c in self.filter_chains(node_ns)),
+            wait_for(lambda: not any(c.startswith(POLICY_CHAIN_PREFIXES) for c in self.any_filter_chains(node_ns)),
                      timeout=timeout, what=f"no policy chains left in {node_ns}")
+
+    def any_filter_chains(self, node_ns: str) -> set[str]:
+        """The cali chains of the filter table in any family."""
+        out = "".join(sh(f"{tool}-save", "-t", "filter", ns=node_ns, check=False).stdout
+                      for tool in ("iptables", "iptables-legacy", "ip6tables", "ip6tables-legacy"))
+        return set(re.findall(r"^:(cali-\S+)", out, re.M))
 
     # -- one case ---------------------------------------------------------------------------
 
@@ -282,17 +327,27 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(lab_prefix, tmp_path_factory):
+    yield from build_world(f"{lab_prefix}-np", str(tmp_path_factory.mktemp("netpol")))
+
+
+def build_world(prefix: str, workdir: str, pool6: str = "", ipv4: bool = True):
+    """The module's world (a generator for a fixture): IPv4 pods, or dual-stack ones on a
+    dual-stack underlay when `pool6` is an IPv6 pool (IPv6-only ones without `ipv4`)."""
     if not is_root():
         pytest.skip("needs root for network namespaces")
     etcd = Etcd()
-    lab = Lab(prefix=f"{lab_prefix}-np")
+    lab = Lab(prefix=prefix)
     try:
         etcd.start()
-        lab.build(2)
-        c = LabCluster(lab, etcd, str(tmp_path_factory.mktemp("netpol")))
-        c.apply_pool(POOL)
+        lab.build(2, ipv6=bool(pool6))
+        c = LabCluster(lab, etcd, workdir)
+        if ipv4:
+            c.apply_pool(POOL)
+        if pool6:
+            c.apply_pool(pool6, name="pool6", block_size=122)
         c.start_agents()
-        w = World(c, sctp=sctp_available(lab, lab.nodes[0].ns))
+        families = ((4,) if ipv4 else ()) + ((6,) if pool6 else ())
+        w = World(c, sctp=sctp_available(lab, lab.nodes[0].ns), families=families)
         for ns in NAMESPACES:
             w.ns_labels[ns] = w.base_ns_labels(ns)
         keys = [f"{ns}/{p}" for ns in NAMESPACES for p in POD_NAMES]
@@ -576,53 +631,42 @@ def test_node_reaches_its_own_pods_under_default_deny(world: World):
         world.reset(policies)
 
 
-def _agent_save(node_ns: str) -> str:
-    """iptables-save -c of the filter table in whichever backend holds the agent's chains."""
-    for cmd in ("iptables-save", "iptables-legacy-save"):
-        out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
-        if ":cali-from-wl-dispatch" in out:
-            return out
-    raise AssertionError(f"no cali-from-wl-dispatch chain in {node_ns}")
-
-
-def _dispatch_drops(node_ns: str) -> int:
-    """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
-    source address and input interface that are not a pair of cali40wl-src)."""
-    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
-                       r"-m set ! --match-set cali40wl-src src,src -j DROP$", _agent_save(node_ns), re.M)
-    assert len(found) == 1, "cali-from-wl-dispatch has no anti-spoofing DROP rule"
-    return int(found[0])
-
-
 def test_spoofed_source_is_dropped_at_the_sender(world: World):
     """Anti-spoofing: x/a (node1) sends to y/c (node2) from an address it does not own, a
     free pool address and its neighbour x/b's: the anti-spoofing DROP of
     cali-from-wl-dispatch on node1 counts the packets and node2 never sees them; the same probe from its own address
     passes.  No policy is involved: this holds for every pod."""
+    check_spoofing(world, 4, "10.65.250.250")
+
+
+def check_spoofing(world: World, family: int, free_address: str) -> None:
+    """The spoofing test above over IP `family` (`free_address`: one of no pod's)."""
     src, dst = world.pods["x/a"], world.pods["y/c"]
+    addr = (lambda p: p.ip) if family == 4 else (lambda p: p.ip6)
+    bits, tool, ip = (32, "iptables", ["ip"]) if family == 4 else (128, "ip6tables", ["ip", "-6"])
     node1, node2 = (world.cluster.lab.node(n).ns for n in ("node1", "node2"))
-    spoofs = ["10.65.250.250", world.pods["x/b"].ip]
-    counters = [["-t", "raw", "-I", "PREROUTING", "-s", host(a), "-d", host(dst.ip)] for a in spoofs]
+    spoofs = [free_address, addr(world.pods["x/b"])]
+    counters = [["-t", "raw", "-I", "PREROUTING", "-s", f"{a}/{bits}", "-d", f"{addr(dst)}/{bits}"] for a in spoofs]
     added: list[list[str]] = []
     try:
         for a in spoofs:
-            sh("ip", "addr", "add", host(a), "dev", "eth0", ns=src.ns)
+            sh(*ip, "addr", "add", f"{a}/{bits}", "dev", "eth0", *(["nodad"] if family == 6 else []), ns=src.ns)
         for rule in counters:
-            sh("iptables", *rule, ns=node2)  # counting rules only (no target), node2 only
+            sh(tool, *rule, ns=node2)  # counting rules only (no target), node2 only
             added.append(rule)
-        before = _dispatch_drops(node1)
+        before = anti_spoof_drops(node1, family)
         flush_conntrack(world.node_namespaces)
-        probes = [Probe(dst.ip, port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
-        probes.append(Probe(dst.ip, 80, "tcp", 3.0))  # its own address
+        probes = [Probe(addr(dst), port, proto, 1.0, src=a) for a in spoofs for proto, port in (("tcp", 80), ("udp", 80))]
+        probes.append(Probe(addr(dst), 80, "tcp", 3.0, src=addr(src)))  # its own address
         assert world.probers["x/a"].run(probes) == [TIMEOUT] * 4 + [OK]
-        dropped = _dispatch_drops(node1) - before
+        dropped = anti_spoof_drops(node1, family) - before
         assert dropped >= 4, f"the anti-spoofing DROP counted {dropped} packets, expected the 4 spoofed ones"
-        raw = sh("iptables-save", "-c", "-t", "raw", ns=node2).stdout
+        raw = sh(f"{tool}-save", "-c", "-t", "raw", ns=node2).stdout
         seen = [int(n) for n in re.findall(r"^\[(\d+):\d+\] -A PREROUTING -s \S+ -d \S+$", raw, re.M)]
         assert len(seen) == 2 and seen == [0, 0], f"spoofed packets reached node2: {raw}"
-        print(f"anti-spoofing: {dropped} spoofed packets dropped on node1, 0 reached node2")
+        print(f"IPv{family} anti-spoofing: {dropped} spoofed packets dropped on node1, 0 reached node2")
     finally:
         for rule in added:
-            sh("iptables", *["-D" if r == "-I" else r for r in rule], ns=node2, check=False)
+            sh(tool, *["-D" if r == "-I" else r for r in rule], ns=node2, check=False)
         for a in spoofs:
-            sh("ip", "addr", "del", host(a), "dev", "eth0", ns=src.ns, check=False)
+            sh(*ip, "addr", "del", f"{a}/{bits}", "dev", "eth0", ns=src.ns, check=False)

@@ -210,7 +210,7 @@ def test_uninstall_manifests_clean_every_node(lab):
     for n in lab.nodes:
         for save in ("iptables-nft-save", "iptables-legacy-save"):
             assert "cali-" not in lab.node_run(n, [save]).stdout, (n.name, save)
-        assert not [s for s in lab.node_run(n, ["ipset", "list", "-n"]).stdout.split() if s.startswith("cali40")]
+        assert not [s for s in lab.node_run(n, ["ipset", "list", "-n"]).stdout.split() if s.startswith(("cali40", "cali60"))]
         for fam in ("-4", "-6"):
             assert lab.node_run(n, ["ip", fam, "route", "show", "proto", "80"]).stdout.strip() == ""
         assert not os.path.exists(os.path.join(n.cni_conf, "10-tortie.conflist"))

@@ -23,8 +23,8 @@ sent (time.monotonic(), a system-wide clock the caller shares).
     p.until(Probe("10.65.0.6", 80, "tcp", 0.3), OK)         # -> (sent_at, probes)
 
 The module also holds the helpers the policy scale test and benchmark share: synthetic
-endpoints (records without a real pod) and a census of the cali chains and ipsets a node
-has programmed.
+endpoints (records without a real pod), a census of the cali chains and ipsets a node
+has programmed, and the anti-spoofing DROP's packet counter (either family).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import re
 import select
 import subprocess
 import sys
@@ -51,16 +52,18 @@ import json, socket, sys, threading
 SCTP = getattr(socket, "IPPROTO_SCTP", 132)
 
 def serve_sctp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, SCTP)
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, SCTP)  # V6ONLY off: IPv4 too
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(256)
+    s.bind(("::", port)); s.listen(256)
     while True:
         c, _ = s.accept(); c.close()
 
 def probe(req, out, i):
     proto = req["proto"]
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
-    s = socket.socket(socket.AF_INET, kind, SCTP if proto == "sctp" else 0)
+    family = socket.AF_INET6 if ":" in req["ip"] else socket.AF_INET
+    s = socket.socket(family, kind, SCTP if proto == "sctp" else 0)
     s.settimeout(req["timeout"])
     try:
         if req.get("src"):
@@ -333,7 +336,7 @@ class Census:
     policy_rules: int  # rules in cali-pi-*/cali-po-* chains
     chains: int  # cali chains in the filter table
     policy_chains: int
-    sets: Mapping[str, int]  # cali40 ipset -> members
+    sets: Mapping[str, int]  # cali40 (IPv6: cali60) ipset -> members
     text: str  # the cali chains as iptables-save prints them, counters stripped
 
     @property
@@ -341,9 +344,11 @@ class Census:
         return sum(self.sets.values())
 
 
-def census(node_ns: str) -> Census:
+def census(node_ns: str, family: int = 4) -> Census:
+    """What the agent programmed for IP `family`: its filter table chains and its sets."""
     out = ""
-    for cmd in ("iptables-save", "iptables-legacy-save"):
+    tool = "iptables" if family == 4 else "ip6tables"
+    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
         out = sh(cmd, "-t", "filter", ns=node_ns, check=False).stdout
         if ":cali-FORWARD" in out:
             break
@@ -354,7 +359,7 @@ def census(node_ns: str) -> Census:
     sets: dict[str, int] = {}
     for ln in sh("ipset", "save", ns=node_ns, check=False).stdout.splitlines():
         parts = ln.split()
-        if len(parts) >= 2 and parts[1].startswith("cali40"):
+        if len(parts) >= 2 and parts[1].startswith(f"cali{family}0"):
             if parts[0] == "create":
                 sets.setdefault(parts[1], 0)
             elif parts[0] == "add":
@@ -364,3 +369,25 @@ def census(node_ns: str) -> Census:
                   chains=len(chains),
                   policy_chains=sum(1 for c in chains if c.startswith((":cali-pi-", ":cali-po-"))),
                   sets=sets, text="\n".join(sorted(lines)))
+
+
+def filter_save(node_ns: str, family: int = 4) -> str:
+    """<ip[6]tables>-save -c of the filter table of IP `family` in whichever backend holds
+    the agent's chains."""
+    tool = "iptables" if family == 4 else "ip6tables"
+    for cmd in (f"{tool}-save", f"{tool}-legacy-save"):
+        out = sh(cmd, "-c", "-t", "filter", ns=node_ns, check=False).stdout
+        if ":cali-from-wl-dispatch" in out:
+            return out
+    raise AssertionError(f"no cali-from-wl-dispatch chain in the {tool} of {node_ns}")
+
+
+def anti_spoof_drops(node_ns: str, family: int = 4) -> int:
+    """Packets counted by the anti-spoofing DROP at the top of cali-from-wl-dispatch (a
+    source address and input interface that are not a pair of cali40wl-src; IPv6:
+    cali60wl-src)."""
+    found = re.findall(r"^\[(\d+):\d+\] -A cali-from-wl-dispatch(?: -m comment --comment \S+)? "
+                       rf"-m set ! --match-set cali{family}0wl-src src,src -j DROP$", filter_save(node_ns, family),
+                       re.M)
+    assert len(found) == 1, f"cali-from-wl-dispatch (IPv{family}) has no anti-spoofing DROP rule"
+    return int(found[0])

@@ -44,3 +44,26 @@ def test_snapshot_does_not_follow_later_events():
     assert [e.ips for e in snap.endpoints()] == [("10.0.0.1",)]
     assert [e.ips for e in c.endpoints()] == [("10.0.0.1",)]  # the WEP's address wins in the join
     assert snap.pods["a/web"].ips == ("10.0.0.1",) and c.pods["a/web"].ips == ("10.0.0.7",)
+
+
+def test_dual_stack_cross_check_keeps_the_routing_nat6_and_repairs_ipv6_filter():
+    """With an IPv6 natOutgoing pool the plan's ip6tables state holds the routing part's nat
+    table too: an agreeing cross-check leaves it alone, and a wrong IPv6 filter chain is
+    found by name and replaced, the nat table kept."""
+    from felix_agent.calc.plan import PlanConfig, Planner, cross_check
+    from felix_agent.model import IPPool
+
+    c = cluster_of(IPPool("pool6", "fd65::/48", nat_outgoing=True, block_size=122),
+                   *pod("a", "web", "10.0.0.1", labels={"app": "web"}, ip6="fd65::1"),
+                   NetworkPolicy("a", "p", sel(app="web"), ingress=(PolicyRule(),)))
+    planner = Planner(PlanConfig(node=ME, uplink="eth0", bird=False))
+    plan = planner.plan(c, full=True)
+    assert "nat" in plan.state.chains6 and "filter" in plan.state.chains6
+    nat6 = plan.state.chains6["nat"]
+    assert cross_check(plan, planner.calc_config) == []
+    plan = planner.plan(c, full=True)
+    chain = next(n for n in plan.state.chains6["filter"] if n.startswith("cali-pi-"))
+    right = plan.state.chains6["filter"][chain]
+    plan.state.chains6 = {**plan.state.chains6, "filter": {**plan.state.chains6["filter"], chain: ()}}
+    assert cross_check(plan, planner.calc_config) == [f"ip6tables {chain}"]
+    assert plan.state.chains6["filter"][chain] == right and plan.state.chains6["nat"] == nat6

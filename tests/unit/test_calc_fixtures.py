@@ -38,13 +38,15 @@ def iface_of(ns: str, name: str) -> str:
 
 
 def pod(ns: str, name: str, ip: str, node: str = ME, labels: dict | None = None,
-        ports: tuple[NamedPort, ...] = (), fips: str | None = None, wired: bool = True) -> list:
-    """A Pod and (wired=True) the WorkloadEndpoint its node's CNI ADD wrote."""
+        ports: tuple[NamedPort, ...] = (), fips: str | None = None, wired: bool = True, ip6: str = "") -> list:
+    """A Pod and (wired=True) the WorkloadEndpoint its node's CNI ADD wrote; `ip6` makes it
+    dual-stack (`ip` may be IPv6 too: an IPv6-only pod)."""
     ann = ((FLOATING_IPS_ANNOTATION, fips),) if fips is not None else ()
-    out = [Pod(ns, name, labels=tuple(sorted((labels or {}).items())), node=node, ips=(ip,),
+    ips = (ip, ip6) if ip6 else (ip,)
+    out = [Pod(ns, name, labels=tuple(sorted((labels or {}).items())), node=node, ips=ips,
                ports=ports, annotations=ann)]
     if wired:
-        out.append(WorkloadEndpoint(ns, name, node, "c-" + name, iface_of(ns, name), (ip,)))
+        out.append(WorkloadEndpoint(ns, name, node, "c-" + name, iface_of(ns, name), ips))
     return out
 
 

@@ -65,7 +65,7 @@ def selector(rng: random.Random) -> LabelSelector:
     return LabelSelector(ml if shape == 3 else (), exprs)
 
 
-def peer(rng: random.Random) -> PolicyPeer:
+def peer(rng: random.Random, dual: bool = False) -> PolicyPeer:
     shape = rng.randint(0, 3)
     if shape == 0:
         return PolicyPeer(pod_selector=selector(rng))
@@ -73,24 +73,26 @@ def peer(rng: random.Random) -> PolicyPeer:
         return PolicyPeer(namespace_selector=selector(rng))
     if shape == 2:
         return PolicyPeer(pod_selector=selector(rng), namespace_selector=selector(rng))
+    if dual and rng.random() < 0.5:
+        return PolicyPeer(ip_block=IPBlock("fd00::/16", ("fd00:1::/32",)))
     return PolicyPeer(ip_block=IPBlock("10.0.0.0/8", ("10.1.0.0/16",)))
 
 
-def rule(rng: random.Random) -> PolicyRule:
+def rule(rng: random.Random, dual: bool = False) -> PolicyRule:
     ports = rng.choice(((), (PolicyPort("TCP", 80),), (PolicyPort("TCP", "http"),),
                         (PolicyPort("UDP", "dns"), PolicyPort("TCP", 443))))
-    return PolicyRule(peers=tuple(peer(rng) for _ in range(rng.randint(0, 2))), ports=ports)
+    return PolicyRule(peers=tuple(peer(rng, dual) for _ in range(rng.randint(0, 2))), ports=ports)
 
 
-def policy(rng: random.Random) -> NetworkPolicy:
+def policy(rng: random.Random, dual: bool = False) -> NetworkPolicy:
     types = rng.choice((("Ingress",), ("Egress",), ("Ingress", "Egress")))
     return NetworkPolicy(rng.choice(NAMESPACES), f"p{rng.randint(0, 5)}", selector(rng),
-                         ingress=tuple(rule(rng) for _ in range(rng.randint(0, 2))),
-                         egress=tuple(rule(rng) for _ in range(rng.randint(0, 2))),
+                         ingress=tuple(rule(rng, dual) for _ in range(rng.randint(0, 2))),
+                         egress=tuple(rule(rng, dual) for _ in range(rng.randint(0, 2))),
                          policy_types=types)
 
 
-def tier_peer(rng: random.Random, egress: bool) -> TierPeer:
+def tier_peer(rng: random.Random, egress: bool, dual: bool = False) -> TierPeer:
     shape = rng.randint(0, 3 if egress else 1)
     if shape == 0:
         return TierPeer(namespaces=selector(rng))
@@ -98,13 +100,15 @@ def tier_peer(rng: random.Random, egress: bool) -> TierPeer:
         return TierPeer(pods=NamespacedPods(selector(rng), selector(rng)))
     if shape == 2:
         return TierPeer(nodes=selector(rng))
+    if dual:
+        return TierPeer(networks=rng.choice((("10.0.0.0/24",), ("fd00::/64",), ("10.0.0.0/24", "fd00::/64"))))
     return TierPeer(networks=("10.0.0.0/24",))
 
 
-def tier_rules(rng: random.Random, egress: bool) -> tuple[TierRule, ...]:
+def tier_rules(rng: random.Random, egress: bool, dual: bool = False) -> tuple[TierRule, ...]:
     out = []
     for _ in range(rng.randint(0, 2)):
-        peers = tuple(tier_peer(rng, egress) for _ in range(rng.randint(1, 2)))
+        peers = tuple(tier_peer(rng, egress, dual) for _ in range(rng.randint(1, 2)))
         named = not any(p.networks or p.nodes is not None for p in peers)
         tports = rng.choice(((), (TierPort("TCP", 80),), (TierPort("UDP", 50, 60),))
                             + (((TierPort(None, name="http"),),) if named else ()))
@@ -112,9 +116,9 @@ def tier_rules(rng: random.Random, egress: bool) -> tuple[TierRule, ...]:
     return tuple(out)
 
 
-def cluster_policy(rng: random.Random):
+def cluster_policy(rng: random.Random, dual: bool = False):
     subject = tier_peer(rng, False)
-    ing, eg = tier_rules(rng, False), tier_rules(rng, True)
+    ing, eg = tier_rules(rng, False, dual), tier_rules(rng, True, dual)
     roll = rng.random()
     if roll < 0.6:
         return ClusterNetworkPolicy(f"c{rng.randint(0, 3)}", rng.choice(("Admin", "Baseline")), rng.randint(0, 3),
@@ -128,13 +132,24 @@ def ports(rng: random.Random) -> tuple[NamedPort, ...]:
     return rng.choice(((), (NamedPort("http", 8080),), (NamedPort("http", 80), NamedPort("dns", 53, "UDP"))))
 
 
-def random_event(rng: random.Random, cluster: Cluster) -> Update:
+def addresses(rng: random.Random, dual: bool) -> tuple[str, ...]:
+    """One IPv4 address; dual: IPv4, IPv6 or both (a few pods of an IPv6-only pool)."""
+    ip = f"10.{rng.randint(0, 1)}.0.{rng.randint(1, 30)}"
+    if not dual:
+        return (ip,)
+    ip6 = f"fd00:{rng.randint(0, 1)}::{rng.randint(1, 30):x}"
+    return rng.choice(((ip, ip6), (ip, ip6), (ip6,), (ip,)))
+
+
+def random_event(rng: random.Random, cluster: Cluster, dual: bool = False) -> Update:
+    """One change to the cluster; dual: dual-stack and IPv6-only pods, ipBlocks and
+    networks of both families, nodes with IPv6 addresses."""
     roll = rng.random()
     ns, name = rng.choice(NAMESPACES), f"pod{rng.randint(0, 11)}"
-    ip = f"10.{rng.randint(0, 1)}.0.{rng.randint(1, 30)}"
+    ips = addresses(rng, dual)
     if roll < 0.35:
         ann = ((FLOATING_IPS_ANNOTATION, '["203.0.113.1"]'),) if rng.random() < 0.1 else ()
-        rec = Pod(ns, name, labels(rng), node=rng.choice(NODES), ips=(ip,) if rng.random() < 0.9 else (),
+        rec = Pod(ns, name, labels(rng), node=rng.choice(NODES), ips=ips if rng.random() < 0.9 else (),
                   ports=ports(rng), annotations=ann, host_network=rng.random() < 0.05,
                   finished=rng.random() < 0.05)
     elif roll < 0.45 and cluster.pods:
@@ -142,15 +157,16 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
         rec = Pod(old.namespace, old.name, labels(rng), node=old.node, ips=old.ips, ports=old.ports)
     elif roll < 0.65:
         iface = iface_of(ns, name) if rng.random() < 0.9 else rng.choice(("cali-dup", "eth0-bad"))
-        rec = WorkloadEndpoint(ns, name, rng.choice(NODES), f"c{rng.randint(0, 3)}", iface, (ip,))
+        rec = WorkloadEndpoint(ns, name, rng.choice(NODES), f"c{rng.randint(0, 3)}", iface, ips)
     elif roll < 0.72:
-        rec = policy(rng)
+        rec = policy(rng, dual)
     elif roll < 0.8:
-        rec = cluster_policy(rng)
+        rec = cluster_policy(rng, dual)
     elif roll < 0.88:
         rec = Namespace(rng.choice(NAMESPACES), labels(rng))
     elif roll < 0.93:
-        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24", labels=labels(rng))
+        ip6 = f"fd10::{rng.randint(1, 9)}/64" if dual and rng.random() < 0.7 else ""
+        rec = Node(rng.choice(NODES), ip=f"192.168.0.{rng.randint(1, 9)}/24", ip6=ip6, labels=labels(rng))
     else:
         rec = IPPool("pool", rng.choice(("10.0.0.0/16", "10.1.0.0/16")), nat_outgoing=rng.random() < 0.5)
     kind = KIND_OF[type(rec)]
@@ -171,14 +187,18 @@ def _existing(cluster: Cluster, kind: str) -> list[str]:
     return sorted(p.key for p in cluster.cluster_policies() if p.kind == kind)
 
 
+@pytest.mark.parametrize("dual", [False, True], ids=["ipv4", "dual-stack"])
 @pytest.mark.parametrize("seed", range(8))
-def test_incremental_equals_full_after_every_event(seed):
+def test_incremental_equals_full_after_every_event(seed, dual):
+    """Both families: with dual, the IPv6 chains and cali60 sets are compared too (the
+    states are compared whole)."""
     rng = random.Random(seed)
     cluster = Cluster()
     cfg = CalcConfig(ME)
     inc = IncrementalCalc(cfg)
+    v6_members: set[str] = set()
     for step in range(250):
-        cluster.apply(random_event(rng, cluster))
+        cluster.apply(random_event(rng, cluster, dual))
         if rng.random() < 0.3:
             continue  # several events in one batch, as the agent's loop takes them
         full_errors: list[str] = []
@@ -187,7 +207,9 @@ def test_incremental_equals_full_after_every_event(seed):
         got = inc.state(cluster, inc_errors)
         assert got == full, f"seed {seed} step {step}"
         assert inc_errors == full_errors, f"seed {seed} step {step}"
+        v6_members |= {m for n, st in full.ipsets.items() if n.startswith("cali60") for m in st.members}
     assert inc.rebuilds == 1  # it really went incrementally, not by rebuilding
+    assert bool(v6_members) == dual  # the IPv6 sets really were filled (and only when asked)
 
 
 def test_a_label_change_rebuilds_only_the_sets_it_moves_the_pod_between():

@@ -35,9 +35,11 @@ def run(chains, name: str, pkt: Packet, ipsets) -> str | None:
 
 
 def forward(s, pkt: Packet) -> str | None:
-    """The verdict of built-in FORWARD as programmed (our top hook, then our last rule):
-    'ACCEPT' / 'DROP', or None when neither decided (the chain's policy does)."""
-    return run_builtin(s.chains["filter"], s.hooks, "filter", "FORWARD", pkt, s.ipsets).verdict
+    """The verdict of built-in FORWARD as programmed (our top hook, then our last rule) in
+    the table of the packet's family (ip6tables for IPv6): 'ACCEPT' / 'DROP', or None when
+    neither decided (the chain's policy does)."""
+    chains, hooks = (s.chains6, s.hooks6) if ":" in pkt.src else (s.chains, s.hooks)
+    return run_builtin(chains["filter"], hooks, "filter", "FORWARD", pkt, s.ipsets).verdict
 
 
 # --- reference semantics (from the API docs, not from the calc) --------------------------
@@ -102,13 +104,20 @@ PEER = st.one_of(
                      PolicyPeer(ip_block=IPBlock("0.0.0.0/0", ("10.0.0.2/32",))),
                      PolicyPeer(ip_block=IPBlock("10.0.0.0/30"))]),
 )
-RULE = st.builds(lambda peers, ports: PolicyRule(tuple(peers), tuple(ports)),
-                 st.lists(PEER, max_size=2), st.lists(PORT, max_size=2))
-POLICY = st.builds(
-    lambda i, ns, s, ing, eg, types: NetworkPolicy(ns, f"p{i}", s, tuple(ing), tuple(eg), types),
-    st.integers(0, 1000), st.sampled_from(["x", "y"]), SEL, st.lists(RULE, max_size=2),
-    st.lists(RULE, max_size=2),
-    st.sampled_from([("Ingress",), ("Egress",), ("Ingress", "Egress")]))
+
+
+def policies_of(peer) -> st.SearchStrategy:
+    """NetworkPolicies in x or y whose rules take their peers from `peer`."""
+    rule = st.builds(lambda peers, ports: PolicyRule(tuple(peers), tuple(ports)),
+                     st.lists(peer, max_size=2), st.lists(PORT, max_size=2))
+    return st.builds(
+        lambda i, ns, s, ing, eg, types: NetworkPolicy(ns, f"p{i}", s, tuple(ing), tuple(eg), types),
+        st.integers(0, 1000), st.sampled_from(["x", "y"]), SEL, st.lists(rule, max_size=2),
+        st.lists(rule, max_size=2),
+        st.sampled_from([("Ingress",), ("Egress",), ("Ingress", "Egress")]))
+
+
+POLICY = policies_of(PEER)
 POD = st.tuples(st.sampled_from(["x", "y"]), LBL, st.sampled_from(["n1", "n2"]), NAMED)
 
 
@@ -124,13 +133,36 @@ def test_forward_verdicts_match_the_reference(pods, policies, ns_x, ns_y):
         assert got == ("ACCEPT" if want else "DROP"), (a, b, proto, dport)
 
 
-def make_world(pods, namespaces: dict, *records) -> tuple[list[dict], object]:
+PEER6 = st.one_of(PEER, st.sampled_from([PolicyPeer(ip_block=IPBlock("fd00::/16", ("fd00:0:0:1::/64",))),
+                                          PolicyPeer(ip_block=IPBlock("::/0", ("fd00::2/128",))),
+                                          PolicyPeer(ip_block=IPBlock("fd00::/126"))]))
+POLICY6 = policies_of(PEER6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pods=st.lists(POD, min_size=2, max_size=4), policies=st.lists(POLICY6, max_size=3, unique_by=lambda p: p.key),
+       ns_x=LBL, ns_y=LBL)
+def test_dual_stack_verdicts_match_the_reference_in_each_family(pods, policies, ns_x, ns_y):
+    """Dual-stack pods, ipBlocks of both families: the iptables chains decide IPv4 and the
+    ip6tables chains IPv6 as the API says, each family on its own (an ipBlock of one family
+    matches nothing of the other; selectors and ports mean the same in both)."""
+    for family in (4, 6):
+        info, c = make_world(pods, {"x": ns_x, "y": ns_y}, *policies, family=family, dual=True)
+        for a, b, proto, dport, got in forward_verdicts(c, info, (("tcp", 80), ("udp", 53), ("tcp", 81))):
+            want = ((a["node"] != "n1" or allowed(policies, "egress", a, b, proto, dport, b)) and
+                    (b["node"] != "n1" or allowed(policies, "ingress", b, a, proto, dport, b)))
+            assert got == ("ACCEPT" if want else "DROP"), (family, a, b, proto, dport)
+
+
+def make_world(pods, namespaces: dict, *records, family: int = 4, dual: bool = False) -> tuple[list[dict], object]:
     """Generated pods q0.. (namespace, labels, node, named ports) as reference dicts, and
-    the cluster holding them, the namespaces and `records`."""
+    the cluster holding them, the namespaces and `records`.  dual: every pod has an IPv4
+    and an IPv6 address, and "ip" in the dicts is the one of `family`."""
     info, recs = [], []
     for i, (ns, labels, node, ports) in enumerate(pods):
-        ip = f"10.0.{i % 2}.{i + 2}"
-        recs.append(pod(ns, f"q{i}", ip, node=node, labels=labels, ports=tuple(ports)))
+        ip4, ip6 = f"10.0.{i % 2}.{i + 2}", f"fd00:0:0:{i % 2}::{i + 2:x}"
+        recs.append(pod(ns, f"q{i}", ip4, node=node, labels=labels, ports=tuple(ports), ip6=ip6 if dual else ""))
+        ip = ip6 if family == 6 else ip4
         info.append({"ns": ns, "labels": labels, "node": node, "ip": ip, "ports": ports, "key": f"{ns}/q{i}",
                      "iface": iface_of(ns, f"q{i}"),
                      "ns_labels": {**namespaces[ns], "kubernetes.io/metadata.name": ns}})
