@@ -97,7 +97,7 @@ def labels_of(d: dict[str, str] | None) -> Labels:
 
 # --- cluster objects --------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Namespace:
     name: str
     labels: Labels = ()
@@ -107,14 +107,14 @@ class Namespace:
         return self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NamedPort:
     name: str
     port: int
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
     """A pod as the API server (or tortiectl in etcd mode) describes it."""
 
@@ -134,7 +134,7 @@ class Pod:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkloadEndpoint:
     """What a CNI ADD wired on a node: written by the agent that served the ADD."""
 
@@ -151,7 +151,7 @@ class WorkloadEndpoint:
         return f"{self.node}/{self.namespace}/{self.pod}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """A pod with its network: the join of Pod and WorkloadEndpoint the calc works on."""
 
@@ -445,7 +445,7 @@ KIND_OF: dict[type, str] = {
 
 # --- syncer events ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Update:
     """A record was created or changed (value set) or deleted (value None)."""
 

@@ -48,3 +48,14 @@ def kind_of_key(prefix: str, key: str) -> str | None:
         return None
     plural = key[len(prefix) + 1:].split("/", 1)[0]
     return KIND_OF_PLURAL.get(plural)
+
+
+def record_key_of(prefix: str, kind: str, key: str) -> str:
+    """The record key (model `.key`) an etcd key of `kind` holds: object_key backwards
+    ("<prefix>/pods/ns/name" -> "ns/name"; a BlockAffinity's "10.65.1.0-26" -> its CIDR).
+    The syncer finds a deleted key's record this way instead of keeping every key."""
+    name = key[len(prefix) + len(PLURAL[kind]) + 2:]
+    if kind == "BlockAffinity":
+        net, _, bits = name.rpartition("-")
+        return f"{net}/{bits}"
+    return name

@@ -11,7 +11,7 @@ from felix_agent.model import NamedPort, Namespace, Node, Pod
 from felix_agent.datastore.convert.common import (
     ANN_AS, ANN_IPIP_ADDR, ANN_IPV4, ANN_IPV6, ANN_RR_CLUSTER, ANN_VXLAN_ADDR, ANN_VXLAN_MAC,
     ANN_VXLAN_ADDR6, ANN_VXLAN_MAC6,
-    LAST_APPLIED, MAX_AS, PROTOCOLS, Ctx, MAC_RE, meta_of, k8s_obj,
+    LAST_APPLIED, MAX_AS, PROTOCOLS, Ctx, MAC_RE, meta_of, k8s_obj, shared,
 )
 
 def namespace_from_k8s(ctx: Ctx, obj: dict) -> Namespace:
@@ -55,8 +55,8 @@ def pod_from_k8s(ctx: Ctx, obj: dict) -> Pod:
     return Pod(
         namespace=ns, name=name,
         labels=ctx.labels(meta.get("labels"), "metadata.labels"),
-        node=ctx.string(spec.get("nodeName"), "spec.nodeName"),
-        ips=tuple(ips), ports=tuple(ports),
+        node=shared(ctx.string(spec.get("nodeName"), "spec.nodeName")),
+        ips=tuple(ips), ports=shared(tuple(ports)),
         annotations=model.labels_of({str(k): str(v) for k, v in annotations.items()}),
         host_network=ctx.boolean(spec.get("hostNetwork"), "spec.hostNetwork"),
         uid=ctx.string(meta.get("uid"), "metadata.uid"),

@@ -7,7 +7,7 @@ import ipaddress
 
 from felix_agent import model
 from felix_agent.model import BGPPeer, BlockAffinity, IPPool, WorkloadEndpoint
-from felix_agent.datastore.convert.common import MAX_AS, POOL_MODES, Ctx, MAC_RE, k8s_obj
+from felix_agent.datastore.convert.common import MAX_AS, POOL_MODES, Ctx, MAC_RE, k8s_obj, shared
 
 def _own_spec(ctx: Ctx, obj: dict, fields: tuple[str, ...]) -> tuple[str, dict, dict]:
     ctx.mapping(obj, "", ("apiVersion", "kind", "metadata", "spec"))
@@ -87,7 +87,7 @@ def workload_endpoint_from_k8s(ctx: Ctx, obj: dict) -> WorkloadEndpoint:
         raise ctx.fail("spec.mac", f"{mac!r} is not a MAC address")
     ips = tuple(ctx.address(ip, f"spec.ips[{i}]")
                 for i, ip in enumerate(ctx.sequence(spec.get("ips"), "spec.ips")))
-    return WorkloadEndpoint(namespace=ns, pod=pod, node=node,
+    return WorkloadEndpoint(namespace=shared(ns), pod=pod, node=shared(node),
                             container_id=ctx.string(spec.get("containerID"), "spec.containerID"),
                             iface=ctx.string(spec.get("iface"), "spec.iface"), ips=ips,
                             mac=mac.lower())

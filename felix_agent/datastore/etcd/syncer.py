@@ -41,7 +41,6 @@ class EtcdSyncer:
         self.backoff = backoff or Backoff(initial=0.2, maximum=3.0)
         self.after_list = after_list
         self.lists = 0  # how many times the prefix was listed (initial + relists)
-        self._key_ids: dict[str, RecordId] = {}
         self._state: EmittedState | None = None
         # Keys whose value is no record: key -> (why, raw value).  Counted, shown in the
         # agent's status, and (its own endpoints) removed by the agent's publisher, which
@@ -89,7 +88,6 @@ class EtcdSyncer:
         # Page by page, each decoded and dropped before the next: only records are kept.
         revision = 0
         snapshot: dict[RecordId, Record] = {}
-        key_ids: dict[str, RecordId] = {}
         bad: dict[str, tuple[str, bytes]] = {}
         async for revision, items in self.store.list_pages():
             for key, value in items:
@@ -99,16 +97,12 @@ class EtcdSyncer:
                 rec = self._decode(key, value, kind, bad)
                 if rec is None:
                     # Keep what the consumer has for an object that turned invalid.
-                    old = self._key_ids.get(key)
-                    if old is not None and old in state.records:
+                    old = (kind, keys.record_key_of(self.store.prefix, kind, key))
+                    if old in state.records:
                         snapshot[old] = state.records[old]
-                        key_ids[key] = old
                     continue
-                rid = (kind, rec.key)
-                snapshot[rid] = rec
-                key_ids[key] = rid
+                snapshot[(kind, rec.key)] = rec
         self.lists += 1
-        self._key_ids = key_ids
         self.bad_records = bad
         state.replace(snapshot)
         state.set_in_sync(True)
@@ -193,13 +187,9 @@ class EtcdSyncer:
             return
         if ev.kind == "DELETE":
             self.bad_records.pop(key, None)
-            rid = self._key_ids.pop(key, None)
-            if rid is not None:
-                state.update(rid, None)
+            state.update((kind, keys.record_key_of(self.store.prefix, kind, key)), None)
             return
         rec = self._decode(key, ev.kv.value, kind, self.bad_records)
         if rec is None:
             return  # logged; the consumer keeps the last valid version
-        rid = (kind, rec.key)
-        self._key_ids[key] = rid
-        state.update(rid, rec)
+        state.update((kind, rec.key), rec)
