@@ -9,8 +9,11 @@ new pod did not show), and BGP sessions were only counted when someone asked /st
 """
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -94,3 +97,35 @@ def refresh_from_status(status: Callable[[], dict]) -> NodeSnapshot | None:
     IPAM_ADDRESSES.set(snap.ipam_addresses)
     BGP_SESSIONS_UP.set(snap.bgp_sessions_up)
     return snap
+
+
+Page = Callable[[str], tuple[int, str, bytes]]  # query string -> (HTTP status, content type, body)
+
+
+def json_page(ok: bool, doc: dict) -> tuple[int, str, bytes]:
+    """A probe's answer: 200 or 503, and the JSON document that says why."""
+    return 200 if ok else 503, "application/json", (json.dumps(doc, default=str) + "\n").encode()
+
+
+def serve_pages(host: str, port: int, pages: dict[str, Page]) -> ThreadingHTTPServer:
+    """GET path?query -> pages[path](query) over HTTP from a daemon thread (the agent's and the
+    fan-out's /metrics and probes): answered even while the event loop is stuck, which
+    is what a liveness probe must see."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path, _, query = self.path.partition("?")
+            page = pages.get(path)
+            code, ctype, body = page(query) if page is not None else (404, "text/plain", b"not found\n")
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # probes every few seconds would flood the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http-pages", daemon=True).start()
+    return server

@@ -10,11 +10,10 @@ from the /status document (see metrics.refresh_from_status).
 from __future__ import annotations
 
 import json
-import threading
 import urllib.parse
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -90,48 +89,32 @@ def serve(health: Health, host: str, port: int, status=None, flows=None) -> Thre
     """`status` is a callable returning a JSON-able dict, served at /status (tortiectl status);
     `flows` the flow log's document (agent/flows.py FlowLog.document), served at /flows
     with the query ?denied=1&namespace=NS&since=SEQ (tortiectl flows)."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            path = self.path.split("?")[0]
-            if path == "/metrics":
-                if status is not None:
-                    metrics.refresh_from_status(status)  # node-state gauges read now, not when last changed
-                body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
-            elif path == "/status" and status is not None:
-                body, ctype, code = (json.dumps(status(), default=str) + "\n").encode(), "application/json", 200
-            elif path == "/flows":
-                body, ctype, code = _flows_body(flows, self.path.partition("?")[2])
-            elif path in ("/livez", "/readyz"):
-                ok = health.live if path == "/livez" else health.ready
-                body = (json.dumps(health.report()) + "\n").encode()
-                ctype, code = "application/json", 200 if ok else 503
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def scrape(_query: str) -> tuple[int, str, bytes]:
+        if status is not None:
+            metrics.refresh_from_status(status)  # node-state gauges read now, not when last changed
+        return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
 
-        def log_message(self, *args):  # probes every few seconds would flood the log
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="health-http", daemon=True).start()
-    return server
+    pages: dict[str, metrics.Page] = {
+        "/metrics": scrape,
+        "/livez": lambda _q: metrics.json_page(health.live, health.report()),
+        "/readyz": lambda _q: metrics.json_page(health.ready, health.report()),
+        "/flows": lambda query: _flows_body(flows, query),
+    }
+    if status is not None:
+        pages["/status"] = lambda _q: (200, "application/json", (json.dumps(status(), default=str) + "\n").encode())
+    return metrics.serve_pages(host, port, pages)
 
 
-def _flows_body(flows, query: str) -> tuple[bytes, str, int]:
+def _flows_body(flows, query: str) -> tuple[int, str, bytes]:
     if flows is None:
         doc = {"flows": [], "seq": 0, "flow_logs": {"state": "off", "reason": "flow_logs is not set in the "
                                                                            "agent's config"}}
-        return (json.dumps(doc) + "\n").encode(), "application/json", 200
+        return 200, "application/json", (json.dumps(doc) + "\n").encode()
     q = urllib.parse.parse_qs(query)
     try:
         since = int(q.get("since", ["0"])[0])
     except ValueError:
-        return b"since: not a number\n", "text/plain", 400
+        return 400, "text/plain", b"since: not a number\n"
     doc = flows(denied=q.get("denied", [""])[0] in ("1", "true"), namespace=q.get("namespace", [""])[0],
                 since=since)
-    return (json.dumps(doc) + "\n").encode(), "application/json", 200
+    return 200, "application/json", (json.dumps(doc) + "\n").encode()

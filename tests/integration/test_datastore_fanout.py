@@ -17,6 +17,8 @@ import json
 import socket
 import struct
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -256,3 +258,34 @@ def test_an_agent_of_another_protocol_version_stays_unready_with_the_reason(api,
             assert rec.state == {}
     run(body())
     assert fanout.metrics()["tortie_fanout_refused_total"] >= 2
+
+
+def probe(f: Fanout, path: str) -> tuple[int, dict]:
+    """(HTTP status, JSON document) of one of the fan-out's probes."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{f.metrics_port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_readyz_follows_the_api_watch_and_livez_the_event_loop(api, tmp_path):
+    """Not ready while the API refuses it (it could only make agents wait), ready once its
+    watch is in sync, not ready again when the API goes away; live throughout."""
+    refused = api.kubeconfig(str(tmp_path / "refused.kubeconfig"), token="not-the-token")
+    with Fanout(refused, str(tmp_path / "refused.log")) as f:
+        time.sleep(1)  # several failed lists
+        code, doc = probe(f, "/readyz")
+        assert code == 503 and not doc["ready"] and "upstream" in doc["reasons"]
+        assert probe(f, "/livez")[0] == 200
+    api.upsert("namespaces", {"metadata": {"name": "ns1"}})
+    with Fanout(api.kubeconfig(str(tmp_path / "kubeconfig")), str(tmp_path / "fanout.log")) as f:
+        wait_for(lambda: probe(f, "/readyz")[0] == 200, timeout=30, what="ready once in sync")
+        code, doc = probe(f, "/readyz")
+        assert doc["ready"] and doc["records"] >= 1 and doc["reasons"] == {}
+        api.stop()
+        wait_for(lambda: probe(f, "/readyz")[0] == 503, timeout=30, what="not ready once the API is gone")
+        assert "upstream" in probe(f, "/readyz")[1]["reasons"]
+        assert probe(f, "/livez")[0] == 200
+        assert "tortie_fanout_in_sync 0.0" in urllib.request.urlopen(
+            f"http://127.0.0.1:{f.metrics_port}/metrics", timeout=5).read().decode()

@@ -196,6 +196,11 @@ def test_fanout_manifest_serves_agents_read_only_on_the_protocols_port(objs):
     (port,) = svc.spec.ports
     assert port.port == DEFAULT_PORT and port.target_port == "fanout"
     assert {p.name: p.container_port for p in c.ports}["fanout"] == DEFAULT_PORT
+    # The probes ask the fan-out itself (its metrics port): ready = its API watch is in sync.
+    ports = {p.name: p.container_port for p in c.ports}
+    assert ports["metrics"] == args.metrics_port
+    assert (c.readiness_probe.http_get.path, c.readiness_probe.http_get.port) == ("/readyz", "metrics")
+    assert (c.liveness_probe.http_get.path, c.liveness_probe.http_get.port) == ("/livez", "metrics")
     # What the kubelet gives the agents for this Service, and the header's set-env line.
     env = {"TORTIE_CONFIG": "", "TORTIE_DATASTORE": "kubernetes",
            "TORTIE_FANOUT_SERVICE_HOST": "10.96.0.40", "TORTIE_FANOUT_SERVICE_PORT": str(port.port),

@@ -101,7 +101,11 @@ class EtcdSyncer:
                     if old in state.records:
                         snapshot[old] = state.records[old]
                     continue
-                snapshot[(kind, rec.key)] = rec
+                rid = (kind, rec.key)
+                # A relist keeps the records the consumer has where they are unchanged, so the
+                # new copies go page by page instead of the model being held twice.
+                old = state.records.get(rid)
+                snapshot[rid] = old if old == rec else rec
         self.lists += 1
         self.bad_records = bad
         state.replace(snapshot)

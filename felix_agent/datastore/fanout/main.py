@@ -3,6 +3,9 @@ set (agents: `fanout_endpoints: host:port`). Runs until SIGTERM/SIGINT; agents c
 to it reconnect elsewhere (or to it again) with backoff and resync.
 
     tortie-fanout [--kubeconfig PATH] [--listen 0.0.0.0:5473] [--metrics-port 9098]
+
+On the metrics port: /metrics, /readyz (200 once the API watch is in sync, 503 before and
+while it is lost) and /livez (200 while its event loop turns); the probes' JSON says why.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help="host:port agents connect to "
                                                                       "(default: %(default)s)")
     ap.add_argument("--metrics-port", type=int, default=9098,
-                    help="Prometheus /metrics port on --listen's host (0: off; default: %(default)s)")
+                    help="/metrics, /readyz and /livez port on --listen's host (0: off; default: %(default)s)")
     ap.add_argument("--max-queue", type=int, default=10_000,
                     help="updates an agent may fall behind before it is disconnected to resync "
                          "(default: %(default)s)")
@@ -37,11 +40,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, host: str, port: int) -> None:
-    from felix_agent.datastore.fanout.server import FanoutServer
+    from felix_agent import metrics
+    from felix_agent.datastore.fanout.server import REGISTRY, FanoutServer
     from felix_agent.datastore.kubernetes import KubernetesSyncer
 
     server = FanoutServer(KubernetesSyncer(kubeconfig=args.kubeconfig or None), max_queue=args.max_queue,
                           ping_interval=args.ping_interval)
+    if args.metrics_port:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        def probe(what: str) -> metrics.Page:
+            return lambda _query: metrics.json_page((doc := server.health())[what], doc)
+        metrics.serve_pages(host, args.metrics_port, {
+            "/metrics": lambda _query: (200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)),
+            "/readyz": probe("ready"), "/livez": probe("live")})
     task = asyncio.create_task(server.run(host, port))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,11 +76,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tortie-fanout: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     logs.setup(args.log_level)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        from felix_agent.datastore.fanout.server import REGISTRY
-        start_http_server(args.metrics_port, host, registry=REGISTRY)
     asyncio.run(run(args, host, port))
 
 

@@ -12,13 +12,16 @@ Memory stays bounded whatever the clients do: a client's queue holds at most `ma
 frames (references to the shared frames) while its socket is full; one that falls further
 behind (a slow reader, a stopped process) is disconnected, and reconnects and resyncs from
 the snapshot. Writes wait for the socket (drain), so the transport buffers stay at asyncio's
-high-water mark. Progress is in the metrics (REGISTRY, served by `tortie-fanout --metrics-port`).
+high-water mark. Progress is in the metrics (REGISTRY, served by `tortie-fanout --metrics-port`),
+next to the probes (`health()`): ready while the upstream watch is in sync, live while the
+event loop turns.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -63,7 +66,7 @@ class _Client:
 
 class FanoutServer:
     def __init__(self, syncer: Syncer, *, max_queue: int = 10_000, ping_interval: float = 10.0,
-                 hello_timeout: float = 10.0):
+                 hello_timeout: float = 10.0, liveness_timeout: float = 60.0):
         self.syncer = syncer
         self.max_queue = max_queue
         self.ping_interval = ping_interval
@@ -73,6 +76,22 @@ class FanoutServer:
         self._status_frame = protocol.status_frame(self.status)
         self.clients: set[_Client] = set()
         self.synced_once = asyncio.Event()
+        self.liveness_timeout = liveness_timeout
+        self.last_tick = time.monotonic()  # run()'s ticker: the event loop turns
+
+    def health(self) -> dict:
+        """What /readyz and /livez answer (read from the HTTP thread).  Ready: the upstream
+        watch is in sync, so an agent that connects gets a whole snapshot (before the first
+        list it would only wait; after a lost watch it would get stale records).  Live: the
+        event loop has turned within liveness_timeout (a stuck loop serves nobody)."""
+        status, stalled = self.status, time.monotonic() - self.last_tick
+        reasons = {}
+        if not status.in_sync:
+            reasons["upstream"] = status.reason or "the first list of the API is in progress"
+        if stalled > self.liveness_timeout:
+            reasons["loop"] = f"no tick for {stalled:.0f}s"
+        return {"ready": status.in_sync, "live": stalled <= self.liveness_timeout, "clients": len(self.clients),
+                "records": len(self.snapshot), "reasons": reasons}
 
     # --- the syncer's side ---
 
@@ -124,14 +143,21 @@ class FanoutServer:
         """Listen, run the syncer, until cancelled."""
         server = await self.serve(host, port)
         sync = asyncio.create_task(self.syncer.run(self.on_event), name="syncer")
+        ticker = asyncio.create_task(self._tick(), name="ticker")
         log.info("listening", extra=kv(address=f"{host}:{port}"))
         try:
             await sync  # runs until cancelled
         finally:
             sync.cancel()
+            ticker.cancel()
             server.close()
             for c in list(self.clients):
                 c.writer.transport.abort()
+
+    async def _tick(self) -> None:
+        while True:
+            self.last_tick = time.monotonic()
+            await asyncio.sleep(1)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
