@@ -283,6 +283,7 @@ def test_readyz_follows_the_api_watch_and_livez_the_event_loop(api, tmp_path):
         wait_for(lambda: probe(f, "/readyz")[0] == 200, timeout=30, what="ready once in sync")
         code, doc = probe(f, "/readyz")
         assert doc["ready"] and doc["records"] >= 1 and doc["reasons"] == {}
+        assert set(doc) == {"ready", "live", "clients", "records", "reasons"}  # the README's example
         api.stop()
         wait_for(lambda: probe(f, "/readyz")[0] == 503, timeout=30, what="not ready once the API is gone")
         assert "upstream" in probe(f, "/readyz")[1]["reasons"]
