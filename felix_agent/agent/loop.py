@@ -58,6 +58,7 @@ class AgentLoop:
         self._beat: float | None = None  # the event loop's heartbeat (see _heartbeat)
         self._pass_since: float | None = None  # when the running dataplane pass started
         self._calc_seconds = float("inf")  # the last calc's time: the first pass goes off the loop
+        self._jumped = False  # the last pass went ahead of the queued datastore events (run_loop)
         self.status = status
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataplane")
         for name, cidr in cfg.default_pools:
@@ -138,16 +139,21 @@ class AgentLoop:
                 if self._pass_since is None and self.dataplane.bird_died():
                     self.state.generation += 1  # the next pass, incremental or not, restarts it
             timeout = max(0.0, min(next_resync, next_bird_check) - time.monotonic())
-            try:
-                first = await asyncio.wait_for(self.state.queue.get(), timeout=timeout)
-                batch = [first]
-                while not self.state.queue.empty():
-                    batch.append(self.state.queue.get_nowait())
-                for ev in batch:
-                    if ev is not None:
-                        self._handle(ev)
-            except asyncio.TimeoutError:
-                pass
+            # A CNI request waits for a pass whose change is in the model already: program it
+            # before the datastore events queued meanwhile (a burst of remote changes), which
+            # make the next pass; never twice in a row, so the watch is not starved.
+            self._jumped = not self._jumped and self.state.waited_for()
+            if not self._jumped:
+                try:
+                    first = await asyncio.wait_for(self.state.queue.get(), timeout=timeout)
+                    batch = [first]
+                    while not self.state.queue.empty():
+                        batch.append(self.state.queue.get_nowait())
+                    for ev in batch:
+                        if ev is not None:
+                            self._handle(ev)
+                except asyncio.TimeoutError:
+                    pass
             kinds = self.state.take_changed_kinds()
             if self.ipam is not None:
                 await self.ipam.follow(self.state.cluster, kinds, self.state.synced_once)

@@ -48,6 +48,7 @@ class ModelState:
         # While the calc reads the model on the dataplane thread, changes wait here (in
         # order) instead of mutating it under the calc's feet; see hold()/release().
         self._held: list[Update] | None = None
+        self._waiters = 0  # wait_programmed() calls in progress (CNI requests waiting for their pass)
 
     def inject(self, update: Update) -> None:
         metrics.DATASTORE_EVENTS.labels(kind=update.kind).inc()
@@ -83,9 +84,18 @@ class ModelState:
         return kinds
 
     async def wait_programmed(self, generation: int, timeout: float = 30.0) -> None:
-        async with self._applied:
-            await asyncio.wait_for(
-                self._applied.wait_for(lambda: self.applied_generation >= generation), timeout)
+        self._waiters += 1
+        try:
+            async with self._applied:
+                await asyncio.wait_for(
+                    self._applied.wait_for(lambda: self.applied_generation >= generation), timeout)
+        finally:
+            self._waiters -= 1
+
+    def waited_for(self) -> bool:
+        """Someone (a CNI request) waits for a pass and the model has changes not programmed
+        yet: the loop programs them before taking in more datastore events."""
+        return self._waiters > 0 and self.generation != self.applied_generation
 
     async def programmed(self, generation: int) -> None:
         """A dataplane pass that includes `generation` has completed."""

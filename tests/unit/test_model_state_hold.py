@@ -25,3 +25,21 @@ def test_changes_during_a_hold_wait_and_land_in_order():
     assert "Pod" in st.take_changed_kinds()
     st.inject(upd(Pod("a", "db")))  # released: applied at once again
     assert "a/db" in st.cluster.pods
+
+
+def test_a_waiting_request_makes_the_loop_program_before_taking_more_events():
+    """waited_for(): a CNI request waits for a change already in the model, so the loop runs
+    that pass before it drains a burst of queued datastore events (AgentLoop.run_loop)."""
+    import asyncio
+
+    async def go():
+        st = ModelState()
+        st.inject(upd(Pod("a", "web")))
+        assert not st.waited_for()  # a change, but nobody waits for it
+        waiter = asyncio.create_task(st.wait_programmed(st.generation))
+        await asyncio.sleep(0)
+        assert st.waited_for()
+        await st.programmed(st.generation)
+        await waiter
+        assert not st.waited_for()  # programmed, and the waiter is gone
+    asyncio.run(go())
