@@ -83,11 +83,11 @@ def test_decided_by_names_tier_policy_and_rule():
 
 def test_the_flows_route_says_off_and_refuses_a_bad_cursor():
     from felix_agent.agent.health import _flows_body
-    body, _, code = _flows_body(None, "")
+    code, _, body = _flows_body(None, "")
     assert code == 200 and b'"state": "off"' in body
     fl = FlowLog(20, 10, opener=lambda group, netns: None)  # never started: nothing read
-    assert _flows_body(fl.document, "since=x")[2] == 400
-    body, _, code = _flows_body(fl.document, "denied=1&namespace=x&since=0")
+    assert _flows_body(fl.document, "since=x")[0] == 400
+    code, _, body = _flows_body(fl.document, "denied=1&namespace=x&since=0")
     assert code == 200 and b'"flows": []' in body
 
 
