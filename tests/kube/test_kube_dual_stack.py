@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from tests.kube.cluster import KubeLab, leftovers, run, wait_for
-from tests.kube.test_kube_e2e import ROOT_SYSCTLS, connects, pod, root_state
+from tests.kube.cluster import KubeLab, run, wait_for
+from tests.kube.test_kube_e2e import connects, pod, root_state, up_and_clean
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
               pytest.mark.timeout(900)]
@@ -22,20 +22,8 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs r
 
 @pytest.fixture(scope="module")
 def ds_lab():
-    before = root_state()
-    six = {k: run(["sysctl", "-n", k], check=False).stdout.strip()
-           for k in ("net.ipv6.conf.all.forwarding", "net.ipv6.conf.default.forwarding")}
-    k = KubeLab(dual_stack=True)
-    try:
-        k.up()
-        yield k
-    finally:
-        k.down()
-    assert leftovers(k.prefix) == []
-    after = root_state()
-    assert {key: after[key] for key in before} == before, "the root namespace changed"
-    assert {k_: run(["sysctl", "-n", k_], check=False).stdout.strip() for k_ in six} == six
-    assert ROOT_SYSCTLS  # the IPv4 ones are in root_state
+    # root_state() holds the IPv6 forwarding sysctls too
+    yield from up_and_clean(KubeLab(dual_stack=True), root_state())
 
 
 def families(addrs) -> dict[int, str]:

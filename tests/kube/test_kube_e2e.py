@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs r
               pytest.mark.timeout(900)]  # the first test also brings the cluster up
 
 ROOT_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward", "kernel.hostname",
+                "net.ipv6.conf.all.forwarding", "net.ipv6.conf.default.forwarding",
                 "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "vm.panic_on_oom")
 
 
@@ -40,9 +41,9 @@ def root_before():
     return root_state()
 
 
-@pytest.fixture(scope="session")
-def lab(root_before):
-    k = KubeLab(**({"prefix": os.environ["KUBE_LAB_PREFIX"]} if os.environ.get("KUBE_LAB_PREFIX") else {}))
+def up_and_clean(k: KubeLab, root_before: dict):
+    """A fixture's body: `k` up for the tests, then down, leaving nothing and the root
+    namespace as it was."""
     try:
         k.up()
         yield k
@@ -52,6 +53,12 @@ def lab(root_before):
     after = root_state()
     changed = {key: (root_before[key], after[key]) for key in root_before if root_before[key] != after[key]}
     assert not changed, f"the root namespace changed: {changed}"
+
+
+@pytest.fixture(scope="session")
+def lab(root_before):
+    yield from up_and_clean(KubeLab(**({"prefix": os.environ["KUBE_LAB_PREFIX"]}
+                                       if os.environ.get("KUBE_LAB_PREFIX") else {})), root_before)
 
 
 def pod(lab: KubeLab, name: str, node: str, labels: dict | None = None, ns: str = "default") -> dict:
