@@ -45,6 +45,7 @@ password file.  The rendered text, the plan, logs and status therefore only ever
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -102,26 +103,53 @@ def sessions(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], me:
     mine = next((n for n in nodes if n.name == me), None)
     if mine is None:
         raise ValueError(f"node {me!r} is unknown or has no IPv{version} address; cannot render BGP")
-    my_as = mine.as_number or default_as
-    reflectors = {n.name for n in nodes if n.route_reflector_cluster_id}
-    if me in reflectors:
-        _cluster_id(mine)  # a bad cluster id fails here, before any text is made
+    reflectors = frozenset(n.name for n in nodes if n.route_reflector_cluster_id)
+    check_reflector(mine, reflectors)
     out: dict[str, Session] = {}
     for n in nodes:
-        if n.name == me:
-            continue
-        ip = ip_address(n.address_of(version), f"node {n.name}", version)
-        peer_as = n.as_number or default_as
-        if not reflectors:
-            name = protocol_name("Mesh", ip)
-        elif me in reflectors or n.name in reflectors:
-            name = protocol_name("Node", ip)
-        else:
-            continue  # two non-reflectors never peer directly
-        rr_client = me in reflectors and n.name not in reflectors and peer_as == my_as
-        out[ip] = Session(name, ip, peer_as, rr_client=rr_client,
-                          multihop=peer_as != my_as and not same_subnet(mine, n, version),
-                          password_file=mesh_password_file)
+        s = node_session(n, mine, reflectors, default_as=default_as, mesh_password_file=mesh_password_file,
+                         version=version)
+        if s is not None:
+            out[s.peer_ip] = s
+    return with_peer_sessions(out, peers, mine, default_as=default_as, version=version)
+
+
+def check_reflector(mine: Node, reflectors: frozenset[str]) -> None:
+    """A reflector's bad cluster id fails here, before any text is made."""
+    if mine.name in reflectors:
+        _cluster_id(mine)
+
+
+def node_session(n: Node, mine: Node, reflectors: frozenset[str], *, default_as: int = DEFAULT_AS,
+                 mesh_password_file: str = "", version: int = 4) -> Session | None:
+    """The session of IP version `version` `mine` opens to node `n` (None: none, e.g. two
+    non-reflectors, n is mine, or n has no address of that version); ValueError when n's
+    address is not of that version.  `reflectors`: the names of the nodes with an address
+    of that version and a route_reflector_cluster_id."""
+    if n.name == mine.name or not n.address_of(version):
+        return None
+    ip = ip_address(n.address_of(version), f"node {n.name}", version)
+    my_as = mine.as_number or default_as
+    peer_as = n.as_number or default_as
+    if not reflectors:
+        name = protocol_name("Mesh", ip)
+    elif mine.name in reflectors or n.name in reflectors:
+        name = protocol_name("Node", ip)
+    else:
+        return None  # two non-reflectors never peer directly
+    rr_client = mine.name in reflectors and n.name not in reflectors and peer_as == my_as
+    return Session(name, ip, peer_as, rr_client=rr_client,
+                   multihop=peer_as != my_as and not same_subnet(mine, n, version),
+                   password_file=mesh_password_file)
+
+
+def with_peer_sessions(by_ip: Mapping[str, Session], peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], mine: Node,
+                       *, default_as: int = DEFAULT_AS, version: int = 4) -> list[Session]:
+    """The node sessions (peer IP -> session) and the BGPPeer ones of `mine` of IP version
+    `version`, sorted by name."""
+    me = mine.name
+    my_as = mine.as_number or default_as
+    out = dict(by_ip)
     for p in sorted(records(peers), key=lambda p: p.name):
         if p.node not in ("", me):
             continue
@@ -153,11 +181,12 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
                 uplink: str = "eth0", default_as: int = DEFAULT_AS,
                 local_route: str = "blackhole", mesh_password_file: str = "",
                 secrets_dir: str = "", sess: list[Session] | None = None,
-                by_node: ByNode | None = None, sess6: list[Session] | None = None) -> str:
+                by_node: ByNode | None = None, sess6: list[Session] | None = None,
+                far: list[Node] | None = None) -> str:
     """The bird2 configuration text for node `me` (see the module doc).  Raises
     ValueError for input that cannot make a valid config (unknown node, non-IPv4
     address, bad cluster id, out-of-range port).  `sess` and `by_node`: sessions() and
-    blocks_by_node() of the same input, when the caller has them already; `sess6` the
+    blocks_by_node() of the same input, when the caller has them already (`far`: far_nodes()); `sess6` the
     IPv6 sessions (computed when None and IPv6 bgp pools exist and I have an IPv6 address)."""
     if local_route not in ("blackhole", "unreachable"):
         raise ValueError(f"local_route must be blackhole or unreachable, not {local_route!r}")
@@ -191,12 +220,13 @@ def bird_config(nodes: Nodes, peers: Iterable[BGPPeer] | Mapping[str, BGPPeer], 
     w("")
     w("protocol device { scan time 10; }")
     if mine.address:
-        _family(w, 4, nodes, pools, by_node, mine, sess, uplink, default_as, local_route, listen_port, secrets_dir)
+        _family(w, 4, nodes, pools, by_node, mine, sess, uplink, default_as, local_route, listen_port, secrets_dir,
+                far)
     if sess6 or wants_ipv6(pools, mine):
         w("")
         w("# ---- IPv6: sessions between the nodes' IPv6 addresses (see the module doc) ----")
         _family(w, 6, nodes, pools, by_node, mine, sess6, uplink, default_as, local_route, listen_port,
-                secrets_dir)
+                secrets_dir, [])
     return "\n".join(L) + "\n"
 
 
@@ -216,7 +246,8 @@ def router_id(node: Node) -> str:
 
 
 def _family(w, version: int, nodes: list[Node], pools: list, by_node: ByNode, mine: Node, sess: list[Session],
-            uplink: str, default_as: int, local_route: str, listen_port: int, secrets_dir: str) -> None:
+            uplink: str, default_as: int, local_route: str, listen_port: int, secrets_dir: str,
+            far: list[Node] | None) -> None:
     """The protocols, filters, template and sessions of one IP version."""
     x = SUFFIX[version]
     ch = f"ipv{version}"
@@ -244,13 +275,14 @@ def _family(w, version: int, nodes: list[Node], pools: list, by_node: ByNode, mi
     for c in my_blocks:
         w(f"  route {c} {local_route};")
     w("}")
-    far = [n for n in nodes if n.name != me and n.address and not same_subnet(mine, n)]
+    if by_mode["ipip"] and far is None:
+        far = far_nodes(nodes, mine)
     if by_mode["ipip"] and far:
         w("")
         w("# Nodes behind a router: device routes so their next hops resolve (ipip carries them).")
         w(f"protocol static {NEXTHOP_PROTOCOL} {{")
         w("  ipv4;")
-        for n in sorted(far, key=lambda n: ipaddress.ip_address(n.address)):
+        for n in far:
             w(f'  route {n.address}/32 via "{uplink}";')
         w("}")
     w("")
@@ -300,15 +332,28 @@ def _family(w, version: int, nodes: list[Node], pools: list, by_node: ByNode, mi
     w("  graceful restart on;  # peers keep my routes while my BIRD restarts")
     w(f"  {ch} {{ import filter tortie_bgp_import{x}; export filter tortie_bgp_export{x}; }};")
     w("}")
+    cid = _cluster_id(mine) if reflector and any(s.rr_client for s in sess) else ""
     for s in sess:
-        w("")
-        w(f"protocol bgp {s.name} from tortie_peer{x} {{")
-        w(f"  neighbor {s.peer_ip} port {listen_port} as {s.peer_as};")
-        if s.multihop:
-            w("  multihop;")
-        if s.rr_client:
-            w("  rr client;")
-            w(f"  rr cluster id {_cluster_id(mine)};")
-        if s.password_file:
-            w(f'  include "{password_include(secrets_dir, s.name)}";  # password from {s.password_file}')
-        w("}")
+        w(_session_text(s, x, listen_port, cid, secrets_dir))
+
+
+def far_nodes(nodes: Iterable[Node], mine: Node) -> list[Node]:
+    """The other nodes whose IPv4 address is behind a router (not on my subnet), by address."""
+    far = [n for n in nodes if n.name != mine.name and n.address and not same_subnet(mine, n)]
+    return sorted(far, key=lambda n: ipaddress.ip_address(n.address))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _session_text(s: Session, x: str, listen_port: int, cluster_id: str, secrets_dir: str) -> str:
+    # Cached: a full mesh of 5,000 nodes renders 5,000 of these every time any node changes.
+    L = ["", f"protocol bgp {s.name} from tortie_peer{x} {{",
+         f"  neighbor {s.peer_ip} port {listen_port} as {s.peer_as};"]
+    if s.multihop:
+        L.append("  multihop;")
+    if s.rr_client:
+        L.append("  rr client;")
+        L.append(f"  rr cluster id {cluster_id};")
+    if s.password_file:
+        L.append(f'  include "{password_include(secrets_dir, s.name)}";  # password from {s.password_file}')
+    L.append("}")
+    return "\n".join(L)

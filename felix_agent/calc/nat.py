@@ -90,15 +90,17 @@ def pool_sets(pools: Iterable[IPPool], nodes: Iterable[Node], errors: list[str])
         all_pools.update(nets)
         if p.nat_outgoing:
             masq.update(nets)
-    hosts: set[str] = set()
-    for n in nodes:
-        for ip in ipv4_addresses([n.address, n.vxlan_tunnel_addr, n.ipip_tunnel_addr]):
-            hosts.add(ip)
+    hosts = {ip for n in nodes for ip in node_hosts(n)}
     return {
         ALL_POOLS_SET: IpSet(ALL_POOLS_SET, frozenset(all_pools)),
         MASQ_POOLS_SET: IpSet(MASQ_POOLS_SET, frozenset(masq)),
         ALL_HOSTS_SET: IpSet(ALL_HOSTS_SET, frozenset(hosts)),
     }
+
+
+def node_hosts(n: Node) -> list[str]:
+    """A node's members of the all-hosts set: its address and tunnel addresses."""
+    return ipv4_addresses([n.address, n.vxlan_tunnel_addr, n.ipip_tunnel_addr])
 
 
 def nat_chains(local_endpoints: Sequence[Endpoint], pools: Iterable[IPPool], errors: list[str]) -> Chains:

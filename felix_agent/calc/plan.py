@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from felix_agent.calc import routes as route_calc
-from felix_agent.calc.bird_conf import bird_config, password_include, sessions, wants_ipv6
+from felix_agent.calc.bird_conf import bird_config, password_include, wants_ipv6
 from felix_agent.calc.cluster import Cluster
-from felix_agent.calc.desired import DesiredState, Route
+from felix_agent.calc.desired import DesiredState
 from felix_agent.calc.filter import CalcConfig, dataplane_state
 from felix_agent.calc.flowlog import FlowLogConfig
 from felix_agent.calc.incremental import IncrementalCalc
 from felix_agent.calc.nat import nat6_state
+from felix_agent.calc.node_routing import FullRouting, NodeRouting
 from felix_agent.model import DEFAULT_AS
 
 ROUTING_KINDS = ("Node", "IPPool", "BlockAffinity", "BGPPeer")
@@ -92,6 +93,7 @@ class Planner:
         self.calc_config = config.calc
         self.policy_calc = IncrementalCalc(self.calc_config)
         self._routing: tuple[Cluster, tuple[int, ...], Plan] | None = None  # (cluster, versions, plan)
+        self.node_routing = node_routing(config)  # the routing calc's per-node parts
         self._stale = False  # set by rebuild() (the dataplane thread), read by plan()
 
     def plan(self, cluster: Cluster, full: bool = False) -> Plan:
@@ -99,11 +101,12 @@ class Planner:
         which `cross_check` recomputes the policy state from scratch (on another thread)."""
         if self._stale:
             self.policy_calc, self._stale = IncrementalCalc(self.calc_config), False
+            self.node_routing, self._routing = node_routing(self.config), None
         errors: list[str] = []
         state = self.policy_calc.state(cluster, errors)
         key = cluster.versions(*ROUTING_KINDS)
         if self._routing is None or self._routing[0] is not cluster or self._routing[1] != key:
-            self._routing = (cluster, key, routing_plan(cluster, self.config))
+            self._routing = (cluster, key, routing_plan(cluster, self.config, self.node_routing))
         routing = self._routing[2]
         state.routes = routing.state.routes
         add_chains6(state, routing.state)
@@ -128,50 +131,62 @@ def add_chains6(state: DesiredState, routing: DesiredState) -> None:
     state.hooks6 = state.hooks6 + tuple(h for h in routing.hooks6 if h not in state.hooks6)
 
 
-def cross_check(plan: Plan, config: CalcConfig) -> list[str]:
+def cross_check(plan: Plan, config: CalcConfig, routing: PlanConfig | None = None) -> list[str]:
     """The full calc on the plan's snapshot.  Where the incremental result differs, the
-    full one replaces it in `plan`; returns the differing chains and sets (empty: agreed)."""
-    want = dataplane_state(plan.check, config, [])
-    plan.check = None
+    full one replaces it in `plan`; returns the differing chains and sets (empty: agreed).
+    With `routing` (the Planner's config) the routing part is recomputed from scratch and
+    compared too ("routing" among the differences)."""
+    snapshot, plan.check = plan.check, None
+    want = dataplane_state(snapshot, config, [])
     st = plan.state
+    bad: list[str] = []
+    if routing is not None:
+        full = routing_plan(snapshot, routing)
+        if _routing_of(full) != _routing_of(plan):
+            bad.append("routing")
+            plan.vxlan, plan.vxlan6, plan.bird_conf = full.vxlan, full.vxlan6, full.bird_conf
+            plan.ipip_addr, plan.bird_secrets, st.routes = full.ipip_addr, full.bird_secrets, full.state.routes
     # ip6tables: only the tables the policy calc renders (the routing part adds IPv6 nat)
     mine6 = {t: st.chains6.get(t, {}) for t in want.chains6}
     if (want.chains, want.hooks, want.ipsets, want.chains6) == (st.chains, st.hooks, st.ipsets, mine6):
-        return []
-    bad = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
+        return bad
+    differ = sorted({n for n in set(want.ipsets) | set(st.ipsets) if want.ipsets.get(n) != st.ipsets.get(n)} |
                  {f"{'ip6tables ' if v6 else ''}{c}" for v6, (w, h, tables) in enumerate((
                      (want.chains, st.chains, ("filter", "nat")), (want.chains6, mine6, tuple(want.chains6))))
                   for t in tables for c in set(w.get(t, {})) | set(h.get(t, {}))
                   if w.get(t, {}).get(c) != h.get(t, {}).get(c)})
     st.chains, st.hooks, st.ipsets = want.chains, want.hooks, want.ipsets
     st.chains6 = {**st.chains6, **want.chains6}
-    return bad or ["hooks"]
+    return bad + (differ or ["hooks"])
 
 
-def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
+def _routing_of(plan: Plan) -> tuple:
+    # (the IPv6 nat chains are made from scratch every pass, from the nodes and pools)
+    return plan.state.routes, plan.vxlan, plan.vxlan6, plan.bird_conf, plan.ipip_addr, plan.bird_secrets
+
+
+def routing_plan(cluster: Cluster, cfg: PlanConfig, kept: NodeRouting | None = None) -> Plan:
     """Routes, tunnels and BIRD's config: the part of a Plan that nodes, pools, blocks and
-    peers decide."""
+    peers decide.  `kept`: the per-node parts of the previous passes (node_routing.py),
+    brought up to date; without it everything is computed from scratch (the cross-check)."""
+    nr: NodeRouting | FullRouting = kept if kept is not None else node_routing(cfg, FullRouting)
+    nr.update(cluster)
     errors: list[str] = []
-    pools, blocks = cluster.pools, cluster.block_affinities
-    nodes = route_calc.with_own_prefix(cluster.nodes, cfg.node, cfg.node_ip, cfg.node_ip6)
-    # once a pass (5,000 nodes' blocks); deriving VTEPs leaves names and pod CIDRs as they are
-    by_node = route_calc.blocks_by_node(nodes, blocks)
-    if cfg.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in pools.values()):
-        nodes = {n.name: n for n in route_calc.with_derived_vteps(nodes, pools, blocks, by_node)}
+    pools, blocks, nodes, by_node = cluster.pools, cluster.block_affinities, nr.nodes, nr.by_node
     state = DesiredState()
-    state.routes = (route_calc.remote_routes(nodes, pools, blocks, cfg.node, uplink=cfg.uplink, by_node=by_node)
+    state.routes = (nr.remote_routes()
                     | route_calc.local_block_routes(nodes, pools, blocks, cfg.node, by_node=by_node))
     enabled = [p for p in pools.values() if not p.disabled]
     plan = Plan(state=state, errors=errors, modes=tuple(sorted({p.mode for p in enabled})),
                 families=tuple(sorted({route_calc.version_of(p.cidr) for p in enabled})),
-                warnings=off_subnet_warnings(cluster, nodes, cfg.node, by_node))
+                warnings=off_subnet_warnings(cluster, nr))
     state.chains6, state.hooks6 = nat6_state(pools.values(), nodes.values())
     if "vxlan" in plan.modes:
         for version in (4, 6):
             block = route_calc.tunnel_block(nodes, pools, blocks, cfg.node, "vxlan", by_node, version)
             if block:
                 addr, mac = route_calc.vtep_for(cfg.node, block)
-                fdb, neigh = route_calc.vxlan_peers(nodes, pools, cfg.node, version)
+                fdb, neigh = nr.vxlan_peers(version)
                 wanted = VxlanWanted(addr, mac, fdb, neigh, version)
                 if version == 4:
                     plan.vxlan = wanted
@@ -186,25 +201,28 @@ def routing_plan(cluster: Cluster, cfg: PlanConfig) -> Plan:
     if cfg.bird and me is not None and (me.address or me.address6) and plan.wants_bird:
         try:
             # an IPv6-only node has IPv6 sessions only
-            sess = sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
-                            mesh_password_file=cfg.bgp_password_file) if me.address else []
-            sess6 = (sessions(nodes, cluster.bgp_peers, cfg.node, default_as=cfg.default_as,
-                              mesh_password_file=cfg.bgp_password_file, version=6)
-                     if wants_ipv6(pools.values(), me) else [])
+            sess = nr.sessions(cluster.bgp_peers) if me.address else []
+            sess6 = nr.sessions(cluster.bgp_peers, 6) if wants_ipv6(pools.values(), me) else []
             plan.bird_conf = bird_config(nodes, cluster.bgp_peers, pools, blocks, cfg.node,
                                          uplink=cfg.uplink, default_as=cfg.default_as,
                                          mesh_password_file=cfg.bgp_password_file,
-                                         secrets_dir=cfg.secrets_dir, sess=sess, by_node=by_node, sess6=sess6)
+                                         secrets_dir=cfg.secrets_dir, sess=sess, by_node=by_node, sess6=sess6,
+                                         far=nr.far_nodes())
             plan.bird_secrets = {password_include(cfg.secrets_dir, s.name): s.password_file
                                  for s in sess + sess6 if s.password_file}
         except ValueError as e:
             errors.append(f"BIRD config: {e}")
     if plan.bird_conf is not None:
-        state.routes = frozenset(r for r in state.routes if not _ipip_remote(r, pools))
+        state.routes = state.routes - nr.ipip_routes()
     return plan
 
 
-def off_subnet_warnings(cluster: Cluster, nodes, me: str, by_node=None) -> tuple[PlanWarning, ...]:
+def node_routing(cfg: PlanConfig, kind=NodeRouting):
+    return kind(cfg.node, uplink=cfg.uplink, node_ip=cfg.node_ip, node_ip6=cfg.node_ip6,
+                derive_vteps=cfg.derive_vteps, default_as=cfg.default_as, mesh_password_file=cfg.bgp_password_file)
+
+
+def off_subnet_warnings(cluster: Cluster, nr: NodeRouting | FullRouting) -> tuple[PlanWarning, ...]:
     """Which nodes' pods this node cannot reach because they sit behind a router and their
     pool does not encapsulate.  With explicit BGP peers (a ToR that routes the blocks)
     bgp mode can work across subnets: no warning then."""
@@ -213,7 +231,7 @@ def off_subnet_warnings(cluster: Cluster, nodes, me: str, by_node=None) -> tuple
         why["bgp"] = "BGP routes with a next hop behind a router are not installed"
     out = []
     for mode, reason in why.items():
-        far = route_calc.off_subnet_nodes(nodes, cluster.pools, cluster.block_affinities, me, mode, by_node)
+        far = nr.off_subnet_nodes(mode)
         if far:
             out.append(PlanWarning(
                 f"off-subnet/{mode}",
@@ -222,10 +240,3 @@ def off_subnet_warnings(cluster: Cluster, nodes, me: str, by_node=None) -> tuple
                 (("mode", mode), ("nodes", ",".join(far)), ("reason", reason))))
     return tuple(out)
 
-
-def _ipip_remote(r: Route, pools) -> bool:
-    """A unicast route to a block of an ipip pool (BIRD's to program when it runs)."""
-    if r.type != "unicast":
-        return False
-    pool = route_calc.pool_for(r.dst, pools)
-    return pool is not None and pool.mode == "ipip"

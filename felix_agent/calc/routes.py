@@ -208,24 +208,33 @@ def remote_routes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, *, uplink
     mine = by_name.get(me)
     if mine is None:
         return frozenset()  # my own Node record is not known yet: nothing is safe to route
-    pools = records(pools)
+    pools = tuple(records(pools))
     routes: set[Route] = set()
     for name, cidrs in grouped(nodes, blocks, by_node).items():
-        if name == me:
-            continue
-        peer = by_name[name]
-        near = {4: same_subnet(mine, peer, 4), 6: same_subnet(mine, peer, 6)}
-        for cidr in cidrs:
-            version = version_of(cidr)
-            if not peer.address_of(version):
-                continue
-            pool = pool_for(cidr, pools)
-            if pool is None:
-                continue
-            r = _route_for(cidr, pool, peer, near[version], uplink, version)
-            if r is not None:
-                routes.add(r)
+        if name != me:
+            routes.update(node_routes(by_name[name], cidrs, mine, pools, uplink))
     return frozenset(routes)
+
+
+def node_routes(peer: Node, cidrs: Iterable[str], mine: Node, pools: tuple[IPPool, ...],
+                uplink: str = DEFAULT_UPLINK) -> list[Route]:
+    """The routes to one remote node's blocks of both families (remote_routes, node by
+    node: the incremental routing calc redoes only the nodes that changed)."""
+    near: dict[int, bool] = {}
+    out = []
+    for cidr in cidrs:
+        version = version_of(cidr)
+        if not peer.address_of(version):
+            continue
+        pool = _pool_for(cidr, pools)
+        if pool is None:
+            continue
+        if version not in near:
+            near[version] = same_subnet(mine, peer, version)
+        r = _route_for(cidr, pool, peer, near[version], uplink, version)
+        if r is not None:
+            out.append(r)
+    return out
 
 
 def _route_for(cidr: str, pool: IPPool, peer: Node, near: bool, uplink: str, version: int = 4) -> Route | None:
@@ -258,16 +267,24 @@ def off_subnet_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: 
     mine = by_name.get(me)
     if mine is None:
         return ()
-    pools = records(pools)
+    pools = tuple(records(pools))
     out = []
     for name, cidrs in grouped(nodes, blocks, by_node).items():
-        peer = by_name[name]
-        if name == me:
-            continue
-        if any((p := pool_for(c, pools)) is not None and p.mode == mode
-               and (v := version_of(c)) and peer.address_of(v) and not same_subnet(mine, peer, v) for c in cidrs):
+        if name != me and mode in far_modes(by_name[name], cidrs, mine, pools):
             out.append(name)
     return tuple(sorted(out))
+
+
+def far_modes(peer: Node, cidrs: Iterable[str], mine: Node, pools: tuple[IPPool, ...]) -> frozenset[str]:
+    """The modes of the enabled pools holding those of `peer`'s blocks whose family's
+    address of peer is not on my subnet of that family (off_subnet_nodes, node by node)."""
+    out = set()
+    for c in cidrs:
+        p = _pool_for(c, pools)
+        v = version_of(c)
+        if p is not None and p.mode not in out and peer.address_of(v) and not same_subnet(mine, peer, v):
+            out.add(p.mode)
+    return frozenset(out)
 
 
 def unreachable_direct_nodes(nodes: Nodes, pools: Pools, blocks: Blocks, me: str) -> tuple[str, ...]:
@@ -303,16 +320,24 @@ def vxlan_peers(nodes: Nodes, pools: Pools, me: str, version: int = 4
     cheap, so they are not filtered."""
     if not any(p.mode == "vxlan" and not p.disabled and version_of(p.cidr) == version for p in records(pools)):
         return frozenset(), frozenset()
-    dev = VXLAN_DEVICES[version]
     fdb, neigh = set(), set()
     for n in records(nodes):
-        vtep, mac = n.vtep_of(version)
-        if n.name == me or not n.address_of(version) or not vtep or not mac:
-            continue
-        mac = mac.lower()
-        fdb.add(FDBEntry(mac=mac, dst=n.address_of(version), dev=dev))
-        neigh.add(Neighbor(ip=vtep, mac=mac, dev=dev))
+        entry = vxlan_entry(n, version) if n.name != me else None
+        if entry is not None:
+            fdb.add(entry[0])
+            neigh.add(entry[1])
     return frozenset(fdb), frozenset(neigh)
+
+
+def vxlan_entry(n: Node, version: int = 4) -> tuple[FDBEntry, Neighbor] | None:
+    """The FDB and neighbour entry of one node's published VTEP of IP version `version`
+    (None: it published none, or has no underlay address of that version)."""
+    vtep, mac = n.vtep_of(version)
+    if not n.address_of(version) or not vtep or not mac:
+        return None
+    mac = mac.lower()
+    dev = VXLAN_DEVICES[version]
+    return FDBEntry(mac=mac, dst=n.address_of(version), dev=dev), Neighbor(ip=vtep, mac=mac, dev=dev)
 
 
 def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks, by_node: ByNode | None = None) -> list[Node]:
@@ -322,16 +347,19 @@ def with_derived_vteps(nodes: Nodes, pools: Pools, blocks: Blocks, by_node: ByNo
     agent derives the same values the VTEP's owner programs on its own device."""
     nodes = records(nodes)
     by_node = grouped(nodes, blocks, by_node)  # once, not once per node (5,000 nodes: minutes)
-    pools = records(pools)
-    out = []
-    for n in nodes:
-        for version in (4, 6):
-            if not all(n.vtep_of(version)):
-                block = _first_block(by_node.get(n.name, ()), pools, "vxlan", version)
-                if block:
-                    n = _with_vtep(n, block)
-        out.append(n)
-    return out
+    pools = tuple(records(pools))
+    return [derived_vtep(n, by_node.get(n.name, ()), pools) for n in nodes]
+
+
+def derived_vtep(n: Node, cidrs: Iterable[str], pools: tuple[IPPool, ...]) -> Node:
+    """One node of with_derived_vteps: `n` with its VTEP of each family filled in where
+    it has none of that family."""
+    for version in (4, 6):
+        if not all(n.vtep_of(version)):
+            block = _first_block(cidrs, pools, "vxlan", version)
+            if block:
+                n = _with_vtep(n, block)
+    return n
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -373,9 +401,10 @@ def tunnel_block(nodes: Nodes, pools: Pools, blocks: Blocks, me: str, mode: str,
     return _first_block(grouped(nodes, blocks, by_node).get(me, ()), records(pools), mode, version)
 
 
-def _first_block(cidrs: Iterable[str], pools: list[IPPool], mode: str, version: int = 4) -> str | None:
+def _first_block(cidrs: Iterable[str], pools: Pools, mode: str, version: int = 4) -> str | None:
+    pools = tuple(records(pools))
     for cidr in cidrs:
-        pool = pool_for(cidr, pools)
+        pool = _pool_for(cidr, pools)
         if pool is not None and pool.mode == mode and _net(cidr).version == version:
             return cidr
     return None

@@ -182,7 +182,7 @@ class Dataplane:
     def _cross_check(self, plan: Plan) -> None:
         """Where the incremental calc differs from the full one, the full result is
         programmed, the difference logged, and the incremental calc rebuilt."""
-        bad = cross_check(plan, self.planner.calc_config)
+        bad = cross_check(plan, self.planner.calc_config, self.planner.config)
         if bad:
             log.error("incremental calc differs from the full calc; programming the full result",
                       extra=kv(differs=",".join(bad[:10])))

@@ -10,7 +10,7 @@ import pytest
 from felix_agent.calc.desired import IpSet
 from felix_agent.calc.filter import dataplane_state
 from felix_agent.dataplane.barrier import Dataplane
-from felix_agent.model import NetworkPolicy, PolicyPeer, PolicyRule
+from felix_agent.model import BlockAffinity, IPPool, NetworkPolicy, Node, PolicyPeer, PolicyRule
 from tests.unit.test_calc_fixtures import ME, cluster_of, pod, sel, upd
 
 pytestmark = pytest.mark.skipif(shutil.which("iptables-nft-save") is None, reason="needs iptables-nft")
@@ -67,3 +67,19 @@ def test_dual_stack_cross_check_keeps_the_routing_nat6_and_repairs_ipv6_filter()
     plan.state.chains6 = {**plan.state.chains6, "filter": {**plan.state.chains6["filter"], chain: ()}}
     assert cross_check(plan, planner.calc_config) == [f"ip6tables {chain}"]
     assert plan.state.chains6["filter"][chain] == right and plan.state.chains6["nat"] == nat6
+
+
+def test_full_pass_cross_checks_the_routing_part_too(tmp_path):
+    c = cluster_of(*pod("a", "web", "10.0.0.1"),
+                   Node(ME, ip="192.168.0.1/24"), Node("n2", ip="192.168.0.2/24"),
+                   IPPool("p", "10.1.0.0/16", mode="direct"), BlockAffinity("10.1.2.0/26", "n2", "p"))
+    dp = Dataplane(ME, "eth0", iptables_backend="nft", run_dir=str(tmp_path), bird=False)
+    plan = dp.calculate(c, full=True)
+    right = plan.state.routes
+    assert {r.dst for r in right} == {"10.1.2.0/26"}
+    plan.state.routes = frozenset()  # a wrong incremental result
+    first = dp.planner.node_routing
+    dp._cross_check(plan)
+    assert plan.state.routes == right  # the full result wins
+    dp.calculate(c)
+    assert dp.planner.node_routing is not first  # rebuilt from the model

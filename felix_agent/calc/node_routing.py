@@ -1,0 +1,299 @@
+"""The routing calc's per-node parts, kept up to date: a node add at 5,000 nodes redoes one
+node's routes, VXLAN entries, BGP session and subnet check, not 5,000 of them.
+
+    nr = NodeRouting(me, uplink=..., ...); nr.update(cluster); nr.remote_routes(), ...
+
+Between passes it keeps (pure: it reads only the model it is given):
+- node -> its blocks (affinities and pod CIDRs), updated from the affinities and nodes
+  that changed (found by record identity: records are immutable);
+- node -> NodePart: what that node contributes (routes.node_routes, vxlan_entry,
+  derived_vtep, bird_conf.node_session, far from my subnet, its pools' modes), redone
+  when the node or its blocks change;
+- the sums over the parts (routes, FDB and neighbour entries, far nodes, sessions).
+Everything is redone from scratch when what every part depends on changes: my own node,
+the pools, the set of route reflectors, or a different Cluster.  A fresh NodeRouting's
+first update() is the full calc (plan.routing_plan without one); the resync cross-checks
+the kept one against it, and tests/unit/test_routing_incremental.py asserts they agree
+after every event of random sequences.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping
+
+from felix_agent.calc import routes as rc
+from felix_agent.calc.bird_conf import Session, check_reflector, far_nodes, node_session, sessions, with_peer_sessions
+from felix_agent.calc.cluster import Cluster
+from felix_agent.calc.desired import FDBEntry, Neighbor, Route
+from felix_agent.model import DEFAULT_AS, BlockAffinity, IPPool, Node
+
+
+@dataclass(frozen=True)
+class NodePart:
+    """What one remote node contributes to my routing."""
+
+    routes: frozenset[Route]  # to its blocks, except unicast routes into ipip pools
+    ipip_routes: frozenset[Route]  # unicast routes into ipip pools (BIRD's when it runs)
+    vxlan: tuple[FDBEntry, Neighbor] | None
+    far: bool  # it has an address that is not on my subnet
+    modes: frozenset[str]  # the modes of the enabled pools its blocks are in
+    session: Session | None
+    session_error: str  # its address cannot make a BGP session (why)
+
+
+class NodeRouting:
+    def __init__(self, me: str, *, uplink: str = rc.DEFAULT_UPLINK, node_ip: str = "", derive_vteps: bool = False,
+                 default_as: int = DEFAULT_AS, mesh_password_file: str = ""):
+        self.me, self.uplink, self.node_ip, self.derive_vteps = me, uplink, node_ip, derive_vteps
+        self.default_as, self.mesh_password_file = default_as, mesh_password_file
+        self._cluster: Cluster | None = None
+        self.rebuilds = 0  # every part redone (first pass, another cluster, my node, pools, reflectors)
+        self._raw: dict[str, Node] = {}  # the model's nodes as last seen
+        self._blocks: dict[str, BlockAffinity] = {}  # the model's affinities as last seen
+        self._aff: dict[str, Counter[str]] = {}  # node -> its affinities' canonical CIDRs
+        self._context: tuple | None = None
+        self._block_version: tuple[int, ...] | None = None
+        self._order: Mapping[str, Node] = {}  # the model's nodes, in its order (which node wins a tie)
+        self._vteps: dict[str, Node] = {}  # derive_vteps: node -> its record with a VTEP
+        self.nodes: Mapping[str, Node] = {}  # with my prefix and derived VTEPs
+        self.by_node: dict[str, tuple[str, ...]] = {}
+        self.mine: Node | None = None
+        self.pools: tuple[IPPool, ...] = ()
+        self._reflectors: set[str] = set()
+        self._parts: dict[str, NodePart] = {}
+        self._routes: Counter[Route] = Counter()
+        self._ipip: Counter[Route] = Counter()
+        self._fdb: Counter[FDBEntry] = Counter()
+        self._neigh: Counter[Neighbor] = Counter()
+        self._far: set[str] = set()
+        self._sessions: dict[str, set[str]] = {}  # peer IP -> the nodes whose session it is
+        self._errors: set[str] = set()  # nodes with a session_error
+        # the sorted far nodes and sessions, kept while no part changes them (5,000 to sort)
+        self._far_sorted: list[Node] | None = None
+        self._sess_sorted: tuple[tuple, list[Session]] | None = None
+
+    # --- feeding -------------------------------------------------------------------------
+
+    def update(self, cluster: Cluster) -> None:
+        """Bring the parts up to date with `cluster` (a different Cluster: from scratch)."""
+        if cluster is not self._cluster:
+            self.__init__(self.me, uplink=self.uplink, node_ip=self.node_ip,  # type: ignore[misc]
+                          derive_vteps=self.derive_vteps, default_as=self.default_as,
+                          mesh_password_file=self.mesh_password_file)
+            self._cluster = cluster
+        dirty = self._changed_nodes(cluster.nodes)
+        if cluster.versions("BlockAffinity") != self._block_version:
+            self._block_version = cluster.versions("BlockAffinity")
+            dirty |= self._changed_blocks(cluster.block_affinities)
+        nodes = self._order = rc.with_own_prefix(cluster.nodes, self.me, self.node_ip)
+        for name in dirty:
+            self._reflectors.discard(name)
+            n = nodes.get(name)
+            if n is None:
+                self.by_node.pop(name, None)
+                continue
+            if n.address and n.route_reflector_cluster_id:
+                self._reflectors.add(name)
+            cidrs = {rc._canonical(c) for c in n.pod_cidrs} | set(self._aff.get(name, ()))
+            self.by_node[name] = tuple(sorted(cidrs, key=rc._sort_key)) if len(cidrs) > 1 else tuple(cidrs)
+        self.mine = nodes.get(self.me)
+        self.pools = tuple(cluster.pools.values())
+        context = (self.mine, self.pools, frozenset(self._reflectors))
+        if context != self._context:
+            self._context = context
+            self.rebuilds += 1
+            self._clear_parts()
+            dirty = set(nodes)
+        if self.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in self.pools):
+            # every node's record with its VTEP (a node's own or derived), kept like the parts
+            for name in dirty:
+                if name in nodes:
+                    self._vteps[name] = rc.derived_vtep(nodes[name], self.by_node[name], self.pools)
+                else:
+                    self._vteps.pop(name, None)
+            self.nodes = self._vteps
+        else:
+            self.nodes = nodes
+        for name in dirty:
+            self._set_part(name, self._part(self.nodes[name]) if name in nodes and name != self.me else None)
+
+    def _changed_nodes(self, nodes: Mapping[str, Node]) -> set[str]:
+        old = self._raw
+        dirty = {name for name, n in nodes.items() if old.get(name) is not n} | (old.keys() - nodes.keys())
+        if dirty:
+            self._raw = dict(nodes)
+        return dirty
+
+    def _changed_blocks(self, blocks: Mapping[str, BlockAffinity]) -> set[str]:
+        old = self._blocks
+        dirty: set[str] = set()
+        gone = [old[k] for k in old.keys() - blocks.keys()]
+        for b in gone + [old[k] for k, b in blocks.items() if k in old and old[k] is not b]:
+            counts = self._aff[b.node]
+            counts[rc._canonical(b.cidr)] -= 1
+            if counts[rc._canonical(b.cidr)] <= 0:
+                del counts[rc._canonical(b.cidr)]
+            dirty.add(b.node)
+        for k, b in blocks.items():
+            if old.get(k) is not b:
+                self._aff.setdefault(b.node, Counter())[rc._canonical(b.cidr)] += 1
+                dirty.add(b.node)
+        if dirty:
+            self._blocks = dict(blocks)
+        return dirty
+
+    def _part(self, n: Node) -> NodePart:
+        mine = self.mine
+        cidrs = self.by_node[n.name]
+        routes = rc.node_routes(n, cidrs, mine, self.pools, self.uplink) if mine is not None else []
+        ipip = frozenset(r for r in routes if r.type == "unicast" and
+                         (p := rc.pool_for(r.dst, self.pools)) is not None and p.mode == "ipip")
+        session, error = None, ""
+        if mine is not None and mine.address:
+            try:
+                session = node_session(n, mine, frozenset(self._reflectors), default_as=self.default_as,
+                                       mesh_password_file=self.mesh_password_file)
+            except ValueError as e:
+                error = str(e)
+        far = mine is not None and bool(n.address) and not rc.same_subnet(mine, n)
+        return NodePart(frozenset(routes) - ipip, ipip, rc.vxlan_entry(n), far, rc.block_modes(cidrs, self.pools),
+                        session, error)
+
+    def _set_part(self, name: str, part: NodePart | None) -> None:
+        old = self._parts.pop(name, None)
+        if (old is not None and old.far) or (part is not None and part.far):
+            self._far_sorted = None
+        if old is None or part is None or old.session != part.session:
+            self._sess_sorted = None
+        for p, sign in ((old, -1), (part, 1)):
+            if p is None:
+                continue
+            _count(self._routes, p.routes, sign)
+            _count(self._ipip, p.ipip_routes, sign)
+            if p.vxlan is not None:
+                _count(self._fdb, (p.vxlan[0],), sign)
+                _count(self._neigh, (p.vxlan[1],), sign)
+            _member(self._far, name, p.far and sign > 0)
+            _member(self._errors, name, bool(p.session_error) and sign > 0)
+            if p.session is not None:
+                owners = self._sessions.setdefault(p.session.peer_ip, set())
+                _member(owners, name, sign > 0)
+                if not owners:
+                    del self._sessions[p.session.peer_ip]
+        if part is not None:
+            self._parts[name] = part
+
+    def _clear_parts(self) -> None:
+        self._far_sorted = self._sess_sorted = None
+        self._parts.clear()
+        for c in (self._routes, self._ipip, self._fdb, self._neigh):
+            c.clear()
+        self._far.clear()
+        self._vteps.clear()
+        self._sessions.clear()
+        self._errors.clear()
+
+    # --- reading (after update) ----------------------------------------------------------
+
+    def remote_routes(self) -> frozenset[Route]:
+        """routes.remote_routes of the model: every remote node's blocks."""
+        return frozenset(self._routes) | frozenset(self._ipip)
+
+    def ipip_routes(self) -> frozenset[Route]:
+        """The unicast routes of remote_routes() into ipip pools."""
+        return frozenset(self._ipip)
+
+    def vxlan_peers(self) -> tuple[frozenset[FDBEntry], frozenset[Neighbor]]:
+        """routes.vxlan_peers of the model (with the derived VTEPs)."""
+        if not any(p.mode == "vxlan" and not p.disabled for p in self.pools):
+            return frozenset(), frozenset()
+        return frozenset(self._fdb), frozenset(self._neigh)
+
+    def off_subnet_nodes(self, mode: str) -> tuple[str, ...]:
+        """routes.off_subnet_nodes of the model."""
+        return tuple(sorted(name for name in self._far if mode in self._parts[name].modes))
+
+    def far_nodes(self) -> list[Node]:
+        """bird_conf.far_nodes of the model."""
+        if self._far_sorted is None:
+            self._far_sorted = sorted((self.nodes[name] for name in self._far), key=_address_order)
+        return self._far_sorted
+
+    def sessions(self, peers) -> list[Session]:
+        """bird_conf.sessions of the model (ValueError as it raises)."""
+        mine = self.mine
+        if mine is None or not mine.address:
+            raise ValueError(f"node {self.me!r} is unknown or has no IPv4 address; cannot render BGP")
+        check_reflector(mine, frozenset(self._reflectors))
+        order: dict[str, int] = {}
+        if self._errors or any(len(owners) > 1 for owners in self._sessions.values()):
+            order = {name: i for i, name in enumerate(self._order)}  # the model's order decides
+        if self._errors:
+            raise ValueError(self._parts[min(self._errors, key=order.__getitem__)].session_error)
+        key = tuple(peers.values()) if isinstance(peers, Mapping) else tuple(peers)
+        if self._sess_sorted is None or self._sess_sorted[0] != key or order:  # a tie: the model's order
+            by_ip = {}
+            for ip, owners in self._sessions.items():
+                name = next(iter(owners)) if len(owners) == 1 else max(owners, key=order.__getitem__)
+                by_ip[ip] = self._parts[name].session
+            self._sess_sorted = (key, with_peer_sessions(by_ip, peers, mine,  # type: ignore[arg-type]
+                                                         default_as=self.default_as))
+        return self._sess_sorted[1]
+
+
+class FullRouting:
+    """NodeRouting's answers from the whole-cluster functions of routes.py and bird_conf.py,
+    from scratch on every update: the reference the resync cross-checks against."""
+
+    def __init__(self, me: str, *, uplink: str = rc.DEFAULT_UPLINK, node_ip: str = "", derive_vteps: bool = False,
+                 default_as: int = DEFAULT_AS, mesh_password_file: str = ""):
+        self.me, self.uplink, self.node_ip, self.derive_vteps = me, uplink, node_ip, derive_vteps
+        self.default_as, self.mesh_password_file = default_as, mesh_password_file
+
+    def update(self, cluster: Cluster) -> None:
+        self.pools, self.blocks = cluster.pools, cluster.block_affinities
+        nodes = rc.with_own_prefix(cluster.nodes, self.me, self.node_ip)
+        self.by_node = rc.blocks_by_node(nodes, self.blocks)
+        if self.derive_vteps and any(p.mode == "vxlan" and not p.disabled for p in self.pools.values()):
+            nodes = {n.name: n for n in rc.with_derived_vteps(nodes, self.pools, self.blocks, self.by_node)}
+        self.nodes = nodes
+
+    def remote_routes(self) -> frozenset[Route]:
+        return rc.remote_routes(self.nodes, self.pools, self.blocks, self.me, uplink=self.uplink, by_node=self.by_node)
+
+    def ipip_routes(self) -> frozenset[Route]:
+        return frozenset(r for r in self.remote_routes() if r.type == "unicast" and
+                         (p := rc.pool_for(r.dst, self.pools)) is not None and p.mode == "ipip")
+
+    def vxlan_peers(self) -> tuple[frozenset[FDBEntry], frozenset[Neighbor]]:
+        return rc.vxlan_peers(self.nodes, self.pools, self.me)
+
+    def off_subnet_nodes(self, mode: str) -> tuple[str, ...]:
+        return rc.off_subnet_nodes(self.nodes, self.pools, self.blocks, self.me, mode, self.by_node)
+
+    def far_nodes(self) -> list[Node]:
+        return far_nodes(self.nodes.values(), self.nodes[self.me])
+
+    def sessions(self, peers) -> list[Session]:
+        return sessions(self.nodes, peers, self.me, default_as=self.default_as,
+                        mesh_password_file=self.mesh_password_file)
+
+
+def _address_order(n: Node) -> tuple[int, int]:
+    ip = rc._ip(n.address)  # ipaddress's own order, without comparing 1,000 objects pairwise
+    return ip.version, int(ip)
+
+
+def _count(counter: Counter, items, sign: int) -> None:
+    for x in items:
+        counter[x] += sign
+        if counter[x] <= 0:
+            del counter[x]
+
+
+def _member(s: set[str], name: str, present: bool) -> None:
+    if present:
+        s.add(name)
+    else:
+        s.discard(name)
