@@ -85,6 +85,7 @@ class IncrementalCalc:
         self._pool_version: tuple[int, ...] | None = None
         self._pool_sets: tuple[dict[str, IpSet], list[str]] = ({}, [])
         self._host_nodes: dict[str, Node] = {}  # the nodes the host set was last counted from
+        self._host_version = -1  # the model's versions("Node") then
         self._hosts: Counter[str] = Counter()  # host set member -> how many nodes give it
         cluster.take_endpoint_changes()
         for pid, ep in cluster.endpoint_map().items():
@@ -243,14 +244,15 @@ class IncrementalCalc:
     def _count_hosts(self, cluster: Cluster) -> frozenset[str]:
         """The all-hosts set, counted node by node: only the nodes that changed are
         looked at again (a node add at 5,000 nodes re-read 5,000 addresses)."""
-        old, now = self._host_nodes, cluster.nodes
-        hosts = self._hosts
-        for name in [k for k, n in now.items() if old.get(k) is not n] + list(old.keys() - now.keys()):
-            if name in old:
-                hosts.subtract(node_hosts(old[name]))
+        since, self._host_version = self._host_version, cluster.versions("Node")[0]
+        now, hosts = cluster.nodes, self._hosts
+        for name in cluster.changed_since("Node", since) if since >= 0 else list(now):
+            old = self._host_nodes.pop(name, None)
+            if old is not None:
+                hosts.subtract(node_hosts(old))
             if name in now:
+                self._host_nodes[name] = now[name]
                 hosts.update(node_hosts(now[name]))
-        self._host_nodes = dict(now)
         self._hosts = +hosts  # drops the members no node gives any more
         return frozenset(self._hosts)
 

@@ -189,8 +189,9 @@ def binary_breakdown(log_path: str, stamps: dict) -> dict:
     return {c: {k: statistics.median(v) for k, v in ph.items()} for c, ph in phases.items() if ph}
 
 
-def agent_breakdown(log_text: str, cids: set[str]) -> dict:
-    """Per command: the agent's own total and, when it logs them, its steps (median ms)."""
+def agent_breakdown(log_text: str, cids: set[str], stat=statistics.median) -> dict:
+    """Per command: the agent's own total and, when it logs them, its steps (median ms, or
+    `stat` of the samples)."""
     out: dict[str, dict[str, list[float]]] = {c: {} for c in COMMANDS}
     for m in _AGENT_LINE.finditer(log_text):
         command, cid, total, steps = m.group(1), m.group(2), float(m.group(3)), m.group(4)
@@ -203,7 +204,7 @@ def agent_breakdown(log_text: str, cids: set[str]) -> dict:
                 out[command].setdefault(k, []).append(float(v.rstrip("ms")))
             except ValueError:
                 pass
-    return {c: {k: statistics.median(v) for k, v in d.items()} for c, d in out.items() if d}
+    return {c: {k: stat(v) for k, v in d.items()} for c, d in out.items() if d}
 
 
 def metrics_apply(text: str) -> dict[str, tuple[float, float]]:
