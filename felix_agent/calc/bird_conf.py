@@ -340,7 +340,14 @@ def _family(w, version: int, nodes: list[Node], pools: list, by_node: ByNode, mi
 def far_nodes(nodes: Iterable[Node], mine: Node) -> list[Node]:
     """The other nodes whose IPv4 address is behind a router (not on my subnet), by address."""
     far = [n for n in nodes if n.name != mine.name and n.address and not same_subnet(mine, n)]
-    return sorted(far, key=lambda n: ipaddress.ip_address(n.address))
+    return sorted(far, key=address_order)
+
+
+def address_order(n: Node) -> tuple[int, int]:
+    """Sort key of a node's address: ipaddress's own order, across families too (a
+    mistyped IPv6 address in the IPv4 field must not make sorting raise)."""
+    ip = ipaddress.ip_address(n.address)
+    return ip.version, int(ip)
 
 
 @functools.lru_cache(maxsize=1 << 14)

@@ -2,8 +2,10 @@
 (the whole-cluster functions of routes.py and bird_conf.py): after every event of seeded
 random sequences, both give the same routes, VXLAN entries, tunnel addresses, BIRD config,
 warnings and errors.  The events add, change and remove nodes (addresses on two subnets,
-AS numbers, route reflectors, published VTEPs, pod CIDRs, an IPv6 address), move and remove
-block affinities, and change pools (every mode, crossSubnet, disabled) and BGP peers."""
+AS numbers, route reflectors, published VTEPs of both families, pod CIDRs, IPv6 addresses on
+two IPv6 subnets: IPv4-only, dual-stack and IPv6-only nodes), move and remove block
+affinities of both families, and change pools (IPv4 and IPv6, every mode, crossSubnet,
+disabled) and BGP peers of both families."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,19 +19,25 @@ from felix_agent.model import KIND_OF, BGPPeer, BlockAffinity, IPPool, Node, Upd
 
 ME = "n0"
 NODES = tuple(f"n{i}" for i in range(6))
-BLOCKS = tuple(f"10.{p}.{i}.0/26" for p in (0, 1) for i in range(6))
+BLOCKS = (tuple(f"10.{p}.{i}.0/26" for p in (0, 1) for i in range(6))
+          + tuple(f"fd65:{p}::{i:x}00/122" for p in (0, 1) for i in range(6)))
+POOL_CIDRS = {4: ("10.0.0.0/16", "10.1.0.0/16", "10.0.0.0/8"), 6: ("fd65::/48", "fd65:1::/48", "fd65::/32")}
 
 
 def node(rng: random.Random) -> Node:
     name = rng.choice(NODES)
     roll = rng.random()
-    ip = ("" if roll < 0.05 else "fd00::5/64" if roll < 0.08
+    ip = ("" if roll < 0.1 else "fd00::5/64" if roll < 0.13
           else f"192.168.{rng.randint(0, 1)}.{rng.randint(1, 4)}/24")
-    vtep = rng.random() < 0.3
-    return Node(name, ip=ip, as_number=rng.choice((None, None, 65001)),
+    # about half the nodes dual-stack (and IPv6-only where ip is empty)
+    ip6 = f"fd00:{rng.randint(0, 1)}::{rng.randint(1, 4)}/{rng.choice((64, 64, 128))}" if rng.random() < 0.5 else ""
+    vtep, vtep6 = rng.random() < 0.3, rng.random() < 0.3
+    return Node(name, ip=ip, ip6=ip6, as_number=rng.choice((None, None, 65001)),
                 pod_cidrs=tuple(rng.sample(BLOCKS, rng.randint(0, 2))) if rng.random() < 0.3 else (),
                 vxlan_tunnel_addr=f"10.9.0.{rng.randint(1, 9)}" if vtep else "",
                 vxlan_tunnel_mac=f"02:00:00:00:00:0{rng.randint(1, 9)}" if vtep else "",
+                vxlan_tunnel_addr6=f"fd69::{rng.randint(1, 9)}" if vtep6 else "",
+                vxlan_tunnel_mac6=f"02:00:00:00:06:0{rng.randint(1, 9)}" if vtep6 else "",
                 route_reflector_cluster_id=rng.choice(("",) * 12 + ("244.0.0.1", "bad-id")),
                 ip_from_status=rng.random() < 0.2)
 
@@ -41,12 +49,15 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
     elif roll < 0.8:
         rec = BlockAffinity(rng.choice(BLOCKS), rng.choice(NODES + ("gone",)), "pool")
     elif roll < 0.92:
-        rec = IPPool(f"pool{rng.randint(0, 1)}", rng.choice(("10.0.0.0/16", "10.1.0.0/16", "10.0.0.0/8")),
-                     mode=rng.choice(("bgp", "direct", "vxlan", "ipip")), cross_subnet=rng.random() < 0.3,
-                     disabled=rng.random() < 0.1)
+        version = rng.choice((4, 6))
+        rec = IPPool(f"pool{rng.randint(0, 3)}", rng.choice(POOL_CIDRS[version]),
+                     mode=rng.choice(("bgp", "direct", "vxlan") + (("ipip",) if version == 4 else ())),
+                     cross_subnet=rng.random() < 0.3, disabled=rng.random() < 0.1,
+                     nat_outgoing=rng.random() < 0.3)
     else:
-        rec = BGPPeer(f"tor{rng.randint(0, 1)}", f"192.168.{rng.randint(0, 2)}.254", 65100,
-                      node=rng.choice(("", ME, "n1")))
+        peer_ip = (f"192.168.{rng.randint(0, 2)}.254" if rng.random() < 0.5
+                   else f"fd00:{rng.randint(0, 2)}::fe")
+        rec = BGPPeer(f"tor{rng.randint(0, 2)}", peer_ip, 65100, node=rng.choice(("", ME, "n1")))
     kind = KIND_OF[type(rec)]
     table = {"Node": cluster.nodes, "BlockAffinity": cluster.block_affinities, "IPPool": cluster.pools,
              "BGPPeer": cluster.bgp_peers}[kind]
@@ -56,19 +67,26 @@ def random_event(rng: random.Random, cluster: Cluster) -> Update:
 
 
 def comparable(plan) -> tuple:
-    return (plan.state.routes, plan.vxlan, plan.bird_conf, plan.ipip_addr, plan.bird_secrets, plan.modes,
-            plan.errors, plan.warnings)
+    return (plan.state.routes, plan.vxlan, plan.vxlan6, plan.bird_conf, plan.ipip_addr, plan.bird_secrets,
+            plan.modes, plan.families, plan.state.chains6, plan.state.hooks6, plan.errors, plan.warnings)
+
+
+def routing_part(planner: Planner, cluster: Cluster):
+    """The routing part of a pass (the plan adds the policy calc's IPv6 chains to its own)."""
+    planner.plan(cluster)
+    return planner._routing[2]
 
 
 CONFIGS = [PlanConfig(ME, "eth0"),
            PlanConfig(ME, "eth0", node_ip="192.168.0.9/24", derive_vteps=True, bgp_password_file="/etc/pw",
-                      secrets_dir="/run/bird")]
+                      secrets_dir="/run/bird"),
+           PlanConfig(ME, "eth0", node_ip="192.168.1.9/24", node_ip6="fd00:1::9/64", derive_vteps=True)]
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(18))
 def test_kept_routing_equals_from_scratch_after_every_event(seed):
     rng = random.Random(seed)
-    cfg = CONFIGS[seed % 2]
+    cfg = CONFIGS[seed % len(CONFIGS)]
     cluster = Cluster()
     planner = Planner(cfg)
     passes = 0
@@ -76,7 +94,7 @@ def test_kept_routing_equals_from_scratch_after_every_event(seed):
         cluster.apply(random_event(rng, cluster))
         if rng.random() < 0.3:
             continue  # several events in one batch, as the agent's loop takes them
-        got = planner.plan(cluster)
+        got = routing_part(planner, cluster)
         passes += 1
         assert comparable(got) == comparable(routing_plan(cluster, cfg)), f"seed {seed} step {step}"
     # It really went node by node: rebuilds only when my node, the pools or the reflectors changed.
@@ -96,13 +114,13 @@ def test_a_node_add_redoes_only_that_node():
     new = Node("n50", ip="192.168.0.51/24")
     cluster.apply(Update("Node", new.name, new))
     cluster.apply(Update("BlockAffinity", "10.0.50.0/26", BlockAffinity("10.0.50.0/26", "n50", "p")))
-    plan = planner.plan(cluster)
+    plan = routing_part(planner, cluster)
     assert planner.node_routing.rebuilds == 1
     after = planner.node_routing._parts
     assert [k for k in after if after[k] is not parts.get(k)] == ["n50"]  # the others' parts are the same objects
     assert comparable(plan) == comparable(routing_plan(cluster, cfg))
     cluster.apply(Update("Node", "n50", None))
-    plan = planner.plan(cluster)
+    plan = routing_part(planner, cluster)
     assert "n50" not in planner.node_routing._parts and planner.node_routing.rebuilds == 1
     assert not any(r.dst == "10.0.50.0/26" for r in plan.state.routes)
     assert comparable(plan) == comparable(routing_plan(cluster, cfg))
