@@ -5,7 +5,8 @@ calc has to say about the cluster comes back as data: `Plan.errors` (input it sk
 `Plan.warnings` (conditions an operator should hear about, logged by the agent once per
 change).  The Planner keeps two caches between passes, both pure: the incremental policy
 calc, and the routing part (routes, tunnels, BIRD's config), which depends on nodes,
-pools, blocks and peers only and so stands while pods and policies churn.
+pools, blocks and peers only and so stands while pods and policies churn (and is
+kept node by node: node_routing.py).
 
 Who owns which routes between nodes: the agent (proto 80) for direct and vxlan pools,
 BIRD (proto bird) for bgp pools and, when BIRD runs, for ipip pools too (BIRD's kernel
