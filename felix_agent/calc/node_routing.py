@@ -77,6 +77,7 @@ class NodeRouting:
         self._fdb: tuple[dict[FDBEntry, int], dict[FDBEntry, int]] = ({}, {})  # per family
         self._neigh: tuple[dict[Neighbor, int], dict[Neighbor, int]] = ({}, {})
         self._far: set[str] = set()
+        self._off_subnet: set[str] = set()  # nodes with a part.modes (5,000 parts not read a pass)
         # per family: peer IP -> the nodes whose session it is; the nodes with a session_error
         self._sessions: tuple[dict[str, set[str]], dict[str, set[str]]] = ({}, {})
         self._errors: tuple[set[str], set[str]] = (set(), set())
@@ -193,6 +194,7 @@ class NodeRouting:
             _count(self._routes, p.routes, sign)
             _count(self._ipip, p.ipip_routes, sign)
             _member(self._far, name, p.far and sign > 0)
+            _member(self._off_subnet, name, bool(p.modes) and sign > 0)
             for i in range(len(FAMILIES)):
                 entry = p.vxlan[i]
                 if entry is not None:
@@ -214,6 +216,7 @@ class NodeRouting:
         for c in (self._routes, self._ipip, *self._fdb, *self._neigh, *self._sessions, *self._errors):
             c.clear()
         self._far.clear()
+        self._off_subnet.clear()
         self._vteps.clear()
 
     # --- reading (after update) ----------------------------------------------------------
@@ -234,7 +237,7 @@ class NodeRouting:
 
     def off_subnet_nodes(self, mode: str) -> tuple[str, ...]:
         """routes.off_subnet_nodes of the model."""
-        return tuple(sorted(name for name, part in self._parts.items() if mode in part.modes))
+        return tuple(sorted(name for name in self._off_subnet if mode in self._parts[name].modes))
 
     def far_nodes(self) -> list[Node]:
         """bird_conf.far_nodes of the model."""
