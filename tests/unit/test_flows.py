@@ -117,7 +117,10 @@ def test_tortiectl_flows_follow_prints_flows_as_they_come_and_stops_on_interrupt
     try:
         fl.table.add([LoggedPacket("D:r1", "10.0.0.2", "10.0.0.3", "tcp", 80)], rules, time.time())
         p = subprocess.Popen([sys.executable, "-m", "tortiectl.cli", "flows", "--follow", "--agent",
-                              f"http://127.0.0.1:{srv.server_address[1]}"], stdout=subprocess.PIPE, text=True)
+                              f"http://127.0.0.1:{srv.server_address[1]}"], stdout=subprocess.PIPE, text=True,
+                                 # a run started in the background (sh's `&`) ignores SIGINT, and
+                                 # the child would inherit that: ^C is what is under test
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         killer = threading.Timer(20, p.kill)  # a hung read must not hang the suite
         killer.start()
         first = p.stdout.readline() + p.stdout.readline()  # the header and the first flow
