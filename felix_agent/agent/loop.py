@@ -18,6 +18,7 @@ import time
 from felix_agent import metrics
 from felix_agent.agent.endpoint_publisher import EndpointPublisher
 from felix_agent.agent.endpoints import EndpointRegistry
+from felix_agent.agent import heap
 from felix_agent.agent.flows import FlowLog
 from felix_agent.agent.health import Health
 from felix_agent.agent.ipam_sync import IPAMSync
@@ -59,6 +60,7 @@ class AgentLoop:
         self._pass_since: float | None = None  # when the running dataplane pass started
         self._calc_seconds = float("inf")  # the last calc's time: the first pass goes off the loop
         self._jumped = False  # the last pass went ahead of the queued datastore events (run_loop)
+        self.heap_settled = False  # heap.settle() ran after the first programmed pass in sync
         self.status = status
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataplane")
         for name, cidr in cfg.default_pools:
@@ -204,6 +206,9 @@ class AgentLoop:
                 next_resync = time.monotonic() + min(2.0, self.cfg.resync_interval)
                 continue
             self.health.programmed = self.status.in_sync
+            if self.status.in_sync and not self.heap_settled:
+                self.heap_settled = True
+                heap.settle()
             problems = getattr(self.dataplane, "problems", {})
             # either family's forwarding off keeps the node from serving pods: /readyz says so
             self.health.faults = {k: problems[k] for k in ("forwarding", "forwarding6") if problems.get(k)}

@@ -3,6 +3,8 @@ at /status; called from the HTTP thread), put together from the loop's Status, t
 endpoint registry, the dataplane's BGP view, the syncer's undecodable records and IPAM."""
 from __future__ import annotations
 
+import gc
+
 from felix_agent.agent.endpoints import EndpointRegistry
 from felix_agent.agent.health import Health
 from felix_agent.agent.state import Status
@@ -38,7 +40,10 @@ class StatusView:
             "in_sync": st.in_sync, "sync_reason": st.sync_reason, "ready": self.health.ready,
             "iptables_backend": self.dataplane.backend, "routing_modes": list(self.dataplane.modes),
             "last_apply": st.last_apply, "last_apply_seconds": round(st.last_apply_seconds, 4),
-            "applies": st.applies, "last_error": "; ".join(e for e in (st.last_error, bad_text) if e),
+            "applies": st.applies,
+            # objects heap.settle() moved out of the cyclic collector's walks (0 before the first sync)
+            "heap_frozen": gc.get_freeze_count(),
+            "last_error": "; ".join(e for e in (st.last_error, bad_text) if e),
             "bad_records": [{"key": k, "why": why} for k, why in sorted(bad.items())],
             # e.g. a network-policy-api CRD that is not installed (kubernetes datastore)
             "datastore_notes": [f"{k}: {why}" for k, why in sorted(dict(getattr(self.syncer, "notes", {})).items())],

@@ -176,6 +176,8 @@ def test_tcp_stream_survives_agent_restarts_on_both_ends(make_cluster, tmp_path)
         st = c.status(node)
         assert [e["pod"] for e in st["endpoints"]] == [("a" if node == "node1" else "b")]
         assert st["in_sync"] and st["applies"] >= 1 and not st["last_error"], st
+        # the restarted agent's heap is frozen after its first pass (heap.settle)
+        wait_for(lambda: c.status(node)["heap_frozen"] > 0, what=f"{node}'s agent to settle its heap")
         assert programmed(c, node, backend[node]) == before[node], f"{node}: the restarted agent programmed something else"
         assert bird_pid(c, node) == birds[node], f"{node}: the restarted agent restarted BIRD"
 
