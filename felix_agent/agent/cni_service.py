@@ -155,7 +155,8 @@ class CNIService:
         if not req.ips and netns_fd is not None:
             # Before allocating or changing anything: the pod's CNI_IFNAME may be another
             # container's (with host-local IPAM the binary, which keeps those records, asks).
-            held = await self._run(self.plumbing.occupant, netns_fd, req.ifname)
+            with step("occupant"):
+                held = await self._run(self.plumbing.occupant, netns_fd, req.ifname)
             if held is not None:
                 owner = self._owner_of(held) if held else None
                 if owner != req.container_id:

@@ -165,7 +165,7 @@ class LocalAPI:
             command = obj.get("command")
             metrics.CNI_REQUESTS.labels(command=str(command) if command in AGENT_COMMANDS else "unknown",
                                         result="ok" if resp.get("ok") else "error").observe(took)
-            log.info("CNI %s %s/%s: %s in %.3fs%s", command, obj.get("container_id", ""),
+            log.info("CNI %s %s/%s: %s in %.4fs%s", command, obj.get("container_id", ""),
                      obj.get("ifname", ""), "ok" if resp.get("ok") else f"error {resp.get('code')}: {resp.get('msg')}",
                      took, steps_text(steps))
         finally:
