@@ -94,42 +94,29 @@ def test_denied_and_allowed_flows_show_with_their_policy_and_the_table_stays_bou
         c.apply([CNP, NP])
         wait_for(lambda: not c.probe(y, s.ip, 80, timeout=0.3), what="the CNP's deny")
 
-        # 1. a CNP Deny
-        assert not c.probe(y, s.ip, 80, timeout=0.5)
-        f = shows_within(c, "node1", lambda f: (f["src"], f["dst"], f["dport"], f["proto"]) ==
-                         (y.ip, s.ip, 80, "tcp") and f["verdict"] == "deny", "y/c -> x/s:80 denied")
-        assert (f["tier"], f["policy"], f["rule"], f["rule_name"]) == \
-               ("Admin", "ClusterNetworkPolicy/no-y-web", 0, "block-y"), f
-        assert (f["src_name"], f["dst_name"], f["direction"]) == ("y/c", "x/s", "ingress"), f
-
-        # 2. the NetworkPolicy tier's default deny (UDP 81: the CNP does not match it)
-        assert not c.probe(y, s.ip, 81, proto="udp", timeout=0.5)
-        f = shows_within(c, "node1", lambda f: f["dport"] == 81 and f["verdict"] == "deny",
-                         "y/c -> x/s:81 denied")
-        assert (f["tier"], f["policy"], f["rule"]) == ("NetworkPolicy", "NetworkPolicy x/allow-x", -1), f
-
-        # 3. an allowed connection, sampled
-        assert c.probe(c2, s.ip, 80)
-        f = shows_within(c, "node1", lambda f: f["src"] == c2.ip and f["verdict"] == "allow", "x/c2 -> x/s:80")
-        assert (f["policy"], f["rule"], f["dport"]) == ("NetworkPolicy x/allow-x", 0, 80), f
-
-        # 4. the same three over IPv6: ip6tables' chains log them with the same policies
         assert y.ip6 and s.ip6 and c2.ip6
-        assert not c.probe(y, s.ip6, 80, timeout=0.5)
-        f = shows_within(c, "node1", lambda f: (f["src"], f["dst"], f["dport"], f["proto"]) ==
-                         (y.ip6, s.ip6, 80, "tcp") and f["verdict"] == "deny", "y/c -> x/s:80 denied over IPv6")
-        assert (f["tier"], f["policy"], f["rule"], f["rule_name"]) == \
-               ("Admin", "ClusterNetworkPolicy/no-y-web", 0, "block-y"), f
-        assert (f["src_name"], f["dst_name"], f["direction"]) == ("y/c", "x/s", "ingress"), f
-        assert not c.probe(y, s.ip6, 81, proto="udp", timeout=0.5)
-        f = shows_within(c, "node1", lambda f: f["dst"] == s.ip6 and f["dport"] == 81 and f["verdict"] == "deny",
-                         "y/c -> x/s:81 denied over IPv6")
-        assert (f["tier"], f["policy"], f["rule"], f["proto"]) == \
-               ("NetworkPolicy", "NetworkPolicy x/allow-x", -1, "udp"), f
-        assert c.probe(c2, s.ip6, 80)
-        f = shows_within(c, "node1", lambda f: f["src"] == c2.ip6 and f["verdict"] == "allow",
-                         "x/c2 -> x/s:80 over IPv6")
-        assert (f["policy"], f["rule"], f["dport"], f["dst_name"]) == ("NetworkPolicy x/allow-x", 0, 80, "x/s"), f
+        for family, (src, dst, sampled) in ((4, (y.ip, s.ip, c2.ip)), (6, (y.ip6, s.ip6, c2.ip6))):
+            over = f" over IPv{family}"  # IPv6: ip6tables' chains log with the same policies
+            # 1. a CNP Deny
+            assert not c.probe(y, dst, 80, timeout=0.5)
+            f = shows_within(c, "node1", lambda f: (f["src"], f["dst"], f["dport"], f["proto"]) ==
+                             (src, dst, 80, "tcp") and f["verdict"] == "deny", "y/c -> x/s:80 denied" + over)
+            assert (f["tier"], f["policy"], f["rule"], f["rule_name"]) == \
+                   ("Admin", "ClusterNetworkPolicy/no-y-web", 0, "block-y"), f
+            assert (f["src_name"], f["dst_name"], f["direction"]) == ("y/c", "x/s", "ingress"), f
+
+            # 2. the NetworkPolicy tier's default deny (UDP 81: the CNP does not match it)
+            assert not c.probe(y, dst, 81, proto="udp", timeout=0.5)
+            f = shows_within(c, "node1", lambda f: (f["dst"], f["dport"], f["verdict"]) == (dst, 81, "deny"),
+                             "y/c -> x/s:81 denied" + over)
+            assert (f["tier"], f["policy"], f["rule"], f["proto"]) == \
+                   ("NetworkPolicy", "NetworkPolicy x/allow-x", -1, "udp"), f
+
+            # 3. an allowed connection, sampled
+            assert c.probe(c2, dst, 80)
+            f = shows_within(c, "node1", lambda f: f["src"] == sampled and f["verdict"] == "allow",
+                             "x/c2 -> x/s:80" + over)
+            assert (f["policy"], f["rule"], f["dport"], f["dst_name"]) == ("NetworkPolicy x/allow-x", 0, 80, "x/s"), f
 
         # tortiectl flows: the filters, and the table view names the policy
         denied = flows(c, "node1", "--denied", "-n", "y")
@@ -141,7 +128,7 @@ def test_denied_and_allowed_flows_show_with_their_policy_and_the_table_stays_bou
         assert 'tortie_flow_logged_packets_total{policy="ClusterNetworkPolicy/no-y-web",tier="Admin",' \
                'verdict="deny"}' in metrics, metrics[-2000:]
 
-        # 5. a flood over 3000 ports: at most MAX_FLOWS flows kept, the rest evicted
+        # 4. a flood over 3000 ports: at most MAX_FLOWS flows kept, the rest evicted
         sh(sys.executable, "-c", FLOOD, s.ip, "3", ns=y.ns, timeout=30)
         st = wait_for(lambda: (lambda fl: fl if fl["evicted"] > 0 else None)(c.status("node1")["flow_logs"]),
                       timeout=10, what="evictions")
