@@ -14,6 +14,7 @@ its status says why.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -95,11 +96,20 @@ class FlowTable:
 
 def address_names(cluster: Cluster) -> dict[str, str]:
     """address -> "namespace/pod" (every node's pods) or "node <name>"."""
-    names = {n.ip.split("/")[0]: f"node {n.name}" for n in cluster.nodes.values() if n.ip}
+    names = {canonical(n.ip.split("/")[0]): f"node {n.name}" for n in cluster.nodes.values() if n.ip}
     for ep in cluster.endpoints():
         for ip in ep.ips:
-            names[ip] = f"{ep.namespace}/{ep.pod}"
+            names[canonical(ip)] = f"{ep.namespace}/{ep.pod}"
     return names
+
+
+def canonical(ip: str) -> str:
+    """The form the packet parser prints (an IPv6 address has many spellings: "fd00:0::5"
+    is "fd00::5"), so a logged address finds its name."""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
 
 
 class FlowLog:

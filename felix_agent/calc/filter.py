@@ -227,10 +227,10 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
         seen: tuple[str, ...] = ()
         for family in FAMILIES:
             rendered = render(family)
-            if flow is not None and family == 4:  # flow logs read IPv4 packets only (for now)
+            if flow is not None:  # both families log, with the same rule ids
                 if isinstance(policy, NetworkPolicy):
                     np_names[policy.id] = policy_name(policy)
-                logged = logged_policy(policy, flow)
+                logged = logged_policy(policy, flow, family)
                 rendered = logged.chains
                 flow_rules.update(logged.rules)
             # The same input problems show in both families: report each once.
@@ -268,15 +268,15 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     for ep in local:
         # The same text in both families (no addresses, no sets).
         own = endpoint_chains(ep, policies_of(ep, "ingress", ingress_of), policies_of(ep, "egress", egress_of))
-        filt[6].update(own)
-        if flow is not None:
-            own = dict(own)
-            for chain, direction, network in ((to_wl_chain(ep.iface), "ingress", ingress_of),
-                                              (from_wl_chain(ep.iface), "egress", egress_of)):
-                own[chain], rules = logged_endpoint_chain(
-                    own[chain], direction, [np_names[i] for i in network.get(ep.key, ())], flow)
-                flow_rules.update(rules)
-        filt[4].update(own)
+        for family in FAMILIES:
+            mine = dict(own)
+            if flow is not None:
+                for chain, direction, network in ((to_wl_chain(ep.iface), "ingress", ingress_of),
+                                                  (from_wl_chain(ep.iface), "egress", egress_of)):
+                    mine[chain], rules = logged_endpoint_chain(
+                        own[chain], direction, [np_names[i] for i in network.get(ep.key, ())], flow, family)
+                    flow_rules.update(rules)
+            filt[family].update(mine)
     for family, chains in dispatch_chains(local, FAMILIES).items():
         filt[family].update(chains)
 

@@ -17,6 +17,11 @@ Only a connection's first packets reach these chains (established traffic is acc
 the top of FORWARD).  Every log rule is rate limited twice, so a flood costs the kernel
 and the agent bounded work: per flow (hashlimit on source, destination and port, one
 kernel table per verdict and rate) and per rule (limit).  Counts are therefore of logged packets.
+
+Both families get the rules (iptables and ip6tables run the same cali- chains), with the
+same ids: a rule's id names the policy rule, not the family.  The kernel keys a hashlimit
+table by name and family, so equal names would not share one; the IPv6 names still differ
+("cali-fl6-") so /proc/net/ip6t_hashlimit tells the families apart at a glance.
 """
 from __future__ import annotations
 
@@ -62,14 +67,19 @@ def prefix(rule: FlowRule) -> str:
     return f"{'D' if rule.verdict == 'deny' else 'A'}:{rule_key(rule)}"
 
 
-def log_line(match: str, rule: FlowRule, cfg: FlowLogConfig) -> str:
+def hashlimit_name(deny: bool, per_flow: int, family: int) -> str:
+    """The per-flow table's name (at most 15 characters: "cali-fl6-d10000")."""
+    return f"cali-fl{'6' if family == 6 else ''}-{'d' if deny else 'a'}{per_flow}"
+
+
+def log_line(match: str, rule: FlowRule, cfg: FlowLogConfig, family: int = 4) -> str:
     """The NFLOG rule for `rule`, with `match` (the verdict rule's own matches) first."""
     deny = rule.verdict == "deny"
     per_flow, rate = (cfg.deny_per_flow, cfg.deny_rate) if deny else (cfg.allow_per_flow, cfg.allow_rate)
     # The kernel shares one hashlimit table per name and keeps the settings it was made
     # with: the name carries the rate, so a new rate gets a new table.
     limits = (f"-m hashlimit --hashlimit-upto {per_flow}/sec --hashlimit-burst {per_flow} "
-              f"--hashlimit-mode srcip,dstip,dstport --hashlimit-name cali-fl-{'d' if deny else 'a'}{per_flow} "
+              f"--hashlimit-mode srcip,dstip,dstport --hashlimit-name {hashlimit_name(deny, per_flow, family)} "
               f"-m limit --limit {rate}/sec --limit-burst {rate}")
     return (f"{match + ' ' if match else ''}{limits} -j NFLOG --nflog-group {cfg.group} "
             f"--nflog-prefix {prefix(rule)} --nflog-size 96")
@@ -100,14 +110,14 @@ def policy_name(policy: NetworkPolicy | ClusterPolicy) -> str:
 
 
 @lru_cache(maxsize=8192)
-def logged_policy(policy: NetworkPolicy | ClusterPolicy, cfg: FlowLogConfig) -> Logged:
-    """A policy's chains (calc/policy.py, calc/tier_policy.py) with a log rule before each
-    of its verdicts; `rule_of` keeps pointing every line at its policy rule.  Pure and
-    cached by value, as the chains themselves."""
+def logged_policy(policy: NetworkPolicy | ClusterPolicy, cfg: FlowLogConfig, family: int = 4) -> Logged:
+    """A policy's chains for IP `family` (calc/policy.py, calc/tier_policy.py) with a log
+    rule before each of its verdicts; `rule_of` keeps pointing every line at its policy
+    rule.  Pure and cached by value, as the chains themselves."""
     if isinstance(policy, NetworkPolicy):
-        chains, tier = policy_chains(policy), "NetworkPolicy"
+        chains, tier = policy_chains(policy, family), "NetworkPolicy"
     else:
-        chains, tier = tier_policy_chains(policy), policy.tier
+        chains, tier = tier_policy_chains(policy, family), policy.tier
     rule_names = {} if isinstance(policy, NetworkPolicy) else \
         {d: tuple(r.name for r in getattr(policy, d)) for d in ("ingress", "egress")}
     name = policy_name(policy)
@@ -126,7 +136,7 @@ def logged_policy(policy: NetworkPolicy | ClusterPolicy, cfg: FlowLogConfig) -> 
                 names = rule_names.get(direction, ())
                 rule = FlowRule(hit[0], direction, tier, name, i, names[i] if 0 <= i < len(names) else "")
                 rules[rule_key(rule)] = rule
-                lines.append(log_line(hit[1], rule, cfg))
+                lines.append(log_line(hit[1], rule, cfg, family))
                 idx.append(i)
             lines.append(line)
             idx.append(i)
@@ -137,7 +147,8 @@ def logged_policy(policy: NetworkPolicy | ClusterPolicy, cfg: FlowLogConfig) -> 
 
 
 def logged_endpoint_chain(body: tuple[str, ...], direction: str, network: Iterable[str],
-                          cfg: FlowLogConfig) -> tuple[tuple[str, ...], tuple[tuple[str, FlowRule], ...]]:
+                          cfg: FlowLogConfig, family: int = 4
+                          ) -> tuple[tuple[str, ...], tuple[tuple[str, FlowRule], ...]]:
     """An endpoint chain (calc/endpoints.py) with a log rule before its final DROP (no
     NetworkPolicy of `network`, their names, allowed the packet) or, when it falls through
     to the default allow, at its end.  An empty chain (no policy selects the pod) stays
@@ -147,6 +158,6 @@ def logged_endpoint_chain(body: tuple[str, ...], direction: str, network: Iterab
     names = ", ".join(network)
     if body[-1] == DROP:
         rule = FlowRule("deny", direction, "NetworkPolicy", names or "NetworkPolicy", -1)
-        return (*body[:-1], log_line("", rule, cfg), DROP), ((rule_key(rule), rule),)
+        return (*body[:-1], log_line("", rule, cfg, family), DROP), ((rule_key(rule), rule),)
     rule = FlowRule("allow", direction, "default", "no tier rule decided: default allow", -1)
-    return (*body, log_line("", rule, cfg)), ((rule_key(rule), rule),)
+    return (*body, log_line("", rule, cfg, family)), ((rule_key(rule), rule),)

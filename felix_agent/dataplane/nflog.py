@@ -36,7 +36,12 @@ NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian group, packed by hand)
 _NLA = struct.Struct("=HH")
-PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp"}
+PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
+PORTED = (6, 17, 132)  # protocols whose header starts with source and destination port
+# IPv6 extension headers walked to the upper layer: hop-by-hop, routing, destination
+# options (length in 8-octet units after the first 8), fragment (always 8 octets).
+EXT_HEADERS = (0, 43, 60)
+FRAGMENT = 44
 
 
 class NflogUnavailable(Exception):
@@ -48,7 +53,7 @@ class LoggedPacket:
     prefix: str
     src: str
     dst: str
-    proto: str  # "tcp", "udp", "sctp", "icmp" or the protocol number
+    proto: str  # "tcp", "udp", "sctp", "icmp", "icmpv6" or the protocol number
     dport: int  # 0 without ports
 
 
@@ -75,9 +80,37 @@ def parse_ipv4(payload: bytes) -> tuple[str, str, str, int] | None:
     src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
     dport = 0
     first_fragment = struct.unpack_from("!H", payload, 6)[0] & 0x1FFF == 0
-    if proto in (6, 17, 132) and first_fragment and len(payload) >= ihl + 4:
+    if proto in PORTED and first_fragment and len(payload) >= ihl + 4:
         dport = struct.unpack_from("!H", payload, ihl + 2)[0]
     return src, dst, PROTOS.get(proto, str(proto)), dport
+
+
+def parse_ipv6(payload: bytes) -> tuple[str, str, str, int] | None:
+    """(src, dst, proto, dport) of an IPv6 packet's headers, the extension headers skipped
+    to the upper layer; None for anything else.  When the copied bytes end inside the
+    extension headers, or a fragment is not the first, the last known next header is
+    reported without a port."""
+    if len(payload) < 40 or payload[0] >> 4 != 6:
+        return None
+    src, dst = str(ipaddress.IPv6Address(payload[8:24])), str(ipaddress.IPv6Address(payload[24:40]))
+    proto, off = payload[6], 40
+    while proto in EXT_HEADERS or proto == FRAGMENT:
+        if len(payload) < off + 8:
+            return src, dst, PROTOS.get(proto, str(proto)), 0
+        if proto == FRAGMENT:
+            later = struct.unpack_from("!H", payload, off + 2)[0] & 0xFFF8  # fragment offset
+            proto, off = payload[off], off + 8
+            if later:
+                return src, dst, PROTOS.get(proto, str(proto)), 0
+        else:
+            proto, off = payload[off], off + 8 + payload[off + 1] * 8
+    dport = struct.unpack_from("!H", payload, off + 2)[0] if proto in PORTED and len(payload) >= off + 4 else 0
+    return src, dst, PROTOS.get(proto, str(proto)), dport
+
+
+def parse_ip(payload: bytes) -> tuple[str, str, str, int] | None:
+    """Either family, by the version nibble."""
+    return parse_ipv6(payload) if payload[:1] and payload[0] >> 4 == 6 else parse_ipv4(payload)
 
 
 def parse_messages(buf: bytes) -> list[LoggedPacket]:
@@ -94,7 +127,7 @@ def parse_messages(buf: bytes) -> list[LoggedPacket]:
                 if kind == NFULA_PREFIX:
                     prefix = value.split(b"\0", 1)[0].decode("ascii", "replace")
                 elif kind == NFULA_PAYLOAD:
-                    headers = parse_ipv4(value)
+                    headers = parse_ip(value)
             if headers is not None:
                 out.append(LoggedPacket(prefix, *headers))
         off += (n + 3) & ~3
@@ -121,10 +154,12 @@ class NflogSocket:
         else:
             self.sock = self._open(rcvbuf)
         try:
-            # Older kernels want the address family bound once per namespace; newer ones
-            # ignore both commands.  Errors from them mean nothing.
-            self._config(socket.AF_INET, 0, _attr(NFULA_CFG_CMD, bytes([CMD_PF_UNBIND])), check=False)
-            self._config(socket.AF_INET, 0, _attr(NFULA_CFG_CMD, bytes([CMD_PF_BIND])), check=False)
+            # Older kernels want each address family bound once per namespace (the flow
+            # rules log from iptables and ip6tables alike); newer ones ignore both
+            # commands.  Errors from them mean nothing.
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._config(family, 0, _attr(NFULA_CFG_CMD, bytes([CMD_PF_UNBIND])), check=False)
+                self._config(family, 0, _attr(NFULA_CFG_CMD, bytes([CMD_PF_BIND])), check=False)
             self._config(socket.AF_UNSPEC, group, _attr(NFULA_CFG_CMD, bytes([CMD_BIND])))
             self._config(socket.AF_UNSPEC, group,
                          _attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, COPY_PACKET))

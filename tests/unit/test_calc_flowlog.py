@@ -103,3 +103,29 @@ def test_the_incremental_calc_agrees_with_the_full_one():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         FlowLogConfig(**bad)
+
+
+def test_both_families_log_every_verdict_with_the_same_ids_and_their_own_hashlimit_tables():
+    c = cluster_of(Namespace("x"), Namespace("y"),
+                   pod("y", "c", "10.0.0.2", labels={"app": "c"}, ip6="fd00::2"),
+                   pod("x", "s", "10.0.0.3", labels={"app": "s"}, ip6="fd00::3"), CNP, NP)
+    off, on = state(c), state(c, flow_logs=FL)
+    v4, v6 = on.chains["filter"], on.chains6["filter"]
+    # the IPv6 chains get only log rules added, as the IPv4 ones
+    assert without_logs(v6) == off.chains6["filter"]
+    p4, p6 = logged(v4), logged(v6)
+    assert p6 and set(p6) == set(p4)  # one id per policy rule, whichever family logged it
+    assert all(p.split(":", 1)[1] in on.flow_rules for p in p6)
+    got6 = {(on.flow_rules[p.split(":", 1)[1]].verdict, on.flow_rules[p.split(":", 1)[1]].policy) for p in p6}
+    assert ("deny", "ClusterNetworkPolicy/no-y") in got6 and ("deny", "NetworkPolicy x/allow-x") in got6
+    tw6 = v6["cali-tw-" + iface_of("x", "s")]
+    assert "-j NFLOG --nflog-group 20" in tw6[-2] and tw6[-1] == "-j DROP"
+    names4 = {m for body in v4.values() for line in body for m in re.findall(r"--hashlimit-name (\S+)", line)}
+    names6 = {m for body in v6.values() for line in body for m in re.findall(r"--hashlimit-name (\S+)", line)}
+    assert names4 == {"cali-fl-d10", "cali-fl-a1"} and names6 == {"cali-fl6-d10", "cali-fl6-a1"}
+    assert all(len(n) <= 15 for n in names6)  # the kernel's limit on a hashlimit name
+    # the same rates in both families: the log rules differ only in the table's name
+    limits = {fam: {re.sub(r"--hashlimit-name \S+ ", "", line) for body in chains.values() for line in body
+                    if "-j NFLOG" in line and "-m set" not in line and "-s " not in line and "-d " not in line}
+              for fam, chains in ((4, v4), (6, v6))}
+    assert limits[4] and limits[4] == limits[6]

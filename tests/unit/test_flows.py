@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from felix_agent.agent.flows import FlowLog, FlowTable
+from felix_agent.agent.flows import FlowLog, FlowTable, canonical
 from felix_agent.calc.desired import FlowRule
 from felix_agent.dataplane.nflog import (
     NFULA_PAYLOAD,
@@ -40,6 +40,41 @@ def test_parse_messages_reads_prefix_addresses_and_port_of_each_packet():
     assert parse_messages(buf) == [LoggedPacket("D:abc", "10.0.0.2", "10.0.0.3", "udp", 53),
                                    LoggedPacket("A:def", "1.2.3.4", "5.6.7.8", "udp", 80)]
     assert parse_messages(b"\x01\x02") == []  # a short read is nothing, not an error
+
+
+def ipv6(src: str, dst: str, next_header: int, rest: bytes) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(rest), next_header, 64, socket.inet_pton(socket.AF_INET6, src),
+                       socket.inet_pton(socket.AF_INET6, dst)) + rest
+
+
+def test_parse_messages_reads_ipv6_packets_through_their_extension_headers():
+    tcp = struct.pack("!HHIIHHHH", 40000, 8080, 0, 0, 0x5002, 0, 0, 0)
+    hop_by_hop = struct.pack("!BB6x", 6, 0)  # next: TCP; 8 octets
+    dst_opts = struct.pack("!BB14x", 17, 1)  # next: UDP; 16 octets
+    first_fragment = struct.pack("!BBHI", 17, 0, 0x0001, 7)  # offset 0, more fragments
+    later_fragment = struct.pack("!BBHI", 17, 0, 0x0100, 7)  # offset 32: no UDP header here
+    buf = (packet_msg("D:a6", ipv6("fd00::2", "fd00:0:0::3", 6, tcp))
+           + packet_msg("D:b6", ipv6("fd00::2", "fd00::3", 0, hop_by_hop + tcp))
+           + packet_msg("A:c6", ipv6("fd00::2", "fd00::3", 60, dst_opts + struct.pack("!HHHH", 5000, 53, 8, 0)))
+           + packet_msg("A:d6", ipv6("fd00::2", "fd00::3", 44, first_fragment + struct.pack("!HHHH", 5000, 53, 8, 0)))
+           + packet_msg("A:e6", ipv6("fd00::2", "fd00::3", 44, later_fragment + b"\0" * 8))
+           + packet_msg("D:f6", ipv6("fd00::2", "fd00::3", 58, struct.pack("!BBHHH", 128, 0, 0, 1, 1)))
+           + packet_msg("D:g6", ipv6("fd00::2", "fd00::3", 0, b"\x06\x00"))  # cut inside the extension header
+           + packet_msg("D:v4", ipv4_udp("10.0.0.2", "10.0.0.3", 53)))
+    assert parse_messages(buf) == [LoggedPacket("D:a6", "fd00::2", "fd00::3", "tcp", 8080),
+                                   LoggedPacket("D:b6", "fd00::2", "fd00::3", "tcp", 8080),
+                                   LoggedPacket("A:c6", "fd00::2", "fd00::3", "udp", 53),
+                                   LoggedPacket("A:d6", "fd00::2", "fd00::3", "udp", 53),
+                                   LoggedPacket("A:e6", "fd00::2", "fd00::3", "udp", 0),
+                                   LoggedPacket("D:f6", "fd00::2", "fd00::3", "icmpv6", 0),
+                                   LoggedPacket("D:g6", "fd00::2", "fd00::3", "0", 0),
+                                   LoggedPacket("D:v4", "10.0.0.2", "10.0.0.3", "udp", 53)]
+    assert parse_messages(packet_msg("D:x", ipv6("fd00::2", "fd00::3", 6, b"")[:39])) == []  # short: nothing
+
+
+def test_ipv6_addresses_are_named_whatever_their_spelling():
+    assert canonical("fd00:0:0:0::5") == "fd00::5" and canonical("10.0.0.5") == "10.0.0.5"
+    assert canonical("not-an-ip") == "not-an-ip"
 
 
 def test_packets_aggregate_into_flows_with_the_rule_that_decided():
