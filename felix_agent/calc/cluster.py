@@ -166,7 +166,10 @@ class Cluster:
 
     def changed_since(self, kind: str, version: int) -> list[str]:
         """The keys of `kind` (one of KEY_LOGGED) added, changed or removed since the kind's
-        version was `version` (versions(kind)[0])."""
+        version was `version` (versions(kind)[0]); a negative `version` (a calc's first
+        pass, nothing kept yet): every key the kind has now."""
+        if version < 0:
+            return list(self._records[kind])
         out = []
         for key, v in reversed(self._key_versions[kind].items()):
             if v <= version:

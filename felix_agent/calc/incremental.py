@@ -246,7 +246,7 @@ class IncrementalCalc:
         looked at again (a node add at 5,000 nodes re-read 5,000 addresses)."""
         since, self._host_version = self._host_version, cluster.versions("Node")[0]
         now, hosts = cluster.nodes, self._hosts
-        for name in cluster.changed_since("Node", since) if since >= 0 else list(now):
+        for name in cluster.changed_since("Node", since):
             old = self._host_nodes.pop(name, None)
             if old is not None:
                 hosts.subtract(node_hosts(old))

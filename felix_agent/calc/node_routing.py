@@ -135,7 +135,7 @@ class NodeRouting:
         if version == self._node_version:
             return set()
         since, self._node_version = self._node_version, version
-        return set(cluster.changed_since("Node", since) if since >= 0 else cluster.nodes)
+        return set(cluster.changed_since("Node", since))
 
     def _changed_blocks(self, cluster: Cluster) -> set[str]:
         """The nodes whose affinities changed (their CIDRs counted again in _aff)."""
@@ -143,9 +143,8 @@ class NodeRouting:
         if version == self._block_version:
             return set()
         since, self._block_version = self._block_version, version
-        keys = cluster.changed_since("BlockAffinity", since) if since >= 0 else list(cluster.block_affinities)
         blocks, dirty = cluster.block_affinities, set()
-        for k in keys:
+        for k in cluster.changed_since("BlockAffinity", since):
             old, new = self._blocks.pop(k, None), blocks.get(k)
             if old is not None:
                 counts = self._aff[old.node]
