@@ -224,12 +224,13 @@ def render_state(cluster: Cluster, config: CalcConfig, errs: list[str], endpoint
     np_names: dict[str, str] = {}  # NetworkPolicy id -> name, for the flow logs' default deny
 
     def use(render: Callable[[int], PolicyChains], policy: NetworkPolicy | ClusterPolicy) -> None:
+        if flow is not None and isinstance(policy, NetworkPolicy):
+            np_names[policy.id] = policy_name(policy)
         seen: tuple[str, ...] = ()
         for family in FAMILIES:
-            rendered = render(family)
-            if flow is not None:  # both families log, with the same rule ids
-                if isinstance(policy, NetworkPolicy):
-                    np_names[policy.id] = policy_name(policy)
+            if flow is None:
+                rendered = render(family)
+            else:  # the same chains with their log rules; both families, the same rule ids
                 logged = logged_policy(policy, flow, family)
                 rendered = logged.chains
                 flow_rules.update(logged.rules)
