@@ -103,7 +103,7 @@ Page = Callable[[str], tuple[int, str, bytes]]  # query string -> (HTTP status, 
 
 
 def json_page(ok: bool, doc: dict) -> tuple[int, str, bytes]:
-    """A probe's answer: 200 or 503, and the JSON document that says why."""
+    """A JSON page: 200 (ok) or 503 (a probe's failure), and the document (which says why)."""
     return 200 if ok else 503, "application/json", (json.dumps(doc, default=str) + "\n").encode()
 
 

@@ -9,7 +9,6 @@ from the /status document (see metrics.refresh_from_status).
 """
 from __future__ import annotations
 
-import json
 import urllib.parse
 import time
 from dataclasses import dataclass, field
@@ -101,20 +100,18 @@ def serve(health: Health, host: str, port: int, status=None, flows=None) -> Thre
         "/flows": lambda query: _flows_body(flows, query),
     }
     if status is not None:
-        pages["/status"] = lambda _q: (200, "application/json", (json.dumps(status(), default=str) + "\n").encode())
+        pages["/status"] = lambda _q: metrics.json_page(True, status())
     return metrics.serve_pages(host, port, pages)
 
 
 def _flows_body(flows, query: str) -> tuple[int, str, bytes]:
     if flows is None:
-        doc = {"flows": [], "seq": 0, "flow_logs": {"state": "off", "reason": "flow_logs is not set in the "
-                                                                           "agent's config"}}
-        return 200, "application/json", (json.dumps(doc) + "\n").encode()
+        return metrics.json_page(True, {"flows": [], "seq": 0, "flow_logs": {
+            "state": "off", "reason": "flow_logs is not set in the agent's config"}})
     q = urllib.parse.parse_qs(query)
     try:
         since = int(q.get("since", ["0"])[0])
     except ValueError:
         return 400, "text/plain", b"since: not a number\n"
-    doc = flows(denied=q.get("denied", [""])[0] in ("1", "true"), namespace=q.get("namespace", [""])[0],
-                since=since)
-    return 200, "application/json", (json.dumps(doc) + "\n").encode()
+    return metrics.json_page(True, flows(denied=q.get("denied", [""])[0] in ("1", "true"),
+                                         namespace=q.get("namespace", [""])[0], since=since))

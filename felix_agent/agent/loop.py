@@ -16,9 +16,9 @@ import logging
 import time
 
 from felix_agent import metrics
+from felix_agent.agent import heap
 from felix_agent.agent.endpoint_publisher import EndpointPublisher
 from felix_agent.agent.endpoints import EndpointRegistry
-from felix_agent.agent import heap
 from felix_agent.agent.flows import FlowLog
 from felix_agent.agent.health import Health
 from felix_agent.agent.ipam_sync import IPAMSync
