@@ -14,7 +14,7 @@ import os
 import pytest
 
 from tests.kube.cluster import KubeLab, run, wait_for
-from tests.kube.test_kube_e2e import connects, pod, root_state, up_and_clean
+from tests.kube.test_kube_e2e import connects, pod, root_state, server_from_client, up_and_clean
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the kube lab needs root (network namespaces)"),
               pytest.mark.timeout(900)]
@@ -92,12 +92,7 @@ def test_network_policy_applies_to_both_families_across_nodes(ds_lab):
     target = {4: ips[4], 6: f"[{ips[6]}]"}
     for v in (4, 6):
         assert wait_for(lambda v=v: connects(lab, "other", target[v], ns="np6"), 30, f"other -> server over IPv{v}")
-    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": {"name": "server-from-client", "namespace": "np6"},
-              "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
-                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                                    "ports": [{"port": 8080, "protocol": "TCP"}]}]}}
-    lab.kubectl("apply", "-f", "-", input=json.dumps(policy))
+    lab.kubectl("apply", "-f", "-", input=json.dumps(server_from_client("np6")))
     for v in (4, 6):
         assert wait_for(lambda v=v: not connects(lab, "other", target[v], ns="np6"), 20,
                         f"the policy blocks app=other over IPv{v}")

@@ -154,6 +154,15 @@ def test_pods_reach_each_other_across_nodes(lab, mode):
         lab.kubectl("delete", "pod", p["metadata"]["name"], "--wait=true", "--timeout=60s")
 
 
+def server_from_client(ns: str) -> dict:
+    """A NetworkPolicy: app=server in `ns` takes TCP 8080 from app=client of `ns` only."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "server-from-client", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                  "ports": [{"port": 8080, "protocol": "TCP"}]}]}}
+
+
 def test_network_policy_enforced_across_nodes(lab):
     lab.kubectl("create", "namespace", "np")
     server = pod(lab, "server", lab.nodes[0].name, {"app": "server"}, ns="np")
@@ -161,12 +170,7 @@ def test_network_policy_enforced_across_nodes(lab):
     other = pod(lab, "other", lab.nodes[1].name, {"app": "other"}, ns="np")
     ip = server["status"]["podIP"]
     assert connects(lab, "allowed", ip, ns="np") and connects(lab, "other", ip, ns="np")
-    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": {"name": "server-from-client", "namespace": "np"},
-              "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
-                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                                    "ports": [{"port": 8080, "protocol": "TCP"}]}]}}
-    lab.kubectl("apply", "-f", "-", input=json.dumps(policy))
+    lab.kubectl("apply", "-f", "-", input=json.dumps(server_from_client("np")))
     assert wait_for(lambda: not connects(lab, "other", ip, ns="np"), 20, "policy blocks app=other")
     assert connects(lab, "allowed", ip, ns="np"), "app=client must still reach the server"
     lab.kubectl("-n", "np", "label", "pod", "other", "app=client", "--overwrite")
